@@ -1,0 +1,92 @@
+"""vp2o.mcore.cpu: the CPU RNG tracker, the scoped CUDA-as-CPU mode, and pinned megatron names."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from vp2o.mcore import cpu
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU compatibility layer only")
+
+
+def test_rng_fork_is_reproducible_and_leaves_global_stream(init_parallel):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    init_parallel(seed=77)
+    tracker = get_cuda_rng_tracker()
+    x = torch.ones(1000)
+
+    torch.manual_seed(5)
+    reference_stream = torch.rand(8)  # what the global RNG yields with no fork in between
+
+    torch.manual_seed(5)
+    states = {k: v.clone() for k, v in tracker.get_states().items()}
+    with tracker.fork():
+        first = torch.nn.functional.dropout(x, p=0.5, training=True)
+    after_fork = torch.rand(8)
+    torch.testing.assert_close(after_fork, reference_stream, rtol=0, atol=0)
+
+    # Same tracker state -> same dropout mask; the next fork continues the tracked stream.
+    tracker.set_states({k: v.clone() for k, v in states.items()})
+    with tracker.fork():
+        again = torch.nn.functional.dropout(x, p=0.5, training=True)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with tracker.fork():
+        second = torch.nn.functional.dropout(x, p=0.5, training=True)
+    assert not torch.equal(second, first)
+
+    # The model-parallel stream differs from the data-parallel (global) one.
+    torch.manual_seed(77)
+    plain = torch.nn.functional.dropout(x, p=0.5, training=True)
+    assert not torch.equal(plain, first)
+
+
+def test_rng_fork_nested_states_are_separate(init_parallel):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel.random import get_expert_parallel_rng_tracker_name
+
+    init_parallel(seed=3)
+    tracker = get_cuda_rng_tracker()
+    with tracker.fork():
+        a = torch.rand(4)
+        with tracker.fork(get_expert_parallel_rng_tracker_name()):
+            b = torch.rand(4)
+        a2 = torch.rand(4)
+    assert not torch.equal(a, b)
+    # The outer stream resumed where it was: a, a2 are consecutive draws of the same generator.
+    gen = torch.Generator().manual_seed(
+        3 + 2718
+    )  # megatron's model-parallel seed offset, TP rank 0
+    torch.testing.assert_close(torch.cat([a, a2]), torch.rand(8, generator=gen), rtol=0, atol=0)
+
+
+def test_cuda_as_cpu_mode_maps_devices_and_type_names():
+    with cpu.cuda_as_cpu():
+        z = torch.zeros(3, device="cuda")
+        t = torch.tensor([1.0], device=torch.device("cuda"))
+        assert z.device.type == "cpu" and t.device.type == "cpu"
+        assert z.type() == "torch.cuda.FloatTensor"
+        assert z.to("cuda").device.type == "cpu"
+    # Outside the scope nothing is rewritten.
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+
+
+def test_scoped_entry_points_and_hooks_exist():
+    """Pins the megatron-core 0.16.1 names cpu.py patches: an upgrade that moves one fails here."""
+    cpu.install()
+    for module_name, qualname in cpu._SCOPED:
+        owner, attr, fn = cpu._resolve(module_name, qualname)
+        assert getattr(fn, "__vp2o_scoped__", False), f"{module_name}.{qualname} not scoped"
+    for module_name in cpu._MODULE_TORCH_PROXIES:
+        assert isinstance(importlib.import_module(module_name).torch, cpu._TorchWithCpuFactories)
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    params = inspect.signature(moe_utils.maybe_move_tensor_to_cpu).parameters
+    assert list(params) == ["tensor", "as_numpy", "record_stream"]
+    splits = moe_utils.maybe_move_tensor_to_cpu(torch.tensor([1, 2]), as_numpy=True)
+    assert splits.tolist() == [1, 2] and not torch.is_tensor(splits)
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert cpu.install() is True  # idempotent

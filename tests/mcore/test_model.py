@@ -1,0 +1,122 @@
+"""GPTModel + MoE built by vp2o.mcore.model: every supported family shape on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vp2o.config import load_config
+from vp2o.mcore import model as mdl
+
+# Tiny versions of each family's distinguishing features.
+SHAPES = {
+    "qwen3_moe": [  # GQA, qk-norm, explicit head dim, renormalised top-k, untied, no biases
+        "model.qk_layernorm=true",
+        "model.kv_channels=48",
+        "model.num_query_groups=2",
+    ],
+    "qwen2_moe": [  # shared expert with sigmoid gate, QKV bias, softmax before top-k
+        "model.add_qkv_bias=true",
+        "model.moe_shared_expert_intermediate_size=96",
+        "model.moe_shared_expert_gate=true",
+        "model.moe_router_pre_softmax=true",
+        "model.num_query_groups=null",
+    ],
+    "mixtral": ["model.moe_router_topk=2", "model.num_query_groups=1"],
+    "olmoe": [
+        "model.qk_layernorm=true",
+        "model.untie_embeddings_and_output_weights=false",
+        "model.num_query_groups=null",
+    ],
+    "sigmoid_router_mixed_layers": [
+        "model.moe_router_score_function=sigmoid",
+        "model.moe_layer_freq=[0,1,1,0]",
+    ],
+}
+
+
+def expected_param_count(cfg) -> int:
+    """Parameter count from the architecture, written from the config (independent of megatron)."""
+    m = cfg.model
+    d, hd, heads = m.hidden_size, m.head_dim, m.num_attention_heads
+    groups = m.num_query_groups or heads
+    vocab = mdl.padded_vocab_size(cfg)
+    attn = d * hd * (heads + 2 * groups) + hd * heads * d
+    if m.add_qkv_bias:
+        attn += hd * (heads + 2 * groups)
+    if m.qk_layernorm:
+        attn += 2 * hd
+    glu = 2 if m.gated_linear_unit else 1
+    dense_mlp = d * m.ffn_hidden_size * glu + m.ffn_hidden_size * d
+    expert = d * m.moe_ffn_hidden_size * glu + m.moe_ffn_hidden_size * d
+    moe = m.num_experts * expert + m.num_experts * d  # experts + router
+    if m.moe_shared_expert_intermediate_size:
+        s = m.moe_shared_expert_intermediate_size
+        moe += d * s * glu + s * d + (d if m.moe_shared_expert_gate else 0)
+    norms = 2 * d  # input_layernorm + pre_mlp_layernorm per layer
+    total = 0
+    for is_moe in m.moe_layer_pattern:
+        total += attn + norms + (moe if is_moe else dense_mlp)
+    total += vocab * d + d  # embedding + final norm
+    if m.untie_embeddings_and_output_weights:
+        total += vocab * d
+    return total
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_family_shape_forward_backward(init_parallel, shape):
+    cfg = load_config(
+        None,
+        [
+            "model.num_layers=4",
+            "model.hidden_size=96",
+            "model.num_attention_heads=4",
+            *SHAPES[shape],
+        ],
+    )
+    init_parallel(cfg)
+    model = mdl.build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected_param_count(cfg)
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 12), generator=gen)
+    pos = torch.arange(12).unsqueeze(0).expand(2, -1)
+    logits = model(tokens, pos, None)  # [B, S, V]
+    assert logits.shape == (2, 12, mdl.padded_vocab_size(cfg))
+    assert torch.isfinite(logits).all()
+
+    # Causality: changing the last token leaves every earlier position's logits unchanged.
+    changed = tokens.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % cfg.model.vocab_size
+    logits2 = model(changed, pos, None)
+    torch.testing.assert_close(logits2[:, :-1], logits[:, :-1], rtol=0, atol=1e-5)
+    assert not torch.allclose(logits2[:, -1], logits[:, -1])
+
+    # Labels path: megatron's per-token loss is the cross-entropy of the returned logits.
+    labels = torch.roll(tokens, -1, dims=1)
+    per_token = model(tokens, pos, None, labels=labels)  # [B, S]
+    ref = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), reduction="none"
+    ).view(2, 12)
+    torch.testing.assert_close(per_token.float(), ref, rtol=1e-5, atol=1e-5)
+
+    per_token.mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if "experts" not in n), "dense grads"
+    routers = [g for n, g in grads.items() if n.endswith("router.weight")]
+    assert routers and all(g.abs().sum() > 0 for g in routers)
+    expert_grads = [g for n, g in grads.items() if ".experts." in n and g is not None]
+    assert sum(int(g.abs().sum() > 0) for g in expert_grads) >= 2
+    for name, p in model.named_parameters():
+        assert getattr(p, "allreduce", True) is (not mdl.is_expert_param(name))
+
+
+def test_global_param_name():
+    n = "decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight"
+    assert mdl.global_param_name(n, ep_rank=2, num_local_experts=4) == (
+        "decoder.layers.1.mlp.experts.local_experts.11.linear_fc2.weight"
+    )
+    assert (
+        mdl.global_param_name("decoder.layers.1.mlp.router.weight", ep_rank=2, num_local_experts=4)
+        == "decoder.layers.1.mlp.router.weight"
+    )

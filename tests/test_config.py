@@ -1,0 +1,109 @@
+"""vp2o.config: loading, overrides, and every rejection message (before any process group)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vp2o.config import Config, ConfigError, load_config
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.model.num_experts == 8 and cfg.model.moe_router_topk == 2
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model:\n  num_experts: 16\n  moe_layer_freq: [1, 0, 1, 0]\noptimizer:\n  lr: 3e-4\n"
+    )
+    cfg = load_config(path, ["model.moe_router_topk=4", "parallel.expert_parallel=2"], world_size=2)
+    assert cfg.model.num_experts == 16
+    assert cfg.model.moe_layer_pattern == [1, 0, 1, 0]
+    assert cfg.optimizer.lr == pytest.approx(3e-4)  # YAML 1.1 reads "3e-4" as a string
+    assert cfg.model.moe_router_topk == 4 and cfg.parallel.expert_parallel == 2
+    assert load_config(None, ["model.num_query_groups=null"]).model.num_query_groups is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["model.num_expert=8"], None, "model.num_expert: unknown key; expected one of:"),
+        (["modle.num_experts=8"], None, "modle: unknown key"),
+        (["model.num_experts=eight"], None, "model.num_experts = 'eight': expected an integer"),
+        (["model.num_experts=8.5"], None, "model.num_experts = 8.5: expected an integer"),
+        (["model.qk_layernorm=3"], None, "model.qk_layernorm = 3: expected true or false"),
+        (
+            ["model.moe_router_score_function=relu"],
+            None,
+            "model.moe_router_score_function = 'relu': expected one of 'softmax', 'sigmoid'",
+        ),
+        (["model.moe_router_topk=9"], None, "model.moe_router_topk = 9: expected 1 <= top-k"),
+        (
+            ["parallel.expert_parallel=3"],
+            None,
+            "model.num_experts = 8: expected divisible by parallel.expert_parallel (3)",
+        ),
+        (
+            ["parallel.tensor_parallel=3"],
+            3,
+            "model.num_attention_heads = 4: expected divisible by parallel.tensor_parallel (3)",
+        ),
+        (
+            ["parallel.tensor_parallel=2"],
+            2,
+            "parallel.sequence_parallel = False: expected true: megatron-core MoE",
+        ),
+        (
+            ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+            3,
+            "expected a product that divides the world size (3)",
+        ),
+        (["parallel.expert_parallel=4"], 2, "parallel.expert_parallel = 4: expected EP x ETP"),
+        (
+            ["parallel.pipeline_parallel=3"],
+            None,
+            "model.num_layers = 4: expected divisible by parallel.pipeline_parallel (3)",
+        ),
+        (
+            ["model.num_query_groups=3"],
+            None,
+            "model.num_query_groups = 3: expected a divisor of model.num_attention_heads",
+        ),
+        (
+            ["model.moe_layer_freq=[1,0]"],
+            None,
+            "model.moe_layer_freq = [1, 0]: expected a list of 4",
+        ),
+        (["model.moe_layer_freq=[0,0,0,0]"], None, "expected at least one MoE layer"),
+        (["optimizer.name=sgd"], None, "parallel.use_distributed_optimizer = True: expected false"),
+        (["model.moe_aux_loss_coeff=0.01"], None, "model.moe_router_load_balancing_type = 'none'"),
+        (["model"], None, "override 'model': expected key.sub=value"),
+        (["seed.x=1"], None, "seed = {'x': 1}: expected an integer"),
+        (["model.num_layers.x=1"], None, "model.num_layers = {'x': 1}: expected an integer"),
+    ],
+)
+def test_rejections_name_key_value_and_expectation(overrides, world, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides, world_size=world)
+    assert message in str(err.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_experts: 8\n  hidden_size: [128\n")
+    with pytest.raises(ConfigError, match=rf"{path.name}:\d+:\d+: malformed YAML"):
+        load_config(path)
+
+
+def test_missing_file_and_wrong_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(path)
+    path.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match="model: expected a mapping, got int"):
+        load_config(path)

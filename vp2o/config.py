@@ -1,0 +1,526 @@
+"""Typed configuration: small dataclasses, one per concern, loaded from YAML with dotted overrides.
+
+    cfg = load_config("examples/vp2o/configs/tiny.yaml", overrides=["model.num_experts=16"])
+
+Every field has a docstring-style comment: meaning, range, and where the default comes from.
+Unknown keys, wrong types and layouts that cannot be built are rejected by :func:`load_config` /
+:meth:`Config.validate` *before* any process group starts, with a :class:`ConfigError` that names
+the key, the value and what was expected. Derived values are properties. One function,
+``vp2o.mcore.model.transformer_config``, translates this into megatron's ``TransformerConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type, or inconsistent."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The MoE transformer. Field names follow megatron-core where one exists.
+
+    The defaults are the embedded tiny model (4 layers, d=128, 8 experts, top-2): a shape that
+    runs on a laptop CPU and exercises every MoE code path.
+    """
+
+    num_layers: int = 4
+    """Transformer layers (>= 1)."""
+    hidden_size: int = 128
+    """Model width d."""
+    num_attention_heads: int = 4
+    """Query heads; must be divisible by parallel.tensor_parallel."""
+    num_query_groups: int | None = 2
+    """KV heads for grouped-query attention; None = multi-head (one KV head per query head)."""
+    kv_channels: int | None = None
+    """Head dimension; None = hidden_size / num_attention_heads (Qwen3 sets it explicitly)."""
+    ffn_hidden_size: int = 256
+    """FFN width of dense (non-MoE) layers."""
+    vocab_size: int = 512
+    """Vocabulary size (padded up to a multiple of make_vocab_size_divisible_by * TP)."""
+    make_vocab_size_divisible_by: int = 1
+    """Pad the embedding table to a multiple of this (x TP). 128 is megatron's GPU default."""
+    max_position_embeddings: int = 4096
+    """Longest sequence (prompt + response) the model is built for."""
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
+    """Positional encoding. RoPE for every supported family."""
+    rotary_base: int = 10000
+    """RoPE base (Qwen3: 1_000_000, Mixtral: 1_000_000, Qwen2: 1_000_000)."""
+    rotary_percent: float = 1.0
+    """Fraction of the head dimension rotated."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm type."""
+    norm_epsilon: float = 1e-6
+    """Norm epsilon."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3-MoE, OLMoE)."""
+    add_bias_linear: bool = False
+    """Biases in linear layers (none in every supported family)."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection only (Qwen2-MoE)."""
+    gated_linear_unit: bool = True
+    """SwiGLU experts and MLPs (fc1 holds [gate; up])."""
+    activation: Literal["silu", "gelu"] = "silu"
+    """Activation inside the (gated) MLP."""
+    untie_embeddings_and_output_weights: bool = True
+    """Separate output layer (True for Qwen3-MoE-30B, Mixtral); False ties it to the embedding."""
+    init_method_std: float = 0.02
+    """Std of the normal weight initialisation."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (0 for RL)."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches (0 for RL)."""
+
+    # --- MoE ---
+    num_experts: int = 8
+    """Routed experts E per MoE layer (>= 2)."""
+    moe_router_topk: int = 2
+    """Experts per token k (1 <= k <= num_experts)."""
+    moe_ffn_hidden_size: int = 128
+    """Routed expert FFN width f."""
+    moe_layer_freq: int | list[int] = 1
+    """1 = every layer is MoE; N = every N-th; a 0/1 list of length num_layers picks exactly."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function (sigmoid for DeepSeek-V3-style routers)."""
+    moe_router_pre_softmax: bool = False
+    """softmax over all experts before top-k (Qwen2-MoE, norm_topk_prob=False); False = top-k
+    then softmax over the selected, i.e. renormalised gates (Qwen3-MoE, Mixtral, OLMoE)."""
+    moe_router_topk_scaling_factor: float | None = None
+    """Multiply the gates by this (DeepSeek); None = 1."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Shared-expert FFN width (Qwen2-MoE); None = no shared expert."""
+    moe_shared_expert_gate: bool = False
+    """Sigmoid gate on the shared expert's output (Qwen2-MoE)."""
+    moe_grouped_gemm: bool = False
+    """Grouped-GEMM experts (GPU: TEGroupedMLP / GroupedMLP). False = SequentialMLP (CPU)."""
+    moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
+    """Token dispatcher. alltoall is megatron's recommendation with EP > 1; flex needs DeepEP."""
+    moe_aux_loss_coeff: float = 0.0
+    """megatron's load-balancing loss coefficient (0 = off; RL usually keeps it off)."""
+    moe_router_load_balancing_type: Literal[
+        "aux_loss", "seq_aux_loss", "global_aux_loss", "none"
+    ] = "none"
+    """megatron's load-balancing loss type, used when moe_aux_loss_coeff > 0."""
+    moe_router_dtype: Literal["fp32", "fp64"] | None = "fp32"
+    """Router computation dtype: fp32 keeps routing identical across bf16/fp32 runs."""
+
+    # --- numerics and memory ---
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Parameter dtype. bf16 on GPUs (with fp32 main grads and optimizer state)."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recompute granularity."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recompute chunk (uniform method)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """auto = transformer-engine spec when TE imports and CUDA is present, else the local spec."""
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head dimension."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def moe_layer_pattern(self) -> list[int]:
+        """0/1 per layer: 1 where the layer is MoE."""
+        if isinstance(self.moe_layer_freq, list):
+            return list(self.moe_layer_freq)
+        return [1 if i % self.moe_layer_freq == 0 else 0 for i in range(self.num_layers)]
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Number of MoE layers."""
+        return sum(self.moe_layer_pattern)
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. world = TP * PP * CP * DP; experts: world / PP = ETP * EP * expert-DP."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (TP). MoE with TP > 1 needs sequence_parallel."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size (PP); must divide model.num_layers."""
+    context_parallel: int = 1
+    """Context-parallel size (CP) for long sequences."""
+    expert_parallel: int = 1
+    """Expert-parallel size (EP); must divide model.num_experts."""
+    expert_tensor_parallel: int | None = 1
+    """Expert tensor-parallel size (ETP); None = same as TP. 1 is megatron's MoE recommendation."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (required for MoE when TP > 1)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (megatron DistributedOptimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the gradient reduction with backward."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto = nccl with CUDA, gloo without."""
+    timeout_minutes: int = 30
+    """Collective timeout: a rank that dies makes the others fail after at most this long."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """TP * PP * CP: the ranks one data-parallel replica spans."""
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    @property
+    def etp(self) -> int:
+        """Resolved expert tensor-parallel size."""
+        return self.expert_tensor_parallel or self.tensor_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel size for ``world_size`` ranks."""
+        return world_size // self.model_parallel_size
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW (or SGD) through megatron's optimizer, with warmup + cosine decay."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    """Optimizer (adam = AdamW with decoupled weight decay)."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    sgd_momentum: float = 0.0
+    """SGD momentum (tests use plain SGD for exact parameter comparisons)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    warmup_steps: int = 0
+    """Linear warmup optimizer steps."""
+    decay_style: Literal["cosine", "constant", "linear"] = "cosine"
+    """Decay after warmup."""
+    grad_reduce_in_fp32: bool = True
+    """Reduce gradients in fp32 (main grads) even with bf16 params."""
+
+
+@dataclass
+class Config:
+    """The whole run. Sections for the trainer (rollout, algorithm, vp2o, logging, checkpoint) are
+    added by the issues that build them; unknown sections are rejected like unknown keys."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    seed: int = 1234
+    """Global seed (data order, init, sampling)."""
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Check internal consistency and, given ``world_size``, the parallel layout.
+
+        Raises:
+            ConfigError: naming the key, the value and what was expected.
+        """
+        m, p = self.model, self.parallel
+        _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "an integer >= 1")
+        _check(m.num_experts >= 2, "model.num_experts", m.num_experts, "an integer >= 2")
+        _check(
+            1 <= m.moe_router_topk <= m.num_experts,
+            "model.moe_router_topk",
+            m.moe_router_topk,
+            f"1 <= top-k <= model.num_experts ({m.num_experts})",
+        )
+        _check(
+            m.hidden_size % m.num_attention_heads == 0 or m.kv_channels is not None,
+            "model.hidden_size",
+            m.hidden_size,
+            f"divisible by model.num_attention_heads ({m.num_attention_heads}), "
+            "or set model.kv_channels",
+        )
+        if m.num_query_groups is not None:
+            _check(
+                m.num_attention_heads % m.num_query_groups == 0,
+                "model.num_query_groups",
+                m.num_query_groups,
+                f"a divisor of model.num_attention_heads ({m.num_attention_heads})",
+            )
+        if isinstance(m.moe_layer_freq, list):
+            _check(
+                len(m.moe_layer_freq) == m.num_layers and set(m.moe_layer_freq) <= {0, 1},
+                "model.moe_layer_freq",
+                m.moe_layer_freq,
+                f"a list of {m.num_layers} zeros and ones (one per layer)",
+            )
+        else:
+            _check(m.moe_layer_freq >= 1, "model.moe_layer_freq", m.moe_layer_freq, ">= 1")
+        _check(
+            m.num_moe_layers >= 1,
+            "model.moe_layer_freq",
+            m.moe_layer_freq,
+            "at least one MoE layer",
+        )
+        if m.moe_router_score_function == "sigmoid":
+            _check(
+                not m.moe_router_pre_softmax,
+                "model.moe_router_pre_softmax",
+                True,
+                "false with moe_router_score_function=sigmoid",
+            )
+        if m.moe_aux_loss_coeff > 0:
+            _check(
+                m.moe_router_load_balancing_type != "none",
+                "model.moe_router_load_balancing_type",
+                "none",
+                "aux_loss, seq_aux_loss or global_aux_loss when model.moe_aux_loss_coeff > 0",
+            )
+
+        if self.optimizer.name == "sgd":
+            _check(
+                not p.use_distributed_optimizer,
+                "parallel.use_distributed_optimizer",
+                True,
+                "false with optimizer.name=sgd (megatron's DistributedOptimizer is Adam-only)",
+            )
+        for key in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
+            value = getattr(p, key)
+            _check(value >= 1, f"parallel.{key}", value, "an integer >= 1")
+        _check(p.etp >= 1, "parallel.expert_tensor_parallel", p.etp, "an integer >= 1")
+        tp = p.tensor_parallel
+        _check(
+            m.num_attention_heads % tp == 0,
+            "model.num_attention_heads",
+            m.num_attention_heads,
+            f"divisible by parallel.tensor_parallel ({tp})",
+        )
+        if m.num_query_groups is not None:
+            _check(
+                m.num_query_groups % tp == 0,
+                "model.num_query_groups",
+                m.num_query_groups,
+                f"divisible by parallel.tensor_parallel ({tp})",
+            )
+        _check(
+            m.ffn_hidden_size % tp == 0,
+            "model.ffn_hidden_size",
+            m.ffn_hidden_size,
+            f"divisible by parallel.tensor_parallel ({tp})",
+        )
+        _check(
+            m.moe_ffn_hidden_size % p.etp == 0,
+            "model.moe_ffn_hidden_size",
+            m.moe_ffn_hidden_size,
+            f"divisible by the expert tensor-parallel size ({p.etp})",
+        )
+        _check(
+            m.num_experts % p.expert_parallel == 0,
+            "model.num_experts",
+            m.num_experts,
+            f"divisible by parallel.expert_parallel ({p.expert_parallel})",
+        )
+        _check(
+            m.num_layers % p.pipeline_parallel == 0,
+            "model.num_layers",
+            m.num_layers,
+            f"divisible by parallel.pipeline_parallel ({p.pipeline_parallel})",
+        )
+        if tp > 1:
+            _check(
+                p.sequence_parallel,
+                "parallel.sequence_parallel",
+                p.sequence_parallel,
+                f"true: megatron-core MoE with tensor_parallel={tp} > 1 needs sequence parallelism",
+            )
+        if world_size is not None:
+            _check(
+                world_size % p.model_parallel_size == 0,
+                "parallel",
+                f"TP={tp} x PP={p.pipeline_parallel} x CP={p.context_parallel}",
+                f"a product that divides the world size ({world_size})",
+            )
+            per_stage = world_size // p.pipeline_parallel
+            _check(
+                per_stage % (p.etp * p.expert_parallel) == 0,
+                "parallel.expert_parallel",
+                p.expert_parallel,
+                f"EP x ETP ({p.expert_parallel} x {p.etp}) dividing world size / PP "
+                f"({world_size} / {p.pipeline_parallel} = {per_stage})",
+            )
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    world_size: int | None = None,
+) -> Config:
+    """Load a :class:`Config` from YAML (or defaults), apply dotted overrides, and validate.
+
+    Args:
+        path: YAML file; None starts from the defaults.
+        overrides: dotted assignments, values parsed as YAML (``model.num_experts=16``,
+            ``model.moe_layer_freq=[1,0,1,0]``).
+        world_size: if given, the parallel layout is checked against it too.
+
+    Raises:
+        ConfigError: malformed YAML (with the file and line), unknown keys, wrong types, or an
+            inconsistent layout.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        raw = loaded or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.strip(), value)
+    cfg = from_dict(Config, raw)
+    return cfg.validate(world_size)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type.
+
+    Raises:
+        ConfigError: an unknown key (with the known ones) or a value of the wrong type.
+    """
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key; expected one of: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected one of {', '.join(map(repr, args))}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list")
+        (item_tp,) = args or (Any,)
+        return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    names = []
+    for a in args:
+        if typing.get_origin(a) is list:
+            names.append("a list")
+        elif typing.get_origin(a) is Literal:
+            names.append("one of " + ", ".join(map(repr, typing.get_args(a))))
+        else:
+            names.append(getattr(a, "__name__", str(a)))
+    if type(None) in typing.get_args(tp):
+        names.append("null")
+    return " or ".join(names)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for logging, wandb and checkpoints)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""megatron-core integration. Importing this package does not import megatron; submodules do."""

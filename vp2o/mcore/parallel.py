@@ -1,0 +1,177 @@
+"""torch.distributed and megatron ``parallel_state`` set-up and teardown.
+
+The only module of vp2o that reads megatron's ``parallel_state``; everything else receives process
+groups as arguments (see :class:`ParallelGroups`).
+
+Rank discovery, in order: torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``),
+SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``, master from ``MASTER_ADDR`` or the
+first host of ``SLURM_JOB_NODELIST``), else a single process on loopback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vp2o.config import Config, ParallelConfig
+from vp2o.mcore import cpu
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        return out.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # Plain "host1,host2" or a single host: take the first name.
+        return nodelist.split(",")[0]
+
+
+def discover_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Read rank, world size and rendezvous address from torchrun or SLURM variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", "29500")),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(
+            env.get("SLURM_JOB_NODELIST", "localhost")
+        )
+        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=addr,
+            master_port=port,
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", _free_port())))
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Process groups vp2o passes explicitly to its megatron integration.
+
+    Attributes:
+        dp_cp: data x context parallel (dense gradient reduction).
+        tp_dp_cp: tensor x data x context parallel: the ranks that hold different tokens of one
+            MoE layer; co-activation statistics are summed over it (method §3).
+        ep: expert-parallel group (prototype all-gather, attraction reduce-scatter, method §4, §6).
+        etp: expert tensor-parallel group (power-iteration products, method §4).
+        expert_dp: expert data-parallel group (expert gradient reduction).
+    """
+
+    dp_cp: dist.ProcessGroup
+    tp_dp_cp: dist.ProcessGroup
+    ep: dist.ProcessGroup
+    etp: dist.ProcessGroup
+    expert_dp: dist.ProcessGroup
+    tp_rank: int
+    ep_rank: int
+    dp_rank: int
+    pp_rank: int
+
+
+def initialize(cfg: Config, *, seed: int | None = None) -> ParallelGroups:
+    """Start torch.distributed and megatron's model-parallel groups for ``cfg.parallel``.
+
+    Validates the layout against the world size first, so a bad layout fails before any
+    collective. Installs the CPU compatibility layer when CUDA is absent. Idempotent for the
+    same layout in one process.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    cpu.install()
+    env = discover_env()
+    cfg.validate(world_size=env.world_size)
+    p: ParallelConfig = cfg.parallel
+    backend = p.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        dist.init_process_group(
+            backend=backend,
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=p.timeout_minutes),
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_parallel,
+            pipeline_model_parallel_size=p.pipeline_parallel,
+            context_parallel_size=p.context_parallel,
+            expert_model_parallel_size=p.expert_parallel,
+            expert_tensor_parallel_size=p.etp,
+            distributed_timeout_minutes=p.timeout_minutes,
+            create_gloo_process_groups=backend == "gloo",
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        cfg.seed if seed is None else seed, force_reset_rng=True
+    )
+    return groups()
+
+
+def groups() -> ParallelGroups:
+    """The current process groups (after :func:`initialize`)."""
+    from megatron.core import parallel_state as ps
+
+    return ParallelGroups(
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+        tp_dp_cp=ps.get_tensor_and_data_parallel_group(with_context_parallel=True),
+        ep=ps.get_expert_model_parallel_group(),
+        etp=ps.get_expert_tensor_parallel_group(),
+        expert_dp=ps.get_expert_data_parallel_group(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+    )
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

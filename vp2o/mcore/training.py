@@ -1,0 +1,137 @@
+"""megatron-core training plumbing: DDP wrap, optimizer, LR schedule, one training step.
+
+Thin functions over megatron's own ``DistributedDataParallel``, ``get_megatron_optimizer``,
+``OptimizerParamScheduler`` and forward-backward schedules, so that vp2o's loops read like a
+plain PyTorch loop (see ``vp2o/train.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from vp2o.config import Config
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def wrap_ddp(model, cfg: Config):
+    """Wrap a ``GPTModel`` in megatron's ``DistributedDataParallel`` (fp32 main grads)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=cfg.optimizer.grad_reduce_in_fp32,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        # Gradients are averaged over the data-parallel ranks, so a global batch gives the same
+        # gradient whatever the DP size (tests compare against the single-process run).
+        average_in_collective=False,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model, cfg: Config):
+    """megatron's optimizer for ``ddp_model``: a ChainedOptimizer of dense and expert parts."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o = cfg.optimizer
+    dtype = _DTYPES[cfg.model.params_dtype]
+    opt_config = OptimizerConfig(
+        optimizer=o.name,
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        sgd_momentum=o.sgd_momentum,
+        clip_grad=o.clip_grad,
+        bf16=cfg.model.params_dtype == "bf16",
+        fp16=cfg.model.params_dtype == "fp16",
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )
+    return get_megatron_optimizer(opt_config, [ddp_model])
+
+
+def build_scheduler(optimizer, cfg: Config, total_steps: int):
+    """Linear warmup then ``cfg.optimizer.decay_style`` down to ``min_lr`` over ``total_steps``."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optimizer
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if o.warmup_steps > 0 else o.lr,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(total_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+
+
+LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict]]
+"""(model, micro_batch) -> (loss, metrics). ``loss`` is this micro-batch's contribution: the sum
+over this rank's micro-batches is this rank's loss. DDP then averages the gradients over the
+data-parallel ranks."""
+
+
+def forward_backward(ddp_model, micro_batches: Iterable[dict], loss_fn: LossFn) -> list[dict]:
+    """Run forward and backward over ``micro_batches`` with megatron's no-pipelining schedule.
+
+    Gradients accumulate in the DDP grad buffers; the data-parallel reduction runs at the end
+    (``finalize_model_grads``). Returns each micro-batch's metrics.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batches = list(micro_batches)
+    num_microbatches = len(micro_batches)
+    seq_length = micro_batches[0]["tokens"].shape[1]
+    mbs = micro_batches[0]["tokens"].shape[0]
+    it = iter(micro_batches)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = loss_fn(model, batch)
+
+        def reduce(_output_tensor):
+            loss, metrics = output
+            # megatron's schedule divides a two-value loss by the number of micro-batches; our
+            # loss is already this micro-batch's share, so undo that division. (Its MoE aux losses
+            # keep megatron's 1/num_microbatches scaling: per-micro-batch means, averaged.)
+            return loss * num_microbatches, metrics
+
+        return output[0], reduce
+
+    config = ddp_model.config
+    config.finalize_model_grads_func = _finalize_model_grads
+    forward_backward_func = get_forward_backward_func()
+    return forward_backward_func(
+        forward_step_func=forward_step,
+        data_iterator=it,
+        model=[ddp_model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=mbs,
+        forward_only=False,
+    )
+
+
+def _finalize_model_grads(model, num_tokens=None, **kwargs):
+    from megatron.core.distributed import finalize_model_grads
+
+    return finalize_model_grads(model, num_tokens, **kwargs)
+
+
+def zero_grads(ddp_model, optimizer) -> None:
+    """Zero the DDP grad buffers and the optimizer's grads before a new step."""
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
