@@ -1,0 +1,127 @@
+"""The `code` reward: program extraction, pass fraction, time limits, adversarial completions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from reward_cases import ADVERSARIAL
+
+from vp2o.rewards import get_reward
+from vp2o.rewards.code_exec import CodeReward, extract_program, outputs_match
+from vp2o.rewards.sandbox import RunResult, SandboxLimits
+
+LIMITS = SandboxLimits(cpu_s=1, wall_s=2, memory_mb=512, nproc=32)
+ROW = {
+    "tests": [
+        {"input": "1 2\n", "output": "3\n"},
+        {"input": "10 -4\n", "output": "6"},
+        {"input": "0 0\n", "output": "0\n"},
+    ]
+}
+SUM = "Here is my solution:\n```python\na, b = map(int, input().split())\nprint(a + b)\n```\n"
+
+
+@pytest.fixture(scope="module")
+def code_reward():
+    return CodeReward(LIMITS, total_wall_s=20)
+
+
+def test_correct_program_scores_one(code_reward):
+    assert code_reward("", SUM, ROW) == 1.0
+
+
+def test_wrong_program_scores_zero(code_reward):
+    wrong = "```python\na, b = map(int, input().split())\nprint(a - b + 1)\n```"
+    assert code_reward("", wrong, ROW) == 0.0
+
+
+def test_partial_pass_fraction(code_reward):
+    partial = "```python\na, b = map(int, input().split())\nprint(a + b if a else 5)\n```"
+    assert code_reward("", partial, ROW) == pytest.approx(2 / 3)
+
+
+def test_runtime_error_scores_zero(code_reward):
+    assert code_reward("", "```python\nprint(3)\nraise SystemExit(1)\n```", ROW) == 0.0
+
+
+def test_infinite_loop_scores_zero_within_limit(code_reward):
+    row = {"tests": ROW["tests"][:1]}
+    start = time.monotonic()
+    assert code_reward("", "```python\nwhile True:\n    pass\n```", row) == 0.0
+    assert time.monotonic() - start < LIMITS.wall_s + 3
+
+
+def test_total_budget_stops_remaining_tests():
+    reward = CodeReward(LIMITS, total_wall_s=0.5)
+    row = {"tests": ROW["tests"] * 3}
+    start = time.monotonic()
+    assert reward("", "```python\nimport time\ntime.sleep(60)\n```", row) == 0.0
+    assert time.monotonic() - start < LIMITS.wall_s + 3
+
+
+def test_row_time_limit_is_used_and_clamped():
+    reward = CodeReward(LIMITS, max_time_limit_s=1.0)
+    row = {"tests": ROW["tests"][:1], "time_limit": 1000}
+    assert reward._sandbox(row).limits.cpu_s == 1.0
+    row = {"tests": ROW["tests"][:1], "time_limit": 0.5}
+    assert reward._sandbox(row).limits.cpu_s == 0.5
+    assert reward("", SUM, row) == 1.0
+
+
+def test_whole_completion_used_without_fence(code_reward):
+    assert code_reward("", "a, b = map(int, input().split())\nprint(a + b)", ROW) == 1.0
+
+
+def test_last_fence_wins(code_reward):
+    completion = "```python\nprint('draft')\n```\nBetter:\n" + SUM
+    assert code_reward("", completion, ROW) == 1.0
+    assert extract_program("x\n```\nA\n```\n```py\nB\n```") == "B\n"
+
+
+def test_prompt_with_solution_does_not_help(code_reward):
+    assert code_reward(SUM, "I don't know.", ROW) == 0.0
+
+
+@pytest.mark.parametrize(
+    "row",
+    [{}, {"tests": []}, {"tests": "nope"}, {"tests": [{"input": "1"}]}, {"tests": [None, 3]}],
+)
+def test_rows_without_tests_score_zero(code_reward, row):
+    assert code_reward("", SUM, row) == 0.0
+
+
+def test_outputs_match_is_whitespace_normalised():
+    assert outputs_match("1 2\n3\n", "1\n2 3")
+    assert outputs_match("  x  \r\n", "x")
+    assert not outputs_match("1 2", "12")
+    assert not outputs_match("", "0")
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_completions(code_reward, name):
+    assert code_reward("", ADVERSARIAL[name], ROW) == 0.0
+
+
+def test_registered_reward():
+    assert get_reward("code")("", SUM, {"tests": ROW["tests"][:1]}) == 1.0
+    assert get_reward("code")(None, None, None) == 0.0
+
+
+def test_pluggable_sandbox():
+    seen = []
+
+    class EchoSandbox:
+        """Stands in for a container runner: pretends every program prints its input."""
+
+        def __init__(self, limits):
+            self.limits = limits
+
+        def run(self, source, stdin=""):
+            seen.append(source)
+            return RunResult("ok", 0, stdin, 0.0)
+
+    reward = CodeReward(LIMITS, make_sandbox=EchoSandbox)
+    row = {"tests": [{"input": "5", "output": "5"}, {"input": "1", "output": "2"}]}
+    assert reward("", "```\nwhatever\n```", row) == 0.5
+    assert seen == ["whatever\n"] * 2

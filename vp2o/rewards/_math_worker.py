@@ -1,0 +1,60 @@
+"""Child process behind the `math` reward: math-verify equivalence checks, one per input line.
+
+Run as a script (`python _math_worker.py`), never imported by the trainer. Protocol: it prints
+"ready" once math-verify is imported, then for every JSON line `{"gold": str, "pred": str,
+"inner_timeout": int}` on stdin it prints "1" (equivalent) or "0". The parent kills and restarts
+this process when a check overruns its deadline, which also covers hangs inside C code (huge
+integer powers) that math-verify's own signal-based timeout cannot interrupt. EOF on stdin ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+
+def _wrap(expr: str) -> str:
+    return "$" + expr.replace("$", " ") + "$"
+
+
+def equivalent(gold: str, pred: str, inner_timeout: int) -> bool:
+    """Whether `pred` equals `gold` according to math-verify (parse both, then verify).
+
+    Only the LaTeX extractor is used: math-verify's plain-expression extractor goes through
+    sympy's `parse_expr`, which `eval`s generated Python code, and model output must never reach
+    an `eval`. Plain answers such as `1/2` or `0.5` parse as LaTeX just as well.
+    """
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig()]
+    gold_parsed = parse(_wrap(gold), extraction_config=config, parsing_timeout=inner_timeout)
+    pred_parsed = parse(_wrap(pred), extraction_config=config, parsing_timeout=inner_timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=inner_timeout))
+
+
+def main() -> None:
+    """Serve equivalence checks on stdin/stdout until EOF."""
+    logging.disable(logging.CRITICAL)
+    sys.setrecursionlimit(10_000)
+    import math_verify  # noqa: F401 - pay the import before announcing readiness
+
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            ok = equivalent(
+                str(request["gold"]), str(request["pred"]), int(request.get("inner_timeout", 2))
+            )
+        except BaseException:  # noqa: BLE001 - any failure is "not equivalent"
+            ok = False
+        out.write("1\n" if ok else "0\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
