@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/vp2o demo
+	$(BIN)/vp2o smoke
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,6 +1,14 @@
 """The ``vp2o`` command.
 
-vp2o demo [--steps N] [key.sub=value ...]
+    vp2o demo                                   # the embedded CPU demo (SFT, GRPO, VP2O, report)
+    vp2o sft    --config C [key=value ...]      # supervised warm start
+    vp2o train  --config C [key=value ...]      # RL (algorithm=grpo|vp2o)
+    vp2o eval   --config C [key=value ...]      # score a checkpoint on held-out prompts
+    vp2o report RUN_DIR [RUN_DIR ...] --out DIR # report.md + plots from run directories
+    vp2o convert hf-to-mcore --hf DIR --out DIR # checkpoint conversion (and mcore-to-hf)
+    vp2o smoke                                  # a few megatron training steps of the tiny MoE
+
+Every verb takes ``--help``. Overrides are dotted ``section.key=value`` (values parsed as YAML).
 """
 
 from __future__ import annotations
@@ -8,22 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from vp2o.config import ConfigError, load_config
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from vp2o import smoke
-
-    cfg = load_config(
-        args.config,
-        [*args.overrides, "optimizer.lr=3e-3", "optimizer.warmup_steps=3"]
-        if not args.config
-        else args.overrides,
-    )
-    losses = smoke.run(cfg, steps=args.steps)
-    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return 0
+from vp2o.data.tasks import DatasetError
 
 
 def quiet_third_party_warnings() -> None:
@@ -33,6 +29,89 @@ def quiet_third_party_warnings() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"megatron\..*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
     warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit\..*")
+
+
+def _config(args: argparse.Namespace):
+    return load_config(args.config, args.overrides)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vp2o.demo import run_demo
+
+    run_demo(Path(args.out), args.overrides)
+    return 0
+
+
+def _smoke(args: argparse.Namespace) -> int:
+    from vp2o import smoke
+
+    cfg = load_config(args.config, [*args.overrides, "optimizer.lr=3e-3",
+                                    "optimizer.warmup_steps=3"] if not args.config
+                      else args.overrides)
+    losses = smoke.run(cfg, steps=args.steps)
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from vp2o.sft import sft
+
+    result = sft(_config(args))
+    print(f"held-out accuracy {result['held_out_accuracy']:.3f}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vp2o.train import train
+
+    result = train(_config(args))
+    print(f"held-out accuracy {result['held_out_accuracy']:.3f}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from vp2o.evaluate import evaluate, write_eval
+    from vp2o.mcore import parallel
+    from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint
+    from vp2o.rewards.pool import RewardPool
+    from vp2o.session import open_session
+
+    cfg = _config(args)
+    s = open_session(cfg, with_optimizer=False)
+    try:
+        if cfg.train.init_checkpoint:
+            path = Path(cfg.train.init_checkpoint)
+            load_checkpoint(latest_checkpoint(path) or path, model=s.model, optimizer=None,
+                            scheduler=None)
+        pool = RewardPool(cfg.reward.name, workers=cfg.reward.workers,
+                          timeout_s=cfg.reward.timeout_s)
+        try:
+            result = evaluate(s, pool)
+        finally:
+            pool.close()
+        if s.is_main:
+            write_eval(s.run_dir, result)
+            print(json.dumps(result, indent=2))
+    finally:
+        parallel.destroy()
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vp2o.report import write_report
+
+    runs = {Path(r).name: Path(r) for r in args.runs}
+    path = write_report(Path(args.out), runs)
+    print(path)
+    return 0
+
+
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_experts=16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,16 +121,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="RL post-training (GRPO, VP2O) for Mixture-of-Experts models on megatron-core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="build the tiny MoE and train it a few steps on CPU (megatron-core, real MoE layers)",
-        description="Build the embedded tiny MoE and run megatron-core training steps on a "
-        "copy task, printing the loss.",
-    )
-    demo.add_argument("--config", default=None, help="YAML config (default: built-in tiny model)")
-    demo.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
-    demo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_experts=16")
-    demo.set_defaults(func=_demo)
+
+    p = sub.add_parser("demo", help="the embedded CPU demo: SFT, GRPO, VP2O, report",
+                       description="Generate the arithmetic task, SFT-warm-start the tiny MoE, "
+                       "run GRPO and VP2O from it with the same budget, write runs/demo/report.md.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("overrides", nargs="*", help="extra overrides applied to every phase")
+    p.set_defaults(func=_demo)
+
+    from vp2o.convert.cli import add_parser as add_convert_parser
+
+    add_convert_parser(sub)  # vp2o convert hf-to-mcore | mcore-to-hf
+
+    p = sub.add_parser("sft", help="supervised warm start on prompt/answer data")
+    _with_config(p)
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("train", help="RL training (algorithm=grpo or vp2o)")
+    _with_config(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="score train.init_checkpoint on the held-out prompts")
+    _with_config(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="report.md + PNG plots from run directories")
+    p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl, eval.json)")
+    p.add_argument("--out", required=True, help="folder for report.md and the plots")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("smoke", help="a few megatron training steps of the tiny MoE on a "
+                       "counting task (checks the install)")
+    p.add_argument("--config", default=None)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_smoke)
     return parser
 
 
@@ -63,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"vp2o: config error: {e}", file=sys.stderr)
+        return 2
+    except DatasetError as e:
+        print(f"vp2o: data error: {e}", file=sys.stderr)
         return 2
 
 

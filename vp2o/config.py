@@ -115,6 +115,9 @@ class ModelConfig:
         "aux_loss", "seq_aux_loss", "global_aux_loss", "none"
     ] = "none"
     """megatron's load-balancing loss type, used when moe_aux_loss_coeff > 0."""
+    moe_enable_routing_replay: bool = False
+    """Build routers with megatron's RouterReplay (record actor routing, replay it in the
+    learner: GRPO's R3 option)."""
     moe_router_dtype: Literal["fp32", "fp64"] | None = "fp32"
     """Router computation dtype: fp32 keeps routing identical across bf16/fp32 runs."""
 
@@ -219,6 +222,207 @@ class OptimizerConfig:
 
 
 @dataclass
+class DataConfig:
+    """Prompts, answers and the tokenizer."""
+
+    task: str = "arith"
+    """Built-in task (``arith``: multi-step integer arithmetic, shipped as code) or ``jsonl``."""
+    train_path: str | None = None
+    """JSONL of training rows (task=jsonl): one object per line with prompt_field, answer_field."""
+    eval_path: str | None = None
+    """JSONL of held-out rows (task=jsonl)."""
+    prompt_field: str = "prompt"
+    """Key of the prompt text in a JSONL row."""
+    answer_field: str = "answer"
+    """Key of the reference answer in a JSONL row (the reward function reads the whole row)."""
+    max_prompt_tokens: int = 64
+    """Prompts longer than this are rejected with the file and line (no silent truncation)."""
+    num_train_prompts: int = 4000
+    """Built-in task: training prompts generated."""
+    num_eval_prompts: int = 200
+    """Held-out prompts scored by evaluation (built-in task: generated disjoint from training)."""
+    tokenizer: Literal["sentencepiece", "char", "hf"] = "sentencepiece"
+    """Tokenizer kind (vp2o.data.tokenizer registry)."""
+    tokenizer_path: str | None = None
+    """Tokenizer model file or directory; None trains a sentencepiece model on the task text
+    into the run directory (built-in task only)."""
+    tokenizer_vocab_size: int = 64
+    """Vocabulary of a tokenizer trained here (built-in task)."""
+
+
+@dataclass
+class RolloutConfig:
+    """Generation by the actors (method §12)."""
+
+    prompts_per_step: int = 16
+    """Prompts per rollout batch (per data-parallel rank)."""
+    group_size: int = 8
+    """Samples per prompt G (>= 2: group advantages need a group)."""
+    temperature: float = 1.0
+    """Sampling temperature; the behaviour log-probs are taken at this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    max_new_tokens: int = 16
+    """Longest response."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Extra stop strings (EOS always stops)."""
+    micro_batch_size: int = 64
+    """Sequences per learner micro-batch (gradient accumulation over micro-batches)."""
+
+
+@dataclass
+class GRPOConfig:
+    """The policy loss and the GRPO-family options (method §1; verl/TRL/DAPO variants)."""
+
+    clip_low: float = 0.2
+    """epsilon_low of the clipped ratio."""
+    clip_high: float = 0.2
+    """epsilon_high (DAPO's clip-higher uses 0.28)."""
+    clip_ratio_c: float | None = None
+    """Dual-clip bound c for negative advantages (None = off)."""
+    normalize_std: bool = True
+    """Divide advantages by the group std (false: Dr. GRPO)."""
+    aggregation: str = "token_mean"
+    """Loss aggregation: token_mean, seq_mean_token_mean, seq_mean_token_sum,
+    seq_mean_token_sum_norm."""
+    loss_type: Literal["grpo", "gspo"] = "grpo"
+    """Token-level ratios (grpo) or sequence-level ratios (gspo)."""
+    kl_coeff: float = 0.0
+    """beta_KL of the KL penalty to the reference model (0 = no reference model is kept)."""
+    kl_estimator: str = "k3"
+    """k1, k2 or k3."""
+    updates_per_rollout: int = 1
+    """GRPO: learner steps per rollout batch (fixed refresh schedule)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage)."""
+    overlong_filter: bool = False
+    """Mask out responses truncated at max_new_tokens."""
+    router_replay: bool = False
+    """R3: replay the actors' routing in the learner forward (needs
+    model.moe_enable_routing_replay)."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward function and its worker pool."""
+
+    name: str = "exact"
+    """Registered reward name (vp2o.rewards.available()) or a dotted path module:function."""
+    workers: int = 2
+    """Worker processes scoring completions."""
+    timeout_s: float = 10.0
+    """Per-sample timeout: a hung reward scores 0 and is counted."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop, evaluation, logging and checkpoints."""
+
+    steps: int = 100
+    """Learner optimizer steps."""
+    run_dir: str = "runs/default"
+    """Output directory: metrics.jsonl, checkpoints/, wandb/, eval.json."""
+    init_checkpoint: str | None = None
+    """Start from these weights (e.g. an SFT checkpoint); optimizer state is not loaded."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in run_dir; never; or a path."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept."""
+    eval_every: int = 0
+    """Evaluate held-out accuracy every N steps (0 = only at the end)."""
+    eval_samples: int = 1
+    """Samples per held-out prompt at evaluation (pass@k for k <= this)."""
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """wandb mode; offline needs no network (wandb sync uploads later)."""
+    wandb_project: str = "vp2o"
+    """wandb project."""
+    max_consecutive_skips: int = 5
+    """Stop (with a checkpoint of the last good state) after this many non-finite steps."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start (``vp2o sft``): next-token loss on prompt + answer."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Sequences per step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW, warmup then cosine)."""
+
+
+@dataclass
+class TrustRegionConfig:
+    """Anchor prototype budget (method §10)."""
+
+    delta: float = 0.05
+    """Accept a learner step iff the mean barycenter distance D <= delta (method default 0.05)."""
+    on_violation: Literal["rollback", "refresh"] = "rollback"
+    """rollback: restore parameters and optimizer state from before the step, then refresh the
+    actors; refresh: keep the step and refresh (method §10)."""
+
+
+@dataclass
+class BehaviorConfig:
+    """On-policy behaviour budget (method §11)."""
+
+    lam: float = 0.5
+    """Tempering lambda of the importance weights w = exp(lambda * sum log rho) (method: 0.5)."""
+    eps_drift: float = 0.1
+    """Refresh when the mean |log rho| over response tokens exceeds this (method: 0.1)."""
+    ess_min: float = 0.5
+    """Refresh when the normalised effective sample size falls below this (method: 0.5)."""
+    ess_level: Literal["sequence", "token"] = "sequence"
+    """ESS over sequences (default) or over tokens (for 8K-16K-token responses)."""
+
+
+@dataclass
+class VP2OConfig:
+    """VP2O's choices (method §2-§11); each default is the method's."""
+
+    alpha: float = 0.1
+    """Repulsion weight alpha in g~ = phi_att + alpha phi_rep (§8)."""
+    tau0: float = 1.0
+    """Kernel temperature numerator: tau = tau0 / log E (§5)."""
+    tau_mode: Literal["log_e", "median"] = "log_e"
+    """log_e: tau = tau0 / log E; median: median of 1 - (u_i.u_j)^2 over i != j, / log E (§5)."""
+    coactive_top_m: int | None = None
+    """Co-active neighbours per expert: the m largest off-diagonal C entries (§3); None = top-k."""
+    coactive_min_frac: float = 0.1
+    """Also co-active when C_ji >= min_frac * C_jj (§3)."""
+    power_iters: int = 2
+    """Warm-started power-iteration steps per prototype refresh (§4)."""
+    ortho_coeff: float = 1e-3
+    """Expert orthogonality loss weight beta_o (§9, Guo et al.)."""
+    variance_coeff: float = 1e-3
+    """Routing-variance loss weight gamma_v (§9, Guo et al.)."""
+    clip: bool = False
+    """Clip the importance ratio as GRPO does (ablation; §2 default off)."""
+    pg_estimator: Literal["ratio", "logprob"] = "ratio"
+    """Surrogate fed to the transport: importance ratio (default) or log-prob (§2)."""
+    max_updates_per_rollout: int = 4
+    """Learner steps on one rollout batch before a forced refresh (§12)."""
+    transform_chunk_elems: int = 1 << 26
+    """Size (elements) of each of the transform's workspaces: the [E, P] expert-gradient matrix is
+    transformed in column chunks of transform_chunk_elems / E, which bounds the memory of the
+    attraction and its EP reduce-scatter (implementation choice, not the method's; 1 << 26 fp32 =
+    256 MiB per workspace)."""
+    trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
+    """§10."""
+    behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
+    """§11."""
+
+    def top_m(self, topk: int) -> int:
+        """Resolved coactive_top_m."""
+        return topk if self.coactive_top_m is None else self.coactive_top_m
+
+
+@dataclass
 class Config:
     """The whole run. Sections for the trainer (rollout, algorithm, vp2o, logging, checkpoint) are
     added by the issues that build them; unknown sections are rejected like unknown keys."""
@@ -226,6 +430,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    algorithm: Literal["grpo", "vp2o"] = "grpo"
+    """grpo: clipped GRPO baseline (method §1); vp2o: Stein transport + trust regions (§2-§12)."""
+    vp2o: VP2OConfig = field(default_factory=VP2OConfig)
+    """VP2O choices; read only when algorithm = vp2o."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Policy loss options (GRPO; VP2O reads the aggregation and KL options)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompts and tokenizer."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Generation."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, logging, checkpoints."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised warm start."""
     seed: int = 1234
     """Global seed (data order, init, sampling)."""
 
@@ -288,6 +508,39 @@ class Config:
                 "aux_loss, seq_aux_loss or global_aux_loss when model.moe_aux_loss_coeff > 0",
             )
 
+        r = self.rollout
+        _check(
+            r.group_size >= 2,
+            "rollout.group_size",
+            r.group_size,
+            ">= 2: GRPO needs at least 2 samples per prompt",
+        )
+        _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, ">= 1")
+        _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, ">= 1")
+        _check(r.temperature >= 0, "rollout.temperature", r.temperature, ">= 0")
+        _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+        _check(r.micro_batch_size >= 1, "rollout.micro_batch_size", r.micro_batch_size, ">= 1")
+        _check(
+            self.grpo.updates_per_rollout >= 1,
+            "grpo.updates_per_rollout",
+            self.grpo.updates_per_rollout,
+            ">= 1",
+        )
+        if self.grpo.router_replay:
+            _check(
+                m.moe_enable_routing_replay,
+                "model.moe_enable_routing_replay",
+                False,
+                "true when grpo.router_replay is on (routers are built with RouterReplay)",
+            )
+        if self.data.task == "jsonl":
+            _check(
+                self.data.train_path is not None,
+                "data.train_path",
+                None,
+                "a JSONL file when data.task=jsonl",
+            )
+        _check(self.train.steps >= 1, "train.steps", self.train.steps, ">= 1")
         if self.optimizer.name == "sgd":
             _check(
                 not p.use_distributed_optimizer,
@@ -344,6 +597,40 @@ class Config:
                 p.sequence_parallel,
                 f"true: megatron-core MoE with tensor_parallel={tp} > 1 needs sequence parallelism",
             )
+        if self.algorithm == "vp2o":
+            v = self.vp2o
+            _check(v.alpha >= 0, "vp2o.alpha", v.alpha, ">= 0")
+            _check(v.tau0 > 0, "vp2o.tau0", v.tau0, "> 0")
+            _check(v.power_iters >= 1, "vp2o.power_iters", v.power_iters, ">= 1")
+            _check(v.top_m(m.moe_router_topk) >= 0, "vp2o.coactive_top_m", v.coactive_top_m, ">= 0")
+            _check(
+                v.max_updates_per_rollout >= 1,
+                "vp2o.max_updates_per_rollout",
+                v.max_updates_per_rollout,
+                ">= 1",
+            )
+            _check(
+                p.etp == 1,
+                "parallel.expert_tensor_parallel",
+                p.etp,
+                "1 with algorithm=vp2o (the repulsion differentiates a power iteration through "
+                "whole expert weights; megatron also recommends ETP=1 for MoE)",
+            )
+            _check(
+                not p.overlap_grad_reduce,
+                "parallel.overlap_grad_reduce",
+                True,
+                "false with algorithm=vp2o: the Stein transform mixes expert gradients before "
+                "they are reduced, so the reduction cannot start during backward",
+            )
+            if v.ortho_coeff > 0 and m.moe_token_dispatcher_type == "allgather":
+                _check(
+                    p.expert_parallel * tp == 1,
+                    "model.moe_token_dispatcher_type",
+                    "allgather",
+                    "alltoall when vp2o.ortho_coeff > 0 and EP x TP > 1 (the orthogonality "
+                    "loss needs each token's expert outputs back in token order)",
+                )
         if world_size is not None:
             _check(
                 world_size % p.model_parallel_size == 0,

@@ -1,7 +1,7 @@
 """Worker for the multi-process equivalence tests (run by tests/mcore/test_distributed.py).
 
     torchrun --nproc_per_node=N tests/mcore/dist_train_worker.py --ep E --optimizer sgd|adam \
-        --distributed-optimizer 0|1 --out result.pt
+        --distributed-optimizer 0|1 [--vp2o --alpha A --ortho B --identity] --out result.pt
 
 Trains the tiny MoE for 3 steps on a fixed global batch of 4 sequences, each rank taking its
 data-parallel share, and saves (rank 0 gathers) per step: the global mean loss and every reduced
@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from vp2o.config import load_config
 from vp2o.mcore import model as mdl
-from vp2o.mcore import parallel, training
+from vp2o.mcore import parallel, training, vp2o_moe
+from vp2o.mcore.stein_step import SteinTransform
 
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
 
@@ -28,6 +29,11 @@ def main() -> None:
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--distributed-optimizer", type=int, default=0)
     ap.add_argument("--dispatcher", default="alltoall")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--vp2o", action="store_true", help="VP2O layers + Stein transform")
+    ap.add_argument("--alpha", type=float, default=0.1)
+    ap.add_argument("--ortho", type=float, default=1e-3)
+    ap.add_argument("--identity", action="store_true", help="masks leave only the diagonal")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = load_config(
@@ -40,18 +46,29 @@ def main() -> None:
             "optimizer.weight_decay=0.0",
             f"parallel.use_distributed_optimizer={bool(args.distributed_optimizer)}",
             f"model.moe_token_dispatcher_type={args.dispatcher}",
+            f"algorithm={'vp2o' if args.vp2o else 'grpo'}",
+            f"vp2o.alpha={args.alpha}",
+            *(["vp2o.coactive_top_m=0", "vp2o.coactive_min_frac=2.0"] if args.identity else []),
         ],
     )
     g = parallel.initialize(cfg)
-    model = mdl.build_model(cfg)
+    hook = vp2o_moe.vp2o_layer_spec_hook(cfg) if args.vp2o else None
+    model = mdl.build_model(cfg, layer_spec_hook=hook)
     n_local = cfg.model.num_experts // cfg.parallel.expert_parallel
     init_by_global_name(model, ep_rank=g.ep_rank, num_local_experts=n_local)
     ddp = training.wrap_ddp(model, cfg)
     opt = training.build_optimizer(ddp, cfg)
+    transform = None
+    if args.vp2o:
+        vp2o_moe.configure_losses(model, ortho_coeff=args.ortho, variance_coeff=0.0)
+        transform = SteinTransform(
+            model, cfg.vp2o, g, num_experts=cfg.model.num_experts, seed=cfg.seed
+        )
 
     dp_size = dist.get_world_size() // cfg.parallel.model_parallel_size
     gen = torch.Generator().manual_seed(1)
-    data = torch.randint(0, cfg.model.vocab_size, (STEPS, GLOBAL_BATCH, SEQ + 1), generator=gen)
+    shape = (args.steps, GLOBAL_BATCH, SEQ + 1)
+    data = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
     per_rank = GLOBAL_BATCH // dp_size
     mbs_per_rank = 2 if per_rank >= 2 else 1
     mb = per_rank // mbs_per_rank
@@ -63,8 +80,14 @@ def main() -> None:
         loss = per_token.float().mean() / mbs_per_rank
         return loss, {"loss": loss.detach()}
 
-    record = {"loss": [], "grads": [], "params": {}}
-    for step in range(STEPS):
+    record = {"loss": [], "grads": [], "params": {}, "C": [], "prototypes": [], "maps": []}
+    if transform is not None:
+        # Routing maps of every router call, by an independent forward hook (brute-force C).
+        for layer in transform.layers:
+            layer.router.register_forward_hook(
+                lambda mod, inp, out: record["maps"].append((mod.layer_number, out[1].clone()))
+            )
+    for step in range(args.steps):
         training.zero_grads(ddp, opt)
         local = data[step, g.dp_rank * per_rank : (g.dp_rank + 1) * per_rank]
         mbs = [
@@ -74,15 +97,22 @@ def main() -> None:
             }
             for i in range(mbs_per_rank)
         ]
-        out = training.forward_backward(ddp, mbs, loss_fn)
+        before = transform.before_grad_reduction if transform else None
+        out = training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=before)
         loss = sum(o["loss"] for o in out).reshape(1)
         dist.all_reduce(loss, group=g.dp_cp)
         record["loss"].append(loss.item() / dp_size)
         record["grads"].append(_held_grads(model, opt, g, n_local, args.distributed_optimizer))
         opt.step()
+        if transform is not None:
+            record["C"].append(transform.coactivation.clone())
+            transform.after_optimizer_step()
+            record["prototypes"].append(transform.prototypes.clone())
     for name, p in model.named_parameters():
         gname = mdl.global_param_name(name, ep_rank=g.ep_rank, num_local_experts=n_local)
         record["params"][gname] = p.detach().clone()
+    if transform is not None:
+        record["state"] = transform.state_dict()
 
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, record)

@@ -8,66 +8,8 @@ shard), and, with SGD, the parameters after the steps.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
-
-WORKER = Path(__file__).with_name("dist_train_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_worker(tmp_path: Path, nproc: int, *args: str) -> list[dict]:
-    out = tmp_path / f"result_{nproc}_{'_'.join(args).replace('-', '')}.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}",
-        str(WORKER),
-        *args,
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(out)
-
-
-def compare(single: list[dict], multi: list[dict], *, check_params: bool) -> None:
-    ref = single[0]
-    for rank in multi:
-        assert rank["loss"] == pytest.approx(ref["loss"], rel=1e-5)
-    for step in range(len(ref["loss"])):
-        full = {k: v[2] for k, v in ref["grads"][step].items()}
-        got, want = [], []
-        covered = {}
-        for rank in multi:
-            for name, (start, end, values) in rank["grads"][step].items():
-                got.append(values)
-                want.append(full[name][start:end])
-                covered[name] = covered.get(name, 0) + end - start
-        got, want = torch.cat(got), torch.cat(want)
-        rel = ((got - want).norm() / want.norm()).item()
-        assert rel < 1e-5, f"step {step}: reduced gradients differ by {rel:.2e} (relative)"
-        # Every parameter's gradient is held somewhere (the shards cover each parameter).
-        for name, values in full.items():
-            assert covered.get(name, 0) >= values.numel(), name
-    if check_params:
-        for rank in multi:
-            for name, value in rank["params"].items():
-                torch.testing.assert_close(value, ref["params"][name], rtol=1e-5, atol=1e-6)
+from dist_helpers import compare, run_worker
 
 
 @pytest.mark.slow

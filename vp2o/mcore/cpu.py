@@ -288,9 +288,11 @@ _MODULE_TORCH_PROXIES: tuple[str, ...] = (
 def install() -> bool:
     """Patch megatron-core for CPU execution. Idempotent; returns True when patches are active.
 
-    Does nothing (returns False) when CUDA is available.
+    With CUDA only the transformer-engine-absent name fix applies (see
+    ``_define_names_missing_without_te``) and it returns False.
     """
     global _INSTALLED
+    _define_names_missing_without_te()
     if torch.cuda.is_available():
         return False
     if _INSTALLED:
@@ -319,16 +321,18 @@ def install() -> bool:
     rnd = importlib.import_module("megatron.core.tensor_parallel.random")
     rnd.CudaRNGStatesTracker = _make_cpu_rng_tracker_class(rnd.CudaRNGStatesTracker)
     rnd.initialize_rng_tracker(force_reset=True)
+    # random._get_cuda_rng_state / _set_cuda_rng_state: activation recompute
+    # (CheckpointFunction via _get_all_rng_states/_set_all_rng_states) saves the CPU state and
+    # the "CUDA" state. On the CPU the device generator *is* the CPU generator, which
+    # torch.get/set_rng_state already cover: the device part is empty.
+    rnd._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    rnd._set_cuda_rng_state = lambda *a, **k: None
 
     # moe_utils.maybe_move_tensor_to_cpu, and the name token_dispatcher imported from it.
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
     moe_utils.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
     dispatcher.maybe_move_tensor_to_cpu = _cpu_maybe_move_tensor_to_cpu
-    # moe_utils.te_general_gemm: referenced by the router GEMM (RouterGatingLinearFunction) but
-    # only defined when transformer-engine imports. None selects the plain torch path.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
     originals: dict[int, Callable] = {}  # id(original function) -> its scoped wrapper
     for module_name in _MODULE_TORCH_PROXIES:
@@ -346,6 +350,19 @@ def install() -> bool:
     _INSTALLED = True
     logger.info("vp2o.mcore.cpu: megatron-core patched for CPU execution")
     return True
+
+
+def _define_names_missing_without_te() -> None:
+    """Covers megatron.core.transformer.moe.moe_utils.RouterGatingLinearFunction.
+
+    It tests ``te_general_gemm is not None``, but the name is only defined when
+    transformer-engine imports, so without TE the router raises NameError on GPUs too. None
+    selects the plain torch path. Applied whatever the device (the one patch that is not
+    CPU-only).
+    """
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _rebind_imported_names(originals: dict[int, Callable]) -> None:

@@ -9,8 +9,10 @@ router subclass this way), so megatron-core files are never edited.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +98,7 @@ def transformer_config(cfg: Config):
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
         moe_router_dtype=m.moe_router_dtype,
+        moe_enable_routing_replay=m.moe_enable_routing_replay,
         moe_permute_fusion=False,
         # numerics
         params_dtype=dtype,
@@ -151,7 +154,7 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
 
     tconfig = transformer_config(cfg)
     m = cfg.model
-    with cpu.cuda_as_cpu():
+    with cpu.cuda_as_cpu(), _quiet_subclassed_mlp_warning(layer_spec_hook is not None):
         model = GPTModel(
             config=tconfig,
             transformer_layer_spec=decoder_block_spec(cfg, tconfig, layer_spec_hook),
@@ -170,6 +173,28 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
         if is_expert_param(name):
             param.allreduce = False
     return model
+
+
+@contextlib.contextmanager
+def _quiet_subclassed_mlp_warning(active: bool) -> Iterator[None]:
+    """Drop megatron's "Unknown MLP type" warning while building hooked specs.
+
+    TransformerLayer recognises ``MoELayer`` by identity (``module in (MoELayer, ...)``) to pass
+    it ``pg_collection``; a subclass gets no kwargs, and MoELayer then takes the default process
+    group collection, which is the one TransformerLayer would have passed. The warning is
+    therefore noise for our subclasses; nothing else is filtered.
+    """
+    if not active:
+        yield
+        return
+    log = logging.getLogger("megatron.core.transformer.transformer_layer")
+    drop = logging.Filter()
+    drop.filter = lambda record: not str(record.getMessage()).startswith("Unknown MLP type")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def is_expert_param(name: str) -> bool:

@@ -141,7 +141,7 @@ def initialize(cfg: Config, *, seed: int | None = None) -> ParallelGroups:
             expert_model_parallel_size=p.expert_parallel,
             expert_tensor_parallel_size=p.etp,
             distributed_timeout_minutes=p.timeout_minutes,
-            create_gloo_process_groups=backend == "gloo",
+            create_gloo_process_groups=True,  # megatron's optimizers expect them
         )
     tensor_parallel.model_parallel_cuda_manual_seed(
         cfg.seed if seed is None else seed, force_reset_rng=True

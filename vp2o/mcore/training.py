@@ -84,18 +84,28 @@ over this rank's micro-batches is this rank's loss. DDP then averages the gradie
 data-parallel ranks."""
 
 
-def forward_backward(ddp_model, micro_batches: Iterable[dict], loss_fn: LossFn) -> list[dict]:
+def forward_backward(
+    ddp_model,
+    micro_batches: Iterable[dict],
+    loss_fn: LossFn,
+    *,
+    before_grad_reduction: Callable[[Any], None] | None = None,
+) -> list[dict]:
     """Run forward and backward over ``micro_batches`` with megatron's no-pipelining schedule.
 
     Gradients accumulate in the DDP grad buffers; the data-parallel reduction runs at the end
-    (``finalize_model_grads``). Returns each micro-batch's metrics.
+    (``finalize_model_grads``). ``before_grad_reduction(ddp_model)``, if given, runs after the
+    last backward and before that reduction (VP2O's Stein transform). Returns each micro-batch's
+    metrics.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_batches = list(micro_batches)
     num_microbatches = len(micro_batches)
-    seq_length = micro_batches[0]["tokens"].shape[1]
-    mbs = micro_batches[0]["tokens"].shape[0]
+    # Shapes matter to megatron only for pipeline-parallel sends; take them from the tokens.
+    first = micro_batches[0]
+    tokens = first["tokens"] if "tokens" in first else getattr(first.get("batch"), "tokens", None)
+    mbs, seq_length = tuple(tokens.shape[:2]) if tokens is not None else (1, 1)
     it = iter(micro_batches)
 
     def forward_step(data_iterator, model):
@@ -112,7 +122,15 @@ def forward_backward(ddp_model, micro_batches: Iterable[dict], loss_fn: LossFn) 
         return output[0], reduce
 
     config = ddp_model.config
-    config.finalize_model_grads_func = _finalize_model_grads
+
+    def finalize(model_chunks, num_tokens=None, **kwargs):
+        from megatron.core.distributed import finalize_model_grads
+
+        if before_grad_reduction is not None:
+            before_grad_reduction(ddp_model)
+        return finalize_model_grads(model_chunks, num_tokens, **kwargs)
+
+    config.finalize_model_grads_func = finalize
     forward_backward_func = get_forward_backward_func()
     return forward_backward_func(
         forward_step_func=forward_step,
@@ -123,12 +141,6 @@ def forward_backward(ddp_model, micro_batches: Iterable[dict], loss_fn: LossFn) 
         micro_batch_size=mbs,
         forward_only=False,
     )
-
-
-def _finalize_model_grads(model, num_tokens=None, **kwargs):
-    from megatron.core.distributed import finalize_model_grads
-
-    return finalize_model_grads(model, num_tokens, **kwargs)
 
 
 def zero_grads(ddp_model, optimizer) -> None:

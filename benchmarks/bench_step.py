@@ -1,0 +1,163 @@
+"""One full training step in VP2O mode and in GRPO mode, same model shape and batch, alternating.
+
+    .venv/bin/python benchmarks/bench_step.py                 # medium CPU config, 6 rounds
+    .venv/bin/python benchmarks/bench_step.py --rounds 10 --layers 4 --hidden 256 --experts 16
+
+A step is forward + backward over the micro-batches, the gradient reduction, (VP2O: the Stein
+transform of the expert gradients, §6-8), the optimizer update, and (VP2O: the prototype refresh,
+§4). VP2O also carries its two specialisation losses (§9). Both modes run in one process, one
+after the other in each round, so they see the same machine state; the first round is a warm-up.
+Prints the phase breakdown (median seconds per phase) and, last:
+
+    step time ratio vp2o/grpo: X.XXX
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--experts", type=int, default=16)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--expert-ffn", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("vp2o_overrides", nargs="*", help="extra overrides for the VP2O run")
+    args = ap.parse_args()
+
+    from vp2o.cli import quiet_third_party_warnings
+    from vp2o.config import load_config
+    from vp2o.mcore import model as mdl
+    from vp2o.mcore import parallel, training, vp2o_moe
+    from vp2o.mcore.stein_step import SteinTransform
+
+    quiet_third_party_warnings()
+    common = [
+        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
+        "model.num_attention_heads=8", "model.num_query_groups=4",
+        f"model.ffn_hidden_size={4 * args.hidden}", f"model.num_experts={args.experts}",
+        f"model.moe_router_topk={args.topk}", f"model.moe_ffn_hidden_size={args.expert_ffn}",
+        "model.vocab_size=2048", f"model.params_dtype={args.dtype}",
+        "optimizer.lr=1e-5", "optimizer.clip_grad=1.0",
+    ]
+    grpo_cfg = load_config(None, [*common, "algorithm=grpo"])
+    vp2o_cfg = load_config(None, [*common, "algorithm=vp2o", *args.vp2o_overrides])
+    groups = parallel.initialize(grpo_cfg)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+    def setup(cfg, vp2o: bool):
+        torch.manual_seed(0)
+        hook = vp2o_moe.vp2o_layer_spec_hook(cfg) if vp2o else None
+        model = mdl.build_model(cfg, layer_spec_hook=hook)
+        ddp = training.wrap_ddp(model, cfg)
+        opt = training.build_optimizer(ddp, cfg)
+        transform = None
+        if vp2o:
+            vp2o_moe.configure_losses(
+                model, ortho_coeff=cfg.vp2o.ortho_coeff, variance_coeff=cfg.vp2o.variance_coeff
+            )
+            transform = SteinTransform(
+                model, cfg.vp2o, groups, num_experts=cfg.model.num_experts, seed=0
+            )
+        return model, ddp, opt, transform
+
+    runs = {"grpo": setup(grpo_cfg, False), "vp2o": setup(vp2o_cfg, True)}
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=gen).to(device)
+    advantages = torch.randn(args.batch, generator=gen).to(device)
+    n_mb = args.batch // args.micro_batch
+    pos = torch.arange(args.seq, device=device).unsqueeze(0).expand(args.micro_batch, -1)
+
+    def loss_fn(m, mb):
+        # A policy-gradient surrogate of the same cost as GRPO's: -A * log pi(token).
+        logp = -m(mb["tokens"], pos, None, labels=mb["labels"]).float()  # [b, S]
+        loss = -(logp * mb["adv"].unsqueeze(1)).mean() / n_mb
+        return loss, {}
+
+    mbs = [
+        {
+            "tokens": tokens[i * args.micro_batch : (i + 1) * args.micro_batch, :-1],
+            "labels": tokens[i * args.micro_batch : (i + 1) * args.micro_batch, 1:],
+            "adv": advantages[i * args.micro_batch : (i + 1) * args.micro_batch],
+        }
+        for i in range(n_mb)
+    ]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(name):
+        model, ddp, opt, transform = runs[name]
+        times = {}
+        sync()
+        t0 = time.perf_counter()
+        training.zero_grads(ddp, opt)
+
+        def timed_transform(d):
+            sync()
+            a = time.perf_counter()
+            transform.before_grad_reduction(d)
+            sync()
+            times["transform"] = time.perf_counter() - a
+
+        training.forward_backward(
+            ddp, mbs, loss_fn, before_grad_reduction=timed_transform if transform else None
+        )
+        sync()
+        t1 = time.perf_counter()
+        opt.step()
+        sync()
+        t2 = time.perf_counter()
+        if transform:
+            transform.after_optimizer_step()
+        sync()
+        t3 = time.perf_counter()
+        times["forward_backward"] = (t1 - t0) - times.get("transform", 0.0)
+        times["optimizer"] = t2 - t1
+        times["prototypes"] = t3 - t2
+        times["total"] = t3 - t0
+        return times
+
+    records = {"grpo": [], "vp2o": []}
+    for r in range(args.rounds + 1):
+        order = ("grpo", "vp2o") if r % 2 == 0 else ("vp2o", "grpo")
+        for name in order:
+            t = step(name)
+            if r > 0:  # round 0 warms up both
+                records[name].append(t)
+
+    phases = ["forward_backward", "transform", "optimizer", "prototypes", "total"]
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {dev}; torch threads {torch.get_num_threads()}; "
+          f"{args.layers} layers, d={args.hidden}, {args.experts} experts top-{args.topk}, "
+          f"f={args.expert_ffn}, seq {args.seq}, batch {args.batch} ({n_mb} micro-batches), "
+          f"{args.dtype}; median of {args.rounds} rounds")
+    print(f"{'phase (s)':<18}{'grpo':>10}{'vp2o':>10}")
+    medians = {}
+    for ph in phases:
+        g = statistics.median(t.get(ph, 0.0) for t in records["grpo"])
+        v = statistics.median(t.get(ph, 0.0) for t in records["vp2o"])
+        medians[ph] = (g, v)
+        print(f"{ph:<18}{g:>10.4f}{v:>10.4f}")
+    parallel.destroy()
+    g, v = medians["total"]
+    print(f"step time ratio vp2o/grpo: {v / g:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Expert specialisation losses (method §9) against explicit loops and numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vp2o.algo import specialization as spec
+
+F64 = torch.float64
+
+
+def _ortho_loop(x: torch.Tensor, eps: float) -> float:
+    """(1/(T·k)) Σ_t Σ_j Σ_{l≠j} ‖(⟨x_tj, x_tl⟩ / (⟨x_tl, x_tl⟩ + ε)) x_tl‖² (method §9)."""
+    t_count, k, _ = x.shape
+    total = 0.0
+    for t in range(t_count):
+        for j in range(k):
+            for m in range(k):
+                if m == j:
+                    continue
+                coef = float(x[t, j] @ x[t, m]) / (float(x[t, m] @ x[t, m]) + eps)
+                total += float((coef * x[t, m]).square().sum())
+    return total / (t_count * k)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_orthogonality_against_double_loop(eps: float) -> None:
+    x = torch.randn(7, 3, 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x[2, 1] = 0.0  # a zero output: no NaN
+    assert float(spec.orthogonality_loss(x, eps=eps)) == pytest.approx(_ortho_loop(x, eps))
+
+
+def test_orthogonality_zero_for_orthogonal_outputs_and_token_layout() -> None:
+    t_count, k, d = 6, 3, 8
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for _ in range(t_count):
+        q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=F64))
+        rows.append(q.T * torch.rand(k, 1, generator=gen, dtype=F64).add(0.5))  # k orthogonal
+    x = torch.stack(rows)  # [T, k, d], token order
+    assert float(spec.orthogonality_loss(x)) == pytest.approx(0.0, abs=1e-20)
+    # the reference code's bug: rows grouped by expert pair different tokens' outputs
+    grouped = x.transpose(0, 1).reshape(t_count, k, d)
+    assert float(spec.orthogonality_loss(grouped)) > 1e-2
+
+
+def test_orthogonality_token_permutation_permutes_per_token_terms_only() -> None:
+    x = torch.randn(9, 4, 6, generator=torch.Generator().manual_seed(2), dtype=F64)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    per_token = spec.orthogonality_per_token(x)
+    torch.testing.assert_close(spec.orthogonality_per_token(x[perm]), per_token[perm])
+    torch.testing.assert_close(spec.orthogonality_loss(x[perm]), spec.orthogonality_loss(x))
+    # each row is one token: changing token 4 changes only term 4
+    y = x.clone()
+    y[4] = torch.randn(4, 6, generator=torch.Generator().manual_seed(4), dtype=F64)
+    changed = spec.orthogonality_per_token(y) != per_token
+    assert changed.tolist() == [i == 4 for i in range(9)]
+
+
+def test_orthogonality_gradient_and_empty_batch() -> None:
+    x = torch.randn(5, 2, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: spec.orthogonality_loss(t), (x,))
+    assert float(spec.orthogonality_loss(torch.zeros(0, 2, 4))) == 0.0
+
+
+def test_routing_variance_against_numpy_and_gradient_sign() -> None:
+    gen = torch.Generator().manual_seed(6)
+    probs = torch.softmax(torch.randn(11, 6, generator=gen, dtype=F64), -1)
+    ids = probs.topk(2, dim=-1).indices
+    routing = torch.zeros(11, 6, dtype=torch.bool).scatter_(1, ids, True)
+    s = spec.topk_scores(probs, routing)
+    torch.testing.assert_close(s.sum(-1), torch.ones(11, dtype=F64))
+    assert torch.all(s[~routing] == 0)
+    ref = -np.mean(np.var(s.numpy(), axis=0))  # population variance over tokens, mean over experts
+    assert float(spec.routing_variance_loss(s)) == pytest.approx(ref)
+
+    leaf = s.clone().requires_grad_(True)
+    loss = spec.routing_variance_loss(leaf)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    centred = s - s.mean(0, keepdim=True)
+    torch.testing.assert_close(grad, -2 * centred / (11 * 6))
+    stepped = s - 0.5 * grad  # a descent step on L_v raises every expert's variance
+    assert torch.all(stepped.var(0) > s.var(0))
+
+
+def test_routing_variance_empty_batch() -> None:
+    assert float(spec.routing_variance_loss(torch.zeros(0, 4))) == 0.0

@@ -1,0 +1,51 @@
+"""A converted checkpoint loads in a 2-process expert-parallel run (torchrun over gloo; megatron
+reshards the single-layout checkpoint onto EP=2) and gives the single-process logits."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("dist_load_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ep2_load_matches_single_process(hf_checkpoints, converted, megatron_logits, tmp_path):
+    mcore_dir = converted("qwen3_moe")  # 4 experts, one dense layer, GQA, qk-norm
+    out = tmp_path / "ep2.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(WORKER),
+        "--ckpt",
+        str(mcore_dir),
+        "--ep",
+        "2",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = torch.load(out, weights_only=False)
+    single = megatron_logits(mcore_dir)
+    _, hf = hf_checkpoints["qwen3_moe"]
+    assert [r["experts"] for r in ranks] == [2 * 2, 2 * 2]  # 2 MoE layers x 2 local experts
+    for r in ranks:
+        torch.testing.assert_close(r["logits"], single, rtol=0, atol=1e-5)
+        assert (r["logits"] - hf).abs().max().item() <= 1e-4

@@ -1,0 +1,223 @@
+"""The VP2O MoE layer on real megatron-core (one process): losses, statistics, prototypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vp2o.algo import specialization
+from vp2o.config import load_config
+from vp2o.mcore import model as mdl
+from vp2o.mcore import training, vp2o_moe
+from vp2o.mcore.stein_step import SteinTransform, local_expert_weights
+
+S, B = 12, 2
+
+
+def _build(init_parallel, *overrides):
+    cfg = load_config(
+        None,
+        [
+            "algorithm=vp2o", "model.hidden_size=64", "model.moe_ffn_hidden_size=32",
+            "model.num_layers=2", "optimizer.name=sgd", "optimizer.lr=0.5",
+            "optimizer.clip_grad=0.0", "optimizer.weight_decay=0.0",
+            "parallel.use_distributed_optimizer=false", *overrides,
+        ],
+    )
+    groups = init_parallel(cfg)
+    torch.manual_seed(0)
+    model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
+    return cfg, groups, model
+
+
+def _inputs(cfg):
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, S), generator=gen)
+    pos = torch.arange(S).unsqueeze(0).expand(B, -1)
+    return tokens, pos
+
+
+def _capture_moe_inputs(model):
+    captured = {}
+    for layer in vp2o_moe.moe_layers(model):
+        layer.register_forward_pre_hook(
+            lambda mod, args: captured.__setitem__(mod.layer_number, args[0].detach().clone())
+        )
+    return captured
+
+
+def _aux_losses_only(model, cfg):
+    """Forward + backward of a zero main loss: only the attached auxiliary losses give grads."""
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    clear_aux_losses_tracker()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    tokens, pos = _inputs(cfg)
+    model.zero_grad()
+    logits = model(tokens, pos, None)
+    (logits.sum() * 0.0).backward()
+    return get_moe_layer_wise_logging_tracker()
+
+
+def _reference_routing(layer, h):
+    """Independent top-k routing (softmax over the selected logits = renormalised gates)."""
+    logits = h @ layer.router.weight.t()  # [T, E]
+    top, ids = torch.topk(logits, layer.router.topk, dim=-1)
+    ids, order = torch.sort(ids, dim=-1)
+    return logits, ids, torch.softmax(torch.gather(top, 1, order), dim=-1)
+
+
+def test_orthogonality_loss_value_and_gradient_path(init_parallel):
+    cfg, _, model = _build(init_parallel)
+    vp2o_moe.configure_losses(model, ortho_coeff=1.0, variance_coeff=0.0)
+    captured = _capture_moe_inputs(model)
+    tracker = _aux_losses_only(model, cfg)
+    values = tracker["expert_orthogonality_loss"]["values"]
+    for layer in vp2o_moe.moe_layers(model):
+        h = captured[layer.layer_number].reshape(-1, cfg.model.hidden_size)  # [T, d], row s*B+b
+        _, ids, _ = _reference_routing(layer, h)
+        with torch.no_grad():
+            experts = layer.experts.local_experts
+            ones = torch.ones(1)
+            # x~_{t,j}: expert j applied to token t alone, gate 1 (raw output, method §9).
+            X = torch.stack([
+                torch.stack([experts[j](h[t : t + 1], ones)[0][0] for j in ids[t].tolist()])
+                for t in range(h.shape[0])
+            ])  # [T, k, d]
+        want = specialization.orthogonality_loss(X)
+        got = values[layer.layer_number - 1]
+        assert got == pytest.approx(want.item(), rel=1e-4)
+        # The loss reaches the experts' weights, not the router (y / g cancels the gate).
+        fc1, fc2 = local_expert_weights(layer)
+        expert_grad = max(float(w.grad.abs().max()) for w in fc1 + fc2 if w.grad is not None)
+        assert expert_grad > 0
+        # Through y / g the two gate paths cancel exactly in real arithmetic; what is left is the
+        # float32 residue of that cancellation (~1e-2 of the expert gradients here; a detached
+        # or missing division leaves router gradients of the experts' order or larger).
+        router_grad = layer.router.weight.grad
+        assert router_grad is None or float(router_grad.abs().max()) < 2e-2 * expert_grad
+
+
+def test_routing_variance_loss_value_and_router_gradient(init_parallel):
+    cfg, _, model = _build(init_parallel)
+    vp2o_moe.configure_losses(model, ortho_coeff=0.0, variance_coeff=1.0)
+    captured = _capture_moe_inputs(model)
+    tracker = _aux_losses_only(model, cfg)
+    values = tracker["routing_variance_loss"]["values"]
+    for layer in vp2o_moe.moe_layers(model):
+        h = captured[layer.layer_number].reshape(-1, cfg.model.hidden_size)
+        w = layer.router.weight.detach().clone().requires_grad_(True)
+        logits = h @ w.t()
+        top, ids = torch.topk(logits, layer.router.topk, dim=-1)
+        scores = torch.zeros_like(logits).scatter(1, ids, torch.softmax(top, dim=-1))  # [T, E]
+        want = specialization.routing_variance_loss(scores)
+        want.backward()
+        assert values[layer.layer_number - 1] == pytest.approx(want.item(), rel=1e-5)
+        assert layer.router.weight.grad.abs().sum() > 0
+        if layer is vp2o_moe.moe_layers(model)[-1]:
+            # Earlier routers also receive later layers' variance losses through the hidden
+            # states; the last one receives only its own, which autograd of L_v must give.
+            torch.testing.assert_close(layer.router.weight.grad, w.grad, rtol=1e-4, atol=1e-9)
+            # ... and the loss does not reach that layer's experts.
+            fc1, fc2 = local_expert_weights(layer)
+            assert all(p.grad is None or not p.grad.any() for p in fc1 + fc2)
+
+
+def _train_step(model, cfg, transform, recompute_calls=None):
+    ddp = training.wrap_ddp(model, cfg)
+    opt = training.build_optimizer(ddp, cfg)
+    tokens, pos = _inputs(cfg)
+
+    def loss_fn(m, mb):
+        per_token = m(mb["tokens"], mb["pos"], None, labels=mb["labels"])
+        return per_token.float().mean() / 2, {}
+
+    labels = torch.roll(tokens, -1, 1)
+    mbs = [
+        {"tokens": tokens[i : i + 1], "pos": pos[i : i + 1], "labels": labels[i : i + 1]}
+        for i in range(2)
+    ]
+    training.zero_grads(ddp, opt)
+    hook = transform.before_grad_reduction
+    training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=hook)
+    opt.step()
+    return ddp, opt
+
+
+def test_coactivation_not_doubled_with_activation_recompute(init_parallel):
+    cfg, groups, model = _build(init_parallel, "model.recompute=full")
+    calls = []
+    for layer in vp2o_moe.moe_layers(model):
+        layer.router.register_forward_hook(
+            lambda mod, inp, out: calls.append((mod.layer_number, out[1].clone()))
+        )
+    transform = SteinTransform(model, cfg.vp2o, groups, num_experts=8, seed=0)
+    _train_step(model, cfg, transform)
+    for li, layer in enumerate(transform.layers):
+        maps = [m for n, m in calls if n == layer.layer_number]
+        assert len(maps) == 4, "2 micro-batches, each routed again by the recompute"
+        # Each micro-batch's recompute repeats its forward exactly: count each once.
+        assert torch.equal(maps[0], maps[1]) or torch.equal(maps[0], maps[2])
+        distinct = [maps[0], maps[1] if not torch.equal(maps[0], maps[1]) else maps[2]]
+        r = torch.cat(distinct).float()
+        torch.testing.assert_close(transform.coactivation[li], r.t() @ r / r.shape[0])
+
+
+def test_prototypes_equal_svd_after_init_and_after_a_step(init_parallel):
+    cfg, groups, model = _build(init_parallel)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # planted dominant direction: a clear spectral gap
+        for layer in vp2o_moe.moe_layers(model):
+            for w in local_expert_weights(layer)[1]:
+                a = torch.randn(w.shape[0], generator=gen)
+                b = torch.randn(w.shape[1], generator=gen)
+                w.copy_(torch.outer(a, b) / (a.norm() * b.norm()) * 3.0
+                        + 0.02 * torch.randn(w.shape, generator=gen))
+
+    def check(transform):
+        for li, layer in enumerate(transform.layers):
+            for j, w in enumerate(local_expert_weights(layer)[1]):
+                top = torch.linalg.svd(w.detach().double())[0][:, 0].float()
+                u = transform.prototypes[li, j]
+                sign = torch.sign(u @ top)
+                torch.testing.assert_close(u, sign * top, rtol=0, atol=1e-4)
+
+    transform = SteinTransform(model, cfg.vp2o, groups, num_experts=8, seed=0)
+    check(transform)
+    before = [w.detach().clone() for w in local_expert_weights(transform.layers[0])[1]]
+    _train_step(model, cfg, transform)
+    transform.after_optimizer_step()
+    after = local_expert_weights(transform.layers[0])[1]
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True))
+    check(transform)
+
+
+def test_router_replay_reuses_recorded_experts(init_parallel):
+    from vp2o.mcore import router_replay
+
+    cfg, _, model = _build(init_parallel, "model.moe_enable_routing_replay=true")
+    tokens, pos = _inputs(cfg)
+    layers = vp2o_moe.moe_layers(model)
+    with torch.no_grad():
+        router_replay.record(model)
+        model(tokens, pos, None)
+        ids = router_replay.recorded(model)
+        actor = [layer.router.last_routing.ids for layer in layers]
+        for layer in layers:  # a different learner: its own top-k would differ
+            layer.router.weight.add_(torch.randn_like(layer.router.weight))
+        router_replay.stop(model)
+        model(tokens, pos, None)
+        assert any(
+            not torch.equal(a, layer.router.last_routing.ids)
+            for a, layer in zip(actor, layers, strict=True)
+        )
+        router_replay.replay(model, ids)
+        model(tokens, pos, None)
+    for a, layer in zip(actor, layers, strict=True):
+        assert torch.equal(layer.router.last_routing.ids, a)
+    with pytest.raises(ValueError, match="routing for 1 MoE layers"):
+        router_replay.replay(model, ids[:1])

@@ -1,0 +1,101 @@
+"""Expert specialisation losses of Guo et al. 2026 (arXiv 2505.22323, eq 5-7), method §9.
+
+Glossary: T tokens of the local micro-batch, k top-k, d model width, E experts.
+
+Choices, said plainly:
+
+- The orthogonality loss is averaged over tokens (`1/(T·k)`), not summed as in the paper, so its
+  weight does not depend on the batch size (§9).
+- `x` must be in token order: row t of `x` holds token t's k selected experts' raw outputs (before
+  the gate weighting). The public reference code groups rows by expert instead, which pairs
+  outputs of different tokens; `orthogonality_per_token` lets tests check the layout.
+- The Gram matrices are formed in the input dtype (one batched matmul) and reduced in float32.
+- An empty micro-batch (T = 0) gives a loss of 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "orthogonality_loss",
+    "orthogonality_per_token",
+    "routing_variance_loss",
+    "topk_scores",
+]
+
+
+def orthogonality_per_token(x: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """Each token's orthogonality term divided by k (§9).
+
+    `ℓ_t = (1/k) Σ_{j≠l} G_t[j,l]² q_l / (q_l + ε)²`, `G_t = X_t X_tᵀ` (k×k), `q = diag(G_t)`: the
+    squared norm of the projection of output j on output l, summed over ordered pairs.
+
+    Args:
+        x: Raw expert outputs in token order, [T, k, d] (x[t, j] is token t's j-th selected expert).
+        eps: ε.
+
+    Returns:
+        ℓ, [T], float32 (float64 for float64 input).
+    """
+    k = x.shape[-2]
+    gram = torch.bmm(x, x.mT).to(torch.promote_types(x.dtype, torch.float32))  # [T, k, k]
+    q = gram.diagonal(dim1=-2, dim2=-1)  # [T, k]
+    col = q / (q + eps).square()  # [T, k], weight of column l
+    off = ~torch.eye(k, dtype=torch.bool, device=x.device)
+    terms = gram.square() * col.unsqueeze(-2) * off  # [T, k, k]
+    return terms.sum((-2, -1)) / k  # [T]
+
+
+def orthogonality_loss(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """Orthogonality loss `L_o` (§9, Guo et al. eq 5-6), averaged over tokens.
+
+    `L_o = (1/(T·k)) Σ_t Σ_{j∈S_t} Σ_{l∈S_t, l≠j} ‖(⟨x_tj, x_tl⟩ / (⟨x_tl, x_tl⟩ + ε)) x_tl‖²`.
+
+    Args:
+        x: Raw expert outputs in token order, [T, k, d].
+        eps: ε.
+
+    Returns:
+        0-dim tensor (float32, or float64 for float64 input).
+    """
+    per_token = orthogonality_per_token(x, eps=eps)  # [T]
+    return per_token.sum() / max(per_token.shape[0], 1)
+
+
+def topk_scores(probs: Tensor, routing_map: Tensor) -> Tensor:
+    """Routing scores after top-k selection, renormalised per token (§9).
+
+    `s_tj = p_tj r_tj / Σ_l p_tl r_tl` (0 for unselected experts).
+
+    Args:
+        probs: Router probabilities, [T, E].
+        routing_map: Selected experts, bool [T, E].
+
+    Returns:
+        s, [T, E], rows summing to 1.
+    """
+    s = probs * routing_map  # [T, E]
+    return s / s.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def routing_variance_loss(scores: Tensor) -> Tensor:
+    """Routing-variance (diversification) loss `L_v` (§9, Guo et al. eq 7), to be minimised.
+
+    `L_v = −(1/(T·E)) Σ_j Σ_t (s_tj − s̄_j)²`, `s̄_j = (1/T) Σ_t s_tj`: minus the mean over experts of
+    the population variance over the tokens of each expert's score. Minimising it spreads each
+    expert's scores across tokens (sharper, less uniform routing).
+
+    Args:
+        scores: Post-top-k renormalised scores s, [T, E] (`topk_scores`).
+
+    Returns:
+        0-dim tensor, ≤ 0.
+    """
+    t = scores.shape[0]
+    if t == 0:
+        return scores.sum()
+    s = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    centred = s - s.mean(0, keepdim=True)  # [T, E]
+    return -centred.square().mean()

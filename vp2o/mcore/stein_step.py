@@ -1,0 +1,336 @@
+"""The Stein transform of expert gradients inside a megatron-core training step (method §3-§8).
+
+Where it sits (see docs/design.md, "The Stein transform in the step"):
+
+    forward/backward of all micro-batches   (routers accumulate r^T r, §3)
+    -> SteinTransform.before_grad_reduction  (one all-reduce of every layer's C over TPxDPxCP;
+                                              per layer: kernel, masks, A; expert main_grads
+                                              <- A.G (+ alpha phi_rep), EP reduce-scatter)
+    -> megatron finalize_model_grads         (the usual DP reduction; reduce-scatter with the
+                                              distributed optimizer)
+    -> optimizer.step                        (unscale, clip, update: any megatron optimizer)
+    -> SteinTransform.after_optimizer_step   (prototype refresh, §4; EP all-gather)
+
+Why before the data-parallel reduction: the attraction is linear and its matrix A is the same on
+every rank once C is reduced, so A applied to each rank's partial gradients and then summed equals
+A applied to the reduced gradient; the repulsion depends only on parameters, identical on every
+replica, and is pre-divided by the factor the reduction multiplies by. After the distributed
+optimizer's reduce-scatter a rank holds shards that cut across experts, so the transform could
+not run there without an all-reduce of all expert gradients. Everything is on ``main_grad``
+(fp32 with ``grad_reduce_in_fp32``), so FP32, Float16, Distributed and Chained optimizers all see
+the transformed gradients, before their unscale/clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from vp2o.algo import stein
+from vp2o.config import VP2OConfig
+from vp2o.mcore.parallel import ParallelGroups
+from vp2o.mcore.vp2o_moe import VP2OMoELayer, moe_layers
+
+
+def local_expert_weights(layer: VP2OMoELayer) -> tuple[list, list]:
+    """(fc1 weights [2f, d] or [f, d], fc2 weights [d, f]) of this rank's experts, local order."""
+    experts = layer.experts
+    if hasattr(experts, "local_experts"):  # SequentialMLP
+        fc1 = [e.linear_fc1.weight for e in experts.local_experts]
+        fc2 = [e.linear_fc2.weight for e in experts.local_experts]
+        return fc1, fc2
+    if hasattr(experts, "linear_fc1") and hasattr(experts.linear_fc1, "weight0"):  # TEGroupedMLP
+        n = experts.num_local_experts
+        fc1 = [getattr(experts.linear_fc1, f"weight{i}") for i in range(n)]
+        fc2 = [getattr(experts.linear_fc2, f"weight{i}") for i in range(n)]
+        return fc1, fc2
+    raise NotImplementedError(
+        f"VP2O supports SequentialMLP and TEGroupedMLP experts, not {type(experts).__name__} "
+        "(legacy GroupedMLP): set model.moe_grouped_gemm=false or install transformer-engine"
+    )
+
+
+@dataclass
+class LayerGeometry:
+    """Per-layer quantities of one step (all [E, E] unless noted), for logging and tests."""
+
+    C: torch.Tensor
+    K: torch.Tensor
+    A: torch.Tensor
+    V: torch.Tensor
+    active: torch.Tensor  # [E] bool
+    tau: float | torch.Tensor
+
+
+class SteinTransform:
+    """Owns the prototypes and applies the transport to this rank's expert gradients.
+
+    Args:
+        model: the unwrapped GPTModel built with ``vp2o_layer_spec_hook``.
+        cfg: ``Config.vp2o``.
+        groups: process groups (``vp2o.mcore.parallel.groups()``).
+        num_experts: E.
+        seed: seed of the initial prototypes' random start (§4).
+        transport: False keeps everything but the gradient change (GRPO mode: the routing
+            statistics and prototypes still feed the diagnostics).
+    """
+
+    def __init__(
+        self,
+        model,
+        cfg: VP2OConfig,
+        groups: ParallelGroups,
+        *,
+        num_experts: int,
+        seed: int,
+        transport: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.transport = transport
+        self.groups = groups
+        self.layers = moe_layers(model)
+        if not self.layers:
+            raise ValueError("model has no VP2O MoE layers: build it with vp2o_layer_spec_hook")
+        self.num_experts = num_experts
+        self.ep_size = dist.get_world_size(groups.ep)
+        self.num_local = num_experts // self.ep_size
+        self.local = slice(groups.ep_rank * self.num_local, (groups.ep_rank + 1) * self.num_local)
+        self.seed = seed
+        self._workspace: dict[str, torch.Tensor] = {}
+        self.prototypes = self._gather_prototypes(
+            [self._initial_prototypes(i, layer) for i, layer in enumerate(self.layers)]
+        )  # [L, E, d] fp32, identical on every rank
+        self.anchor = self.prototypes.clone()
+        self.last_geometry: list[LayerGeometry] = []
+        self.coactivation: torch.Tensor | None = None  # [L, E, E] after reduce_statistics
+
+    # ---------------------------------------------------------------- statistics (§3)
+    def reduce_statistics(self) -> dict[str, torch.Tensor]:
+        """All-reduce every layer's co-activation counts, token counts and entropy sums at once.
+
+        Returns:
+            ``C`` [L, E, E] (co-activation, normalised by the global token count), ``tokens``
+            [L], ``router_entropy`` [L] (mean over tokens).
+        """
+        E = self.num_experts
+        routers = [layer.router for layer in self.layers]
+        flat = torch.cat(
+            [
+                torch.stack([r.coactivation_counts for r in routers]).reshape(-1),  # [L*E*E]
+                torch.stack([r.routed_tokens for r in routers]),  # [L]
+                torch.stack([r.entropy_sum for r in routers]),  # [L]
+            ]
+        )
+        dist.all_reduce(flat, group=self.groups.tp_dp_cp)
+        n = len(routers)
+        counts = flat[: n * E * E].view(n, E, E)
+        tokens = flat[n * E * E : n * E * E + n]
+        entropy = flat[n * E * E + n :]
+        self.coactivation = counts / tokens.clamp_min(1.0).view(n, 1, 1)
+        return {"C": self.coactivation, "tokens": tokens, "router_entropy": entropy / tokens}
+
+    def reset_statistics(self) -> None:
+        """Zero the routers' per-step accumulators."""
+        for layer in self.layers:
+            layer.router.reset_step_statistics()
+
+    # ---------------------------------------------------------------- transform (§5-§8)
+    def geometry(self, index: int, C: torch.Tensor) -> LayerGeometry:
+        """Kernel, masks and weights of layer ``index`` from its reduced C and stored prototypes."""
+        cfg = self.cfg
+        u = self.prototypes[index]  # [E, d]
+        if cfg.tau_mode == "median":
+            tau = stein.median_temperature(u, tau0=cfg.tau0)
+        else:
+            tau = stein.temperature(self.num_experts, tau0=cfg.tau0)
+        K = stein.axial_kernel(u, tau=tau)
+        topk = self.layers[index].router.topk
+        M_co, M_in = stein.neighbour_masks(
+            C, top_m=cfg.top_m(topk), min_frac=cfg.coactive_min_frac
+        )
+        active = torch.diagonal(C) > 0
+        A = stein.attraction_weights(K, M_co, active=active)
+        V = stein.repulsion_weights(K, M_in, active=active)
+        return LayerGeometry(C=C, K=K, A=A, V=V, active=active, tau=tau)
+
+    @torch.no_grad()
+    def before_grad_reduction(self, ddp_model) -> dict[str, torch.Tensor]:
+        """Transform every local expert's ``main_grad`` in place (call before the DP reduction).
+
+        Returns logging tensors (no host sync): ``stein/attraction_norm`` (norm of the local,
+        pre-reduction attraction output), ``stein/repulsion_norm`` (norm of alpha*phi_rep over
+        all experts), ``router/entropy`` and the reduced ``C`` per layer.
+        """
+        stats = self.reduce_statistics()
+        if not self.transport:
+            return {"C": stats["C"], "router/entropy": stats["router_entropy"].mean()}
+        repulsion_scale = self._repulsion_prescale(ddp_model)
+        device = self.prototypes.device
+        att_sq = torch.zeros((), dtype=torch.float32, device=device)
+        rep_sq = torch.zeros((), dtype=torch.float32, device=device)
+        self.last_geometry = []
+        for index, layer in enumerate(self.layers):
+            geo = self.geometry(index, stats["C"][index])
+            self.last_geometry.append(geo)
+            fc1, fc2 = local_expert_weights(layer)
+            for weights in (fc1, fc2):
+                att_sq += self._attract(weights, geo.A)
+            if self.cfg.alpha > 0:
+                rep_sq += self._repel(index, fc2, geo, repulsion_scale)
+        return {
+            "C": stats["C"],
+            "router/entropy": stats["router_entropy"].mean(),
+            "stein/attraction_norm": att_sq.sqrt(),
+            "stein/repulsion_norm": rep_sq.sqrt(),
+        }
+
+    def _attract(self, weights: list, A: torch.Tensor) -> torch.Tensor:
+        """main_grads of ``weights`` <- rows of A.G; one EP reduce-scatter when EP > 1.
+
+        Works column-chunk by column-chunk in two persistent workspaces (no allocation per
+        step: fresh multi-MB buffers cost page faults every step on the CPU), of at most
+        ``vp2o.transform_chunk_elems`` elements each.
+        """
+        grads = [w.main_grad for w in weights]
+        numel = grads[0].numel()
+        E, e = self.num_experts, self.num_local
+        cols_per_chunk = max(1, min(numel, self.cfg.transform_chunk_elems // E))
+        dtype = grads[0].dtype
+        A = A.to(dtype)
+        out_sq = torch.zeros((), dtype=torch.float32, device=A.device)
+        for start in range(0, numel, cols_per_chunk):
+            c = min(cols_per_chunk, numel - start)
+            G = self._buffer("G", e * c, dtype).view(e, c)  # [E_loc, c]
+            cols = [g.view(-1)[start : start + c] for g in grads]
+            torch.stack(cols, out=G)  # one kernel, not E_loc copies
+            if self.ep_size == 1:
+                mixed = self._buffer("out", E * c, dtype).view(E, c)
+                torch.mm(A, G, out=mixed)  # [E, c]
+            else:
+                partial = self._buffer("out", E * c, dtype).view(E, c)
+                torch.mm(A[:, self.local], G, out=partial)  # A[:, L_r] G_{L_r}, [E, c]
+                mixed = self._buffer("rs", e * c, dtype).view(e, c)  # [E_loc, c]
+                dist.reduce_scatter_tensor(mixed, partial, group=self.groups.ep)
+            torch._foreach_copy_(cols, list(mixed.unbind(0)))  # one fused copy back
+            out_sq += torch.linalg.vector_norm(mixed).float().square()
+        return out_sq
+
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat workspace of at least ``numel`` elements, reused across layers and steps."""
+        buf = self._workspace.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            device = self.prototypes.device
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._workspace[name] = buf
+        return buf[:numel]
+
+    def _repel(self, index: int, fc2: list, geo: LayerGeometry, scale: float) -> torch.Tensor:
+        """Add alpha * phi_rep (pre-divided for the pending reduction) to local fc2 main_grads."""
+        u_all = self.prototypes[index]
+        w2 = torch.stack([w.detach() for w in fc2])  # [E_loc, d, f]
+        L, R = stein.repulsion_factors(
+            w2,
+            u_all[self.local],
+            geo.V[self.local],
+            tau=geo.tau,
+            iters=self.cfg.power_iters,
+            u_all=u_all,
+        )  # [E_loc, d, 2n], [E_loc, 2n, f]
+        for i, w in enumerate(fc2):  # main_grad += alpha * scale * L_i R_i, no [d, f] temporary
+            w.main_grad.addmm_(
+                L[i].to(w.main_grad.dtype), R[i].to(w.main_grad.dtype), alpha=self.cfg.alpha * scale
+            )
+        # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
+        gram = (L.mT @ L) * (R @ R.mT)  # [E_loc, 2n, 2n]
+        rep_sq = (self.cfg.alpha**2) * gram.sum().float().reshape(1)
+        if self.ep_size > 1:
+            dist.all_reduce(rep_sq, group=self.groups.ep)
+        return rep_sq[0]
+
+    def _repulsion_prescale(self, ddp_model) -> float:
+        """1 / (what the expert-gradient reduction multiplies a replicated addend by).
+
+        megatron scales each rank's expert grads by the buffer's ``gradient_scaling_factor`` s
+        and sums over the expert-data-parallel group (size edp): an addend x present on every
+        replica becomes s * edp * x.
+        """
+        buffers = getattr(ddp_model, "expert_parallel_buffers", None) or []
+        if not buffers:
+            return 1.0
+        s = buffers[0].gradient_scaling_factor
+        edp = dist.get_world_size(self.groups.expert_dp)
+        return 1.0 / (s * edp)
+
+    # ---------------------------------------------------------------- prototypes (§4)
+    def _stack_fc2(self, layer: VP2OMoELayer) -> torch.Tensor:
+        _, fc2 = local_expert_weights(layer)
+        return torch.stack([w.detach() for w in fc2])  # [E_loc, d, f]
+
+    def _gather_prototypes(self, local: list[torch.Tensor]) -> torch.Tensor:
+        """[L] x [E_loc, d] local rows -> [L, E, d] on every rank (one EP all-gather)."""
+        stacked = torch.stack(local).float().contiguous()  # [L, E_loc, d]
+        if self.ep_size == 1:
+            return stacked
+        L, e, d = stacked.shape
+        out = torch.empty(
+            (self.ep_size * L, e, d), dtype=stacked.dtype, device=stacked.device
+        )  # [EP*L, E_loc, d]
+        dist.all_gather_into_tensor(out, stacked, group=self.groups.ep)
+        out = out.view(self.ep_size, L, e, d)
+        return out.permute(1, 0, 2, 3).reshape(L, self.ep_size * e, d)  # [L, E, d]
+
+    def _initial_prototypes(self, index: int, layer: VP2OMoELayer) -> torch.Tensor:
+        """20 power-iteration steps from a fixed-seed random start (§4).
+
+        The start is drawn for all E experts and sliced, so expert j starts from the same vector
+        whatever the EP size (and so converges to the same prototype, sign included).
+        """
+        w2 = self._stack_fc2(layer)  # [E_loc, d, f]
+        gen = torch.Generator().manual_seed(self.seed + index)
+        start = torch.randn(self.num_experts, w2.shape[1], generator=gen)[self.local]
+        return stein.refresh_prototypes(w2, start.to(w2.device), iters=20)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Refresh the prototypes from the updated fc2 weights (warm-started, §4); reset C."""
+        local = [
+            stein.refresh_prototypes(
+                self._stack_fc2(layer),
+                self.prototypes[i, self.local],
+                iters=self.cfg.power_iters,
+            )
+            for i, layer in enumerate(self.layers)
+        ]
+        self.prototypes = self._gather_prototypes(local)
+        self.reset_statistics()
+
+    def snapshot_anchor(self) -> None:
+        """U_anc <- U (at every actor refresh, §10)."""
+        self.anchor = self.prototypes.clone()
+
+    # ---------------------------------------------------------------- diagnostics and state
+    def prototype_similarity(self) -> torch.Tensor:
+        """Mean |u_i . u_j| over i != j, averaged over layers (a diversity diagnostic, §12)."""
+        U = self.prototypes
+        E = U.shape[1]
+        G = (U @ U.transpose(1, 2)).abs()  # [L, E, E]
+        off = G.sum((1, 2)) - torch.diagonal(G, dim1=1, dim2=2).sum(-1)
+        return (off / (E * (E - 1))).mean()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Prototypes and anchor (replicated: every rank holds all E rows)."""
+        return {"prototypes": self.prototypes.clone(), "anchor": self.anchor.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore prototypes and anchor (valid under any EP size: they are full [L, E, d])."""
+        for key in ("prototypes", "anchor"):
+            if tuple(state[key].shape) != tuple(self.prototypes.shape):
+                raise ValueError(
+                    f"checkpoint {key} has shape {tuple(state[key].shape)}, the model needs "
+                    f"{tuple(self.prototypes.shape)} (layers, experts, hidden)"
+                )
+        self.prototypes = state["prototypes"].float().clone()
+        self.anchor = state["anchor"].float().clone()
+
