@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/vp2o smoke
+	$(BIN)/vp2o demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -66,7 +66,10 @@ def _train(args: argparse.Namespace) -> int:
     from vp2o.train import train
 
     result = train(_config(args))
-    print(f"held-out accuracy {result['held_out_accuracy']:.3f}")
+    if "stopped_at_step" in result:
+        print(f"stopped at step {result['stopped_at_step']} (checkpoint written)")
+    else:
+        print(f"held-out accuracy {result['held_out_accuracy']:.3f}")
     return 0
 
 

@@ -292,3 +292,13 @@ def test_registry() -> None:
         load_tokenizer("sentencepiece", None)
     with pytest.raises(ValueError, match="needs"):
         load_tokenizer("hf", None)
+
+
+def test_sentencepiece_decode_drops_ids_beyond_the_vocabulary(tmp_path):
+    from vp2o.data.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer.train(
+        ["12+34=46", "7-3=4"] * 20, tmp_path / "m", 32, model_type="char"
+    )
+    ids = tok.encode("12+3")
+    assert tok.decode([*ids, tok.vocab_size, tok.vocab_size + 7]) == "12+3"

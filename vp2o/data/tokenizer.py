@@ -295,8 +295,14 @@ class SentencePieceTokenizer:
         )
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, with BOS, EOS and pad ids dropped."""
-        return self._sp.decode(_strip_specials(ids, self._drop))
+        """Text of `ids`, with BOS, EOS and pad ids dropped.
+
+        Ids outside the vocabulary are dropped too: a model's embedding table is often padded
+        beyond the tokenizer (megatron pads to a multiple of 128 x TP), and a sampled padding id
+        must decode to nothing rather than abort the rollout.
+        """
+        n = self.vocab_size
+        return self._sp.decode([i for i in _strip_specials(ids, self._drop) if 0 <= i < n])
 
     def id_to_piece(self, i: int) -> str:
         """The piece string of id `i` (e.g. "▁the", "<0x0A>", "</s>")."""

@@ -65,6 +65,7 @@ class VP2ORouter(TopKRouter):
             persistent=False,
         )
         self.variance_coeff = 0.0
+        self.valid_rows: torch.Tensor | None = None
         self.record_routing = True
         self.last_routing: RoutingRecord | None = None
         self.step_records: list[RoutingRecord] = []  # grad-enabled forwards of this step
@@ -77,25 +78,32 @@ class VP2ORouter(TopKRouter):
         gates, ids = torch.topk(probs.detach().float().masked_fill(~routing_map, -1.0), k, dim=-1)
         ids, order = torch.sort(ids, dim=-1)  # [T, k] ascending expert ids
         record = RoutingRecord(ids=ids, gates=torch.gather(gates, 1, order))
+        # [T] bool, False at padding tokens (the MoE layer's orthogonality loss reads it too).
+        self.valid_rows = None if padding_mask is None else ~padding_mask.reshape(-1)
         if self.record_routing:
             self.last_routing = record
         if torch.is_grad_enabled():
             with torch.no_grad():
                 r = routing_map.float()  # [T, E]
+                if padding_mask is not None:  # True = pad: padding tokens are no data
+                    r = r * (~padding_mask.reshape(-1, 1)).float()
                 self.coactivation_counts.addmm_(r.t(), r)  # += r^T r
-                self.routed_tokens += r.shape[0]
+                self.routed_tokens += r.sum() / k
                 scores = (
                     torch.sigmoid(flat_logits.float())
                     if self.score_function == "sigmoid"
                     else torch.softmax(flat_logits.float(), dim=-1)
                 )
                 scores = scores / scores.sum(-1, keepdim=True)
-                self.entropy_sum += -(scores * scores.clamp_min(1e-20).log()).sum()
+                token_entropy = -(scores * scores.clamp_min(1e-20).log()).sum(-1)  # [T]
+                self.entropy_sum += (token_entropy * r.sum(-1) / k).sum()
             self.step_records.append(record)
             if self.training and self.variance_coeff > 0:
                 # Post-top-k scores renormalised to sum to 1 per token (method §9).
                 p = probs.float()
                 s = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
+                if self.valid_rows is not None:
+                    s = s[self.valid_rows]
                 loss = specialization.routing_variance_loss(s)
                 probs = self.attach_and_log_load_balancing_loss(
                     probs,
@@ -133,6 +141,8 @@ class VP2OMoELayer(MoELayer):
         """Attach the orthogonality loss, then megatron's unpermute + shared-expert add."""
         if self.ortho_coeff > 0 and self.training and torch.is_grad_enabled():
             x = self._raw_outputs_in_token_order(output)  # [T, k, d]
+            if self.router.valid_rows is not None:
+                x = x[self.router.valid_rows]  # padding tokens are no data
             loss = specialization.orthogonality_loss(x)
             num_layers = self.config.num_layers
             save_to_aux_losses_tracker(

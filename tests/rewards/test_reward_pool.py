@@ -1,0 +1,50 @@
+"""RewardPool: a crashing, hanging or NaN reward costs one sample, not the run."""
+
+from __future__ import annotations
+
+import time
+
+from vp2o.rewards.pool import RewardPool
+
+
+def flaky(prompt: str, completion: str, sample: dict) -> float:
+    """Test reward: behaviour chosen by the completion text."""
+    if completion == "crash":
+        raise RuntimeError("boom")
+    if completion == "hang":
+        time.sleep(60)
+    if completion == "nan":
+        return float("nan")
+    if completion == "die":
+        import os
+
+        os._exit(3)
+    return 1.0 if completion == sample["answer"] else 0.0
+
+
+def _score(pool, completions):
+    n = len(completions)
+    return pool.score(["p"] * n, completions, [{"answer": "ok"}] * n)
+
+
+def test_pool_scores_and_counts_failures():
+    pool = RewardPool(f"{__name__}:flaky", workers=2, timeout_s=2.0)
+    try:
+        out = _score(pool, ["ok", "no", "crash", "nan", "ok"])
+        assert out.rewards == [1.0, 0.0, 0.0, 0.0, 1.0]
+        assert out.failures == 2
+        start = time.perf_counter()
+        out = _score(pool, ["ok", "hang", "ok", "ok", "die", "ok"])
+        assert time.perf_counter() - start < 20
+        assert out.rewards == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+        assert out.failures == 2
+        # The pool recovered: a later batch is scored normally.
+        assert _score(pool, ["ok", "no"]).rewards == [1.0, 0.0]
+    finally:
+        pool.close()
+
+
+def test_in_process_scoring():
+    pool = RewardPool("exact", workers=0)
+    out = pool.score(["1+1="], ["2"], [{"answer": "2"}])
+    assert out.rewards == [1.0] and out.failures == 0

@@ -1,0 +1,152 @@
+"""Score completions in worker processes beside the trainer.
+
+A reward function that crashes, hangs or returns a non-finite value costs that one sample (it
+scores 0 and is counted in ``failures``), never the run: samples are submitted one by one, each
+waited on with a deadline, and a pool whose worker hung or died is torn down and rebuilt.
+``workers=0`` scores in-process (for debugging; a hang then hangs the trainer).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+
+from vp2o.rewards.registry import get_reward
+
+logger = logging.getLogger(__name__)
+
+_FN = None  # the reward function inside a worker process (set by the initializer)
+
+
+def _raw_reward(name: str):
+    """The registered function without its never-raise wrapper, so failures can be counted."""
+    fn = get_reward(name)
+    return getattr(fn, "__wrapped__", fn)
+
+
+def _init_worker(name: str) -> None:
+    global _FN
+    _FN = _raw_reward(name)
+
+
+def _score(prompt: str, completion: str, sample: dict) -> float:
+    return float(_FN(prompt, completion, sample))
+
+
+@dataclass
+class Scores:
+    """Rewards of one batch.
+
+    Attributes:
+        rewards: one float in [0, 1] per sample (0 for failures).
+        failures: samples whose reward crashed, timed out or was not finite.
+        seconds: wall time of the scoring.
+    """
+
+    rewards: list[float]
+    failures: int
+    seconds: float
+
+
+class RewardPool:
+    """Worker processes running ``get_reward(name)``.
+
+    Args:
+        name: reward name or dotted path.
+        workers: processes (0 = score in this process).
+        timeout_s: deadline per sample, counted from when the batch's earlier samples are done.
+    """
+
+    def __init__(self, name: str, *, workers: int = 2, timeout_s: float = 10.0) -> None:
+        get_reward(name)  # fail fast on an unknown name, in the trainer process
+        self.name = name
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._local = _raw_reward(name) if workers == 0 else None
+
+    def _executor(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=mp.get_context("spawn"),  # no fork of a multi-threaded trainer
+                initializer=_init_worker,
+                initargs=(self.name,),
+            )
+        return self._pool
+
+    def score(self, prompts: list[str], completions: list[str], samples: list[dict]) -> Scores:
+        """Rewards for each (prompt, completion, sample)."""
+        start = time.perf_counter()
+        items = list(zip(prompts, completions, samples, strict=True))
+        if self._local is not None:
+            values = [self._call_local(*item) for item in items]
+        else:
+            values = self._score_batch(items)
+        failures = sum(v is None for v in values)
+        return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start)
+
+    def _call_local(self, prompt: str, completion: str, sample: dict) -> float | None:
+        try:
+            return _finite(self._local(prompt, completion, sample))
+        except Exception as e:  # noqa: BLE001 - a crashing reward costs one sample
+            logger.warning("reward %r failed (%s): scored 0", self.name, e)
+            return None
+
+    def _score_batch(self, items: list[tuple], *, isolate: bool = False) -> list[float | None]:
+        """Submit all items; samples caught behind a hung or dead worker are scored again one by
+        one (``isolate``) in fresh pools, so the culprit alone scores 0."""
+        if isolate:
+            return [v for item in items for v in self._score_batch([item])]
+        futures = [self._executor().submit(_score, *item) for item in items]
+        values: list[float | None] = [None] * len(items)
+        again: list[int] = []
+        broken = False
+        for i, fut in enumerate(futures):
+            if broken and not fut.done():
+                again.append(i)
+                continue
+            try:
+                values[i] = _finite(fut.result(timeout=self.timeout_s))
+            except cf.TimeoutError:
+                logger.warning("reward %r timed out after %.1fs: scored 0", self.name,
+                               self.timeout_s)
+                broken = True
+            except cf.process.BrokenProcessPool:
+                broken = True
+                if len(items) > 1:
+                    again.append(i)  # which sample killed the worker is unknown: isolate
+                else:
+                    logger.warning("reward %r killed its worker: scored 0", self.name)
+            except Exception as e:  # noqa: BLE001 - a crashing reward costs one sample
+                logger.warning("reward %r failed (%s): scored 0", self.name, e)
+        if broken:
+            self._restart()
+        if again:
+            redo = self._score_batch([items[i] for i in again], isolate=True)
+            for i, v in zip(again, redo, strict=True):
+                values[i] = v
+        return values
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.kill()  # a hung worker never returns by itself
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self._restart()
+
+
+def _finite(value: float) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return min(1.0, max(0.0, value)) if math.isfinite(value) else None

@@ -1,0 +1,99 @@
+"""What every vp2o job sets up first: process groups, tokenizer, data, model, optimizer.
+
+``vp2o sft``, ``vp2o train`` and ``vp2o eval`` share it, so a model trained by one loads in the
+others with the same shapes and the same tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vp2o.config import Config, ConfigError
+from vp2o.data.tasks import TaskSplit, arith_corpus, check_prompt_lengths, load_task
+from vp2o.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
+from vp2o.mcore import model as mdl
+from vp2o.mcore import parallel, training, vp2o_moe
+from vp2o.mcore.parallel import ParallelGroups
+
+
+@dataclass
+class Session:
+    """One rank's handles. ``model`` is the unwrapped GPTModel, ``ddp`` its megatron DDP wrap."""
+
+    cfg: Config
+    groups: ParallelGroups
+    run_dir: Path
+    tokenizer: Tokenizer
+    task: TaskSplit
+    model: object
+    ddp: object | None = None
+    optimizer: object | None = None
+    scheduler: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes logs, reports and evaluation files."""
+        return torch.distributed.get_rank() == 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model lives."""
+        return next(self.model.parameters()).device
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, task: TaskSplit) -> Tokenizer:
+    """Load ``data.tokenizer_path``, or train a sentencepiece model on the task text (rank 0
+    trains, the others wait and load the same file)."""
+    d = cfg.data
+    if d.tokenizer_path:
+        return load_tokenizer(d.tokenizer, d.tokenizer_path)
+    if d.task != "arith":
+        raise ConfigError(
+            f"data.tokenizer_path = None: expected a tokenizer file for data.task={d.task!r} "
+            "(a tokenizer is trained here only for the built-in task)"
+        )
+    path = run_dir / "tokenizer.model"
+    if torch.distributed.get_rank() == 0 and not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        SentencePieceTokenizer.train(
+            arith_corpus(task.train + task.eval),
+            model_prefix=str(run_dir / "tokenizer"),
+            vocab_size=d.tokenizer_vocab_size,
+            model_type="char",
+            add_dummy_prefix=False,  # encode(prompt + answer) starts with encode(prompt)
+        )
+    torch.distributed.barrier()
+    return SentencePieceTokenizer.load(path)
+
+
+def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Session:
+    """Initialise parallelism, data, tokenizer and the model (VP2O layer spec in both modes: the
+    routing statistics feed the diagnostics either way; the transform and the specialisation
+    losses are switched on only for ``algorithm=vp2o``)."""
+    groups = parallel.initialize(cfg)
+    run_dir = Path(cfg.train.run_dir)
+    task = load_task(cfg.data, seed=cfg.seed)
+    tokenizer = prepare_tokenizer(cfg, run_dir, task)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size = {cfg.model.vocab_size}: expected >= the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size})"
+        )
+    for split in (task.train, task.eval):
+        encoded = [tokenizer.encode(r["prompt"]) for r in split]
+        check_prompt_lengths(split, encoded, cfg.data.max_prompt_tokens)
+    torch.manual_seed(cfg.seed)
+    model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
+    if cfg.algorithm == "vp2o":
+        vp2o_moe.configure_losses(
+            model, ortho_coeff=cfg.vp2o.ortho_coeff, variance_coeff=cfg.vp2o.variance_coeff
+        )
+    session = Session(cfg, groups, run_dir, tokenizer, task, model)
+    if with_optimizer:
+        session.ddp = training.wrap_ddp(model, cfg)
+        session.optimizer = training.build_optimizer(session.ddp, cfg)
+        session.scheduler = training.build_scheduler(session.optimizer, cfg, total_steps)
+    return session

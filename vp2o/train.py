@@ -1,0 +1,551 @@
+"""The RL loop: GRPO and VP2O on megatron-core (method §12), one visible ``for step`` loop.
+
+    vp2o train --config examples/vp2o/configs/demo_vp2o.yaml [key=value ...]
+
+Per learner step:
+
+    rollout (only when a refresh is due) -> reward -> group advantages
+    -> forward/backward over micro-batches (policy loss [+ specialisation losses, VP2O])
+    -> [VP2O: Stein transform of expert grads] -> DP reduction -> optimizer step
+    -> prototype refresh -> [VP2O: post-update check: anchor budget D (accept / roll back),
+       behaviour budget drift + ESS] -> log -> checkpoint / evaluate
+
+Actors and learner are colocated: "the actor" is the learner's weights at the last refresh, so
+generation simply uses the current weights when a refresh is due (the behaviour log-probs are
+recorded then). GRPO refreshes every ``grpo.updates_per_rollout`` steps; VP2O refreshes when a
+budget says so or after ``vp2o.max_updates_per_rollout`` steps.
+
+Host-device syncs are marked ``# sync``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vp2o.algo import grpo, trust_region
+from vp2o.config import Config, to_dict
+from vp2o.diagnostics import routing_diagnostics
+from vp2o.mcore import parallel, router_replay, training
+from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vp2o.mcore.stein_step import SteinTransform
+from vp2o.metrics import MetricsLogger
+from vp2o.rewards.pool import RewardPool
+from vp2o.rollout import (
+    RolloutBatch,
+    SamplingParams,
+    generate,
+    replay_indices,
+    sequence_logprobs,
+)
+from vp2o.session import Session, open_session
+
+
+@dataclass
+class PendingBatch:
+    """The rollout batch the learner is working on (per data-parallel rank).
+
+    Attributes:
+        batch: what the actors generated.
+        advantages: [N] group advantages (method §1).
+        rewards: [N] rewards.
+        updates: learner steps taken on it so far.
+    """
+
+    batch: RolloutBatch
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    updates: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """Plain tensors/numbers/strings, for a checkpoint's ``extra``."""
+        batch = {f.name: getattr(self.batch, f.name) for f in dataclasses.fields(self.batch)}
+        stats = {k: v if torch.is_tensor(v) else float(v) for k, v in self.stats.items()}
+        return {"batch": batch, "advantages": self.advantages, "rewards": self.rewards,
+                "updates": self.updates, "stats": stats}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> PendingBatch | None:
+        """Inverse of ``state_dict`` (None stays None: no batch was pending)."""
+        if state is None:
+            return None
+        return cls(batch=RolloutBatch(**state["batch"]), advantages=state["advantages"],
+                   rewards=state["rewards"], updates=state["updates"], stats=state["stats"])
+
+
+class PromptStream:
+    """Training prompts in a per-epoch shuffled order; ``position`` is saved in checkpoints."""
+
+    def __init__(self, rows: list[dict], *, seed: int, rank: int, world: int) -> None:
+        self.rows, self.seed, self.rank, self.world = rows, seed, rank, world
+        self.position = 0  # prompts consumed by each rank
+
+    def take(self, n: int) -> list[dict]:
+        """The next ``n`` prompts of this rank (ranks read disjoint slices)."""
+        out = []
+        for _ in range(n):
+            global_index = self.position * self.world + self.rank
+            epoch, offset = divmod(global_index, len(self.rows))
+            order = list(range(len(self.rows)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(self.rows[order[offset]])
+            self.position += 1
+        return out
+
+
+def sampling_params(cfg: Config, *, record_routing: bool) -> SamplingParams:
+    """The actors' sampling settings."""
+    r = cfg.rollout
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop_strings=list(r.stop_strings),
+        group_size=r.group_size,
+        record_routing=record_routing,
+    )
+
+
+def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> PendingBatch:
+    """Generate G samples per prompt, score them, compute group advantages (method §1)."""
+    cfg = s.cfg
+    prompts = [s.tokenizer.encode(r["prompt"]) for r in rows]
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104_729 + s.groups.dp_rank)
+    params = sampling_params(cfg, record_routing=True)
+    t0 = time.perf_counter()
+    s.model.eval()
+    with torch.no_grad():
+        batch = generate(s.model, prompts, params, tokenizer=s.tokenizer, generator=gen,
+                         sync_group=dist.group.WORLD)
+    s.model.train()
+    t_gen = time.perf_counter() - t0
+    G = cfg.rollout.group_size
+    expanded = [r for r in rows for _ in range(G)]
+    scores = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
+    rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # [N]
+    advantages = grpo.group_advantages(rewards, G, normalize_std=cfg.grpo.normalize_std)
+    if cfg.grpo.overlong_filter and batch.truncated.numel():
+        batch.response_mask &= ~batch.truncated.unsqueeze(1)
+    stats = {
+        "reward/mean": rewards.mean(),
+        "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
+        "accuracy": (rewards >= 1.0).float().mean(),
+        "response/length_mean": batch.response_lengths.float().mean(),
+        "reward/failures": float(scores.failures),
+        "perf/generate_s": t_gen,
+        "perf/reward_s": scores.seconds,
+        "perf/generated_tokens": float(batch.response_lengths.sum()),
+    }
+    pending = PendingBatch(batch=batch, advantages=advantages, rewards=rewards, stats=stats)
+    if cfg.grpo.dynamic_sampling:
+        pending = drop_flat_groups(pending, G)
+    return pending
+
+
+def drop_flat_groups(p: PendingBatch, group_size: int) -> PendingBatch:
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage)."""
+    r = p.rewards.view(-1, group_size)  # [prompts, G]
+    keep_groups = (r.max(1).values - r.min(1).values) > 0
+    keep = keep_groups.repeat_interleave(group_size).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return p  # nothing to learn from: the step is a no-op, the next one refreshes
+    p.stats["dynamic_sampling/kept_frac"] = keep_groups.float().mean()
+    return PendingBatch(
+        batch=p.batch.select(keep), advantages=p.advantages[keep], rewards=p.rewards[keep],
+        updates=p.updates, stats=p.stats,
+    )
+
+
+def micro_batches(p: PendingBatch, size: int) -> list[dict]:
+    """Split the pending batch into learner micro-batches of ``size`` sequences."""
+    n = p.batch.num_sequences
+    denominator = p.batch.response_mask.sum().clamp_min(1).float()  # token_mean over the batch
+    out = []
+    for start in range(0, n, size):
+        idx = torch.arange(start, min(start + size, n))
+        out.append({"batch": p.batch.select(idx), "adv": p.advantages[idx],
+                    "denominator": denominator, "max_len": p.batch.tokens.shape[1]})
+    return out
+
+
+def routing_in_batch_layout(records: list, b: int, s: int) -> torch.Tensor:
+    """Per-layer [S*b, k] router rows (megatron order s*b + n) -> [layers, b, S, k]."""
+    return torch.stack([r.view(s, b, -1).transpose(0, 1) for r in records])
+
+
+class Learner:
+    """Loss, step, trust region and rollback for one rank. Holds no hidden global state."""
+
+    def __init__(self, s: Session, transform: SteinTransform, ref_model=None) -> None:
+        self.s, self.transform, self.ref_model = s, transform, ref_model
+        self.cfg = s.cfg
+        self.vp2o = s.cfg.algorithm == "vp2o"
+
+    # --------------------------------------------------------------- loss (method §1, §2)
+    def loss_fn(self, model, mb: dict):
+        """Policy loss of one micro-batch; returns (loss, detached stats)."""
+        cfg, batch = self.cfg, mb["batch"]
+        if cfg.grpo.router_replay:
+            router_replay.replay(self.s.model, replay_indices(batch.routing_ids))
+        temperature = batch.logprob_temperature
+        logp = sequence_logprobs(model, batch, temperature=temperature)  # [b, S]
+        logp_ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                logp_ref = sequence_logprobs(self.ref_model, batch, temperature=temperature)
+        if self.vp2o:
+            clip = (cfg.grpo.clip_low, cfg.grpo.clip_high) if cfg.vp2o.clip else (None, None)
+            estimator = cfg.vp2o.pg_estimator
+        else:
+            clip = (cfg.grpo.clip_low, cfg.grpo.clip_high)
+            estimator = "gspo" if cfg.grpo.loss_type == "gspo" else "ratio"
+        loss, stats = grpo.policy_loss(
+            logp, batch.behavior_logprobs, mb["adv"], batch.response_mask,
+            clip_low=clip[0], clip_high=clip[1], aggregation=cfg.grpo.aggregation,
+            pg_estimator=estimator, clip_ratio_c=cfg.grpo.clip_ratio_c, logp_ref=logp_ref,
+            kl_coeff=cfg.grpo.kl_coeff, kl_estimator=cfg.grpo.kl_estimator,
+            max_len=mb["max_len"], denominator=mb["denominator"],
+        )
+        stats = {k: v.detach() for k, v in stats.items()}
+        stats["loss/policy"] = loss.detach()
+        stats["_logp"] = logp.detach()
+        mask = batch.response_mask
+        stats["_entropy_sum"] = -(logp.detach() * mask).sum()
+        stats["_tokens"] = mask.sum()
+        return loss, stats
+
+    # --------------------------------------------------------------- rollback state (§10)
+    def snapshot(self) -> dict:
+        """Copies of the parameters, the optimizers' main params and their state (§10 rollback).
+
+        Keyed by the live tensors themselves, so state that the step creates (Adam's moments
+        appear at the first step) is told apart and dropped on restore.
+        """
+        params = {p: p.data.clone() for p in self.s.model.parameters()}
+        optimizers = []
+        for opt in _inner_optimizers(self.s.optimizer):
+            main = {p: p.data.clone() for g in opt.param_groups for p in g["params"]}
+            state = {p: {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
+                         for k, v in st.items()} for p, st in opt.state.items()}
+            optimizers.append((opt, main, state))
+        return {"params": params, "optimizers": optimizers}
+
+    def restore(self, saved: dict) -> None:
+        """Undo a step: parameters, main params and optimizer state as in ``saved``."""
+        for p, value in saved["params"].items():
+            p.data.copy_(value)
+        for opt, main, state in saved["optimizers"]:
+            for p, value in main.items():
+                p.data.copy_(value)
+            for p in list(opt.state.keys()):
+                if p not in state:
+                    del opt.state[p]  # created by the rejected step
+            for p, st in state.items():
+                opt.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+
+    # --------------------------------------------------------------- post-update check
+    @torch.no_grad()
+    def evaluate_update(self, p: PendingBatch) -> dict:
+        """Log-probs and learner routing after the step: drift/ESS (§11) and D (§10)."""
+        cfg, model = self.cfg, self.s.model
+        model.eval()
+        logps, ids, gates = [], [], []
+        for mb in micro_batches(p, cfg.rollout.micro_batch_size):
+            b, s = mb["batch"].tokens.shape
+            logps.append(sequence_logprobs(model, mb["batch"],
+                                           temperature=mb["batch"].logprob_temperature))
+            recs = [layer.router.last_routing for layer in self.transform.layers]
+            ids.append(routing_in_batch_layout([r.ids for r in recs], b, s))
+            gates.append(routing_in_batch_layout([r.gates for r in recs], b, s))
+        model.train()
+        logp = torch.cat(logps)
+        batch = p.batch
+        out = self.behaviour(logp, batch)
+        if batch.routing_ids.numel():
+            # [Lm, N, S]: response tokens (§10) where the actors logged their routing
+            mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
+            D = trust_region.anchor_distance(
+                torch.cat(ids, 1), torch.cat(gates, 1), self.transform.prototypes.unsqueeze(1),
+                batch.routing_ids.clamp_min(0), batch.routing_gates,
+                self.transform.anchor.unsqueeze(1), mask=mask,
+            )
+            out["trust/anchor_distance"] = D
+        return out
+
+    def behaviour(self, logp: torch.Tensor, batch: RolloutBatch) -> dict:
+        """Drift and ESS of the learner against the actors on this batch (§11)."""
+        b = self.cfg.vp2o.behavior
+        drift, ess = trust_region.behavior_stats(
+            logp, batch.behavior_logprobs, batch.response_mask, lam=b.lam, ess_level=b.ess_level
+        )
+        return {"behavior/drift": drift, "behavior/ess": ess}
+
+
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron's (Chained) optimizer."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [part.optimizer for part in parts]
+
+
+def _grads_finite(ddp) -> torch.Tensor:
+    """1.0 when every gradient in the DDP buffers is finite on every rank, else 0.0."""
+    flags = [torch.isfinite(b.grad_data).all() for b in ddp.buffers + ddp.expert_parallel_buffers]
+    ok = torch.stack(flags).all().float().reshape(1)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok[0]
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM's ``--signal=USR1@120`` before a requeue or the time limit) ask
+    the loop to checkpoint and exit cleanly at the end of the current step.
+
+    The flag is all-reduced every step (one scalar), so every rank stops at the same step even
+    when the signal reached only some of them.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def anywhere(self) -> bool:
+        """True when any rank received a stop signal (a collective)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag[0])  # sync
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config) -> dict:
+    """Run RL training; returns the last step's metrics (python floats)."""
+    s = open_session(cfg, with_optimizer=True, total_steps=cfg.train.steps)
+    try:
+        return _train(s)
+    finally:
+        parallel.destroy()
+
+
+def _train(s: Session) -> dict:
+    cfg = s.cfg
+    vp2o = cfg.algorithm == "vp2o"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dp_size = world // cfg.parallel.model_parallel_size
+    transform = SteinTransform(
+        s.model, cfg.vp2o, s.groups, num_experts=cfg.model.num_experts, seed=cfg.seed,
+        transport=vp2o,
+    )
+    ref_model = None
+    if cfg.grpo.kl_coeff > 0:  # a frozen copy of the starting weights (optional, off by default)
+        ref_model = copy.deepcopy(s.model).eval()
+    stream = PromptStream(s.task.train, seed=cfg.seed, rank=s.groups.dp_rank, world=dp_size)
+    learner = Learner(s, transform, ref_model)
+    ckpt_root = s.run_dir / "checkpoints"
+
+    start_step, pending, skips = 0, None, 0
+    resume_path = _resume_path(cfg, ckpt_root)
+    if resume_path is not None:
+        extra = load_checkpoint(resume_path, model=s.model, optimizer=s.optimizer,
+                                scheduler=s.scheduler)
+        start_step, stream.position = extra["step"], extra["data_position"]
+        transform.load_state_dict(extra["transform"])
+        pending = PendingBatch.from_state(extra["pending"][rank])
+        skips = extra.get("consecutive_skips", 0)
+        if ref_model is not None and "ref_model" in extra:
+            ref_model.load_state_dict(extra["ref_model"])
+    elif cfg.train.init_checkpoint:
+        init = Path(cfg.train.init_checkpoint)
+        init = latest_checkpoint(init) or init  # a checkpoints folder: its newest checkpoint
+        load_checkpoint(init, model=s.model, optimizer=None, scheduler=None)
+        if ref_model is not None:
+            ref_model.load_state_dict(s.model.state_dict())
+        transform = SteinTransform(
+            s.model, cfg.vp2o, s.groups, num_experts=cfg.model.num_experts, seed=cfg.seed,
+            transport=vp2o,
+        )  # prototypes of the loaded weights
+        learner.transform = transform
+
+    logger = MetricsLogger(
+        s.run_dir, config=to_dict(cfg), run_name=s.run_dir.name, wandb_mode=cfg.train.wandb_mode,
+        wandb_project=cfg.train.wandb_project, is_main=s.is_main,
+    )
+    logger.truncate_after(start_step)
+    pool = RewardPool(cfg.reward.name, workers=cfg.reward.workers, timeout_s=cfg.reward.timeout_s)
+    max_updates = cfg.vp2o.max_updates_per_rollout if vp2o else cfg.grpo.updates_per_rollout
+    metrics: dict = {}
+    stop = StopRequest()
+    try:
+        for step in range(start_step, cfg.train.steps):
+            t_step = time.perf_counter()
+            m: dict = {}
+            # ---- rollout (a refresh: new batch from the current weights, new anchor) ----
+            if pending is None:
+                pending = make_rollouts(s, stream.take(cfg.rollout.prompts_per_step), pool, step)
+                transform.snapshot_anchor()
+                m["events/refresh"] = 1.0
+                m.update(pending.stats)
+            else:
+                m["events/refresh"] = 0.0
+            # ---- learner step ----
+            saved = None
+            if vp2o and cfg.vp2o.trust_region.on_violation == "rollback":
+                saved = (learner.snapshot(), transform.state_dict())
+            training.zero_grads(s.ddp, s.optimizer)
+            transform_stats: dict = {}
+            t_transform = [0.0]
+
+            def before_reduction(ddp, _out=transform_stats, _t=t_transform):
+                t0 = time.perf_counter()
+                _out.update(transform.before_grad_reduction(ddp))
+                _t[0] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            outs = training.forward_backward(
+                s.ddp, micro_batches(pending, cfg.rollout.micro_batch_size), learner.loss_fn,
+                before_grad_reduction=before_reduction,
+            )
+            if cfg.grpo.router_replay:
+                router_replay.stop(s.model)
+            finite = bool(_grads_finite(s.ddp)) and all(  # sync
+                bool(torch.isfinite(o["loss/policy"])) for o in outs
+            )
+            if finite:
+                s.optimizer.step()
+                skips = 0
+            else:
+                skips += 1
+                m["events/skipped_step"] = 1.0
+            t_train = time.perf_counter() - t0
+            transform.after_optimizer_step()  # prototype refresh (§4); resets routing stats
+            pending.updates += 1
+            logp = torch.cat([o["_logp"] for o in outs])
+            # ---- budgets: VP2O checks the step it just took; GRPO logs drift/ESS ----
+            refresh = pending.updates >= max_updates
+            if vp2o and finite:
+                check = learner.evaluate_update(pending)
+                m.update(check)
+                accepted = bool(check.get("trust/anchor_distance", 0.0)
+                                <= cfg.vp2o.trust_region.delta)  # sync
+                m["trust/accepted"] = float(accepted)
+                if not accepted:
+                    refresh = True
+                    if saved is not None:
+                        learner.restore(saved[0])
+                        transform.load_state_dict(saved[1])
+                b = cfg.vp2o.behavior
+                drift, ess = float(check["behavior/drift"]), float(check["behavior/ess"])  # sync
+                if drift > b.eps_drift or ess < b.ess_min:
+                    refresh = True
+            else:
+                m.update(learner.behaviour(logp, pending.batch))
+            if finite and (not vp2o or m.get("trust/accepted", 1.0)):
+                s.scheduler.step(1)
+            if skips >= cfg.train.max_consecutive_skips:
+                _save(s, ckpt_root, step, stream, transform, pending, skips, ref_model)
+                raise RuntimeError(
+                    f"{skips} consecutive steps had non-finite loss or gradients; stopped at "
+                    f"step {step} with a checkpoint of the last good state in {ckpt_root}"
+                )
+            # ---- metrics ----
+            m["loss/policy"] = sum(o["loss/policy"] for o in outs)
+            for key in ("clip/low_frac", "clip/high_frac", "ratio/mean", "kl/k3", "kl"):
+                vals = [o[key] for o in outs if key in o]
+                if vals:
+                    m[key] = torch.stack(vals).mean()
+            tokens = sum(o["_tokens"] for o in outs)
+            m["policy/entropy"] = sum(o["_entropy_sum"] for o in outs) / tokens.clamp_min(1)
+            m["router/entropy"] = transform_stats.get("router/entropy")
+            if "C" in transform_stats:
+                m.update(routing_diagnostics(transform_stats["C"], transform.prototypes,
+                                             cfg.model.moe_router_topk))
+            for key in ("stein/attraction_norm", "stein/repulsion_norm"):
+                if key in transform_stats:
+                    m[key] = transform_stats[key]
+            m["lr"] = s.optimizer.param_groups[0]["lr"]
+            m["perf/train_s"] = t_train
+            m["perf/transform_s"] = t_transform[0]
+            m["perf/step_s"] = time.perf_counter() - t_step
+            m["perf/tokens_per_s"] = float(pending.batch.valid.sum()) / m["perf/step_s"]
+            if refresh:
+                pending = None
+            # ---- checkpoint, evaluation ----
+            last = step + 1 == cfg.train.steps
+            if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                _save(s, ckpt_root, step + 1, stream, transform, pending, skips, ref_model)
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+                from vp2o.evaluate import evaluate
+
+                m.update({f"eval/{k}": v for k, v in evaluate(s, pool).items()
+                          if isinstance(v, float)})
+            metrics = {k: v for k, v in m.items() if v is not None}
+            logger.log(step, metrics)
+            if not last and stop.anywhere():
+                _save(s, ckpt_root, step + 1, stream, transform, pending, skips, ref_model)
+                print(f"vp2o: stop signal: checkpoint of step {step + 1} written to "
+                      f"{ckpt_root}; exiting (resume continues from it)", flush=True)
+                return {**{k: _scalar(v) for k, v in metrics.items()},
+                        "stopped_at_step": step + 1}
+        from vp2o.evaluate import evaluate, write_eval
+
+        result = evaluate(s, pool)
+        if s.is_main:
+            write_eval(s.run_dir, result)
+        return {**{k: _scalar(v) for k, v in metrics.items()}, **result}
+    finally:
+        stop.restore()
+        pool.close()
+        logger.close()
+
+
+def _scalar(v):
+    if torch.is_tensor(v):
+        return v.tolist() if v.dim() else float(v)
+    return v
+
+
+def _resume_path(cfg: Config, root: Path) -> Path | None:
+    if cfg.train.resume == "never":
+        return None
+    if cfg.train.resume == "auto":
+        return latest_checkpoint(root)
+    return Path(cfg.train.resume)
+
+
+def _save(s: Session, root, step, stream, transform, pending, skips, ref_model) -> None:
+    gathered = [None] * dist.get_world_size()
+    state = None if pending is None else pending.state_dict()
+    dist.all_gather_object(gathered, state)  # each rank's batch, so any rank can resume
+    extra = {
+        "step": step,
+        "data_position": stream.position,
+        "transform": transform.state_dict(),
+        "pending": gathered,
+        "consecutive_skips": skips,
+        "config": to_dict(s.cfg),
+    }
+    if ref_model is not None:
+        extra["ref_model"] = ref_model.state_dict()
+    save_checkpoint(root, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
+                    extra=extra, keep_last=s.cfg.train.keep_last)
+
