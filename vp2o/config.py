@@ -399,6 +399,12 @@ class VP2OConfig:
     """Warm-started power-iteration steps per prototype refresh (§4)."""
     ortho_coeff: float = 1e-3
     """Expert orthogonality loss weight beta_o (§9, Guo et al.)."""
+    ortho_normalize: bool = True
+    """Scale-free orthogonality loss (squared cosine of each selected pair, in [0, k-1]) instead
+    of the method's squared projection norm, which grows with the square of the expert outputs'
+    norm: on the demo model after SFT it is ~1.7e3, so at ortho_coeff=1e-3 it outweighs the RL
+    policy loss (~1e-3) by ~400x and its gradient swamps the policy gradient under clipping.
+    false = the method's form (§9; docs/algorithm.md, "Departures")."""
     variance_coeff: float = 1e-3
     """Routing-variance loss weight gamma_v (§9, Guo et al.)."""
     clip: bool = False

@@ -26,11 +26,11 @@ MODEL = [
     "data.num_train_prompts=4000", "data.num_eval_prompts=200",
     "reward.name=exact", "reward.workers=1", "train.wandb_mode=offline",
 ]
-SFT = ["sft.steps=250", "sft.batch_size=64", "sft.lr=3e-3"]
+SFT = ["sft.steps=600", "sft.batch_size=64", "sft.lr=3e-3"]
 RL = [
-    "train.steps=60", "rollout.prompts_per_step=16", "rollout.group_size=8",
+    "train.steps=400", "rollout.prompts_per_step=16", "rollout.group_size=8",
     "rollout.max_new_tokens=6", "rollout.temperature=1.0", "rollout.micro_batch_size=128",
-    "optimizer.lr=2e-4", "optimizer.warmup_steps=0", "optimizer.decay_style=constant",
+    "optimizer.lr=1e-4", "optimizer.warmup_steps=0", "optimizer.decay_style=constant",
     "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.0", "train.eval_every=0",
 ]
 

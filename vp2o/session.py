@@ -89,7 +89,8 @@ def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> 
     model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
     if cfg.algorithm == "vp2o":
         vp2o_moe.configure_losses(
-            model, ortho_coeff=cfg.vp2o.ortho_coeff, variance_coeff=cfg.vp2o.variance_coeff
+            model, ortho_coeff=cfg.vp2o.ortho_coeff, variance_coeff=cfg.vp2o.variance_coeff,
+            ortho_normalize=cfg.vp2o.ortho_normalize,
         )
     session = Session(cfg, groups, run_dir, tokenizer, task, model)
     if with_optimizer:

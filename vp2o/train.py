@@ -83,24 +83,37 @@ class PendingBatch:
                    rewards=state["rewards"], updates=state["updates"], stats=state["stats"])
 
 
+class PromptRows(list):
+    """The prompts of one rollout batch, with their global stream indices (``indices``)."""
+
+    def __init__(self, rows: list[dict], indices: list[int]) -> None:
+        super().__init__(rows)
+        self.indices = indices
+
+
 class PromptStream:
-    """Training prompts in a per-epoch shuffled order; ``position`` is saved in checkpoints."""
+    """Training prompts in a per-epoch shuffled order; ``position`` is saved in checkpoints.
+
+    Rank r of W data-parallel ranks takes global indices ``position * W + r``, so the union of
+    one step's prompts over the ranks is the same global prompt list whatever W is.
+    """
 
     def __init__(self, rows: list[dict], *, seed: int, rank: int, world: int) -> None:
         self.rows, self.seed, self.rank, self.world = rows, seed, rank, world
         self.position = 0  # prompts consumed by each rank
 
-    def take(self, n: int) -> list[dict]:
+    def take(self, n: int) -> PromptRows:
         """The next ``n`` prompts of this rank (ranks read disjoint slices)."""
-        out = []
+        out, indices = [], []
         for _ in range(n):
             global_index = self.position * self.world + self.rank
             epoch, offset = divmod(global_index, len(self.rows))
             order = list(range(len(self.rows)))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
             out.append(self.rows[order[offset]])
+            indices.append(global_index)
             self.position += 1
-        return out
+        return PromptRows(out, indices)
 
 
 def sampling_params(cfg: Config, *, record_routing: bool) -> SamplingParams:
@@ -118,10 +131,19 @@ def sampling_params(cfg: Config, *, record_routing: bool) -> SamplingParams:
 
 
 def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> PendingBatch:
-    """Generate G samples per prompt, score them, compute group advantages (method §1)."""
+    """Generate G samples per prompt, score them, compute group advantages (method §1).
+
+    Each prompt samples from its own generator seeded by (seed, step, global prompt index), so a
+    prompt's responses are the same under any data-parallel layout; plain lists (no
+    ``indices``) use their positions offset by the data-parallel rank.
+    """
     cfg = s.cfg
     prompts = [s.tokenizer.encode(r["prompt"]) for r in rows]
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 104_729 + s.groups.dp_rank)
+    indices = getattr(rows, "indices", None)
+    if indices is None:
+        indices = [s.groups.dp_rank * len(rows) + i for i in range(len(rows))]
+    gen = [torch.Generator().manual_seed((cfg.seed * 7919 + step) * 1_000_003 + i)
+           for i in indices]
     params = sampling_params(cfg, record_routing=True)
     t0 = time.perf_counter()
     s.model.eval()
@@ -292,6 +314,25 @@ class Learner:
         return {"behavior/drift": drift, "behavior/ess": ess}
 
 
+def specialisation_losses(num_microbatches: int) -> dict:
+    """The step's orthogonality and routing-variance losses (§9), mean over MoE layers and
+    micro-batches, from megatron's aux-loss tracker (which this then clears)."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    out = {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name, key in (("expert_orthogonality_loss", "loss/orthogonality"),
+                      ("routing_variance_loss", "loss/routing_variance")):
+        values = tracker.get(name, {}).get("values")
+        if values is not None and values.abs().sum() > 0:  # sync
+            out[key] = values[values != 0].mean() / max(num_microbatches, 1)
+    clear_aux_losses_tracker()
+    return out
+
+
 def _inner_optimizers(optimizer) -> list:
     """The torch optimizers inside megatron's (Chained) optimizer."""
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
@@ -427,6 +468,7 @@ def _train(s: Session) -> dict:
             )
             if cfg.grpo.router_replay:
                 router_replay.stop(s.model)
+            m.update(specialisation_losses(len(outs)))
             finite = bool(_grads_finite(s.ddp)) and all(  # sync
                 bool(torch.isfinite(o["loss/policy"])) for o in outs
             )

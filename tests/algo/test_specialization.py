@@ -88,3 +88,27 @@ def test_routing_variance_against_numpy_and_gradient_sign() -> None:
 
 def test_routing_variance_empty_batch() -> None:
     assert float(spec.routing_variance_loss(torch.zeros(0, 4))) == 0.0
+
+
+def test_scale_free_orthogonality_against_loop_and_scale_invariance():
+    """vp2o.ortho_normalize: squared cosines of each ordered pair, divided by k, token-averaged."""
+    import torch
+
+    from vp2o.algo import specialization
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64)
+    want = 0.0
+    for t in range(6):
+        for j in range(3):
+            for m in range(3):
+                if j != m:
+                    a, b = x[t, j], x[t, m]
+                    want += float((a @ b) ** 2 / ((a @ a) * (b @ b)))
+    want /= 6 * 3
+    got = specialization.orthogonality_loss(x, eps=0.0, normalize=True)
+    assert abs(float(got) - want) < 1e-12
+    scaled = specialization.orthogonality_loss(37.0 * x, eps=0.0, normalize=True)
+    assert abs(float(scaled) - want) < 1e-12
+    raw = specialization.orthogonality_loss(37.0 * x, eps=0.0)
+    assert float(raw) > 100 * want  # the method's form grows with the outputs' scale

@@ -8,9 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-
-from vp2o.config import Config, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -24,23 +21,6 @@ def _frozen_heap():
     gc.freeze()
     yield
     gc.unfreeze()
-
-
-@pytest.fixture
-def init_parallel():
-    """Initialise torch.distributed + megatron for a config; torn down after the test.
-
-    Usage: ``groups = init_parallel(cfg)``.
-    """
-    from vp2o.mcore import parallel
-
-    def _init(cfg: Config | None = None, seed: int = 1234):
-        cfg = cfg or load_config(None)
-        return parallel.initialize(cfg, seed=seed)
-
-    yield _init
-    parallel.destroy()
-    torch.manual_seed(0)
 
 
 @pytest.fixture

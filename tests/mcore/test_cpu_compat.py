@@ -124,3 +124,33 @@ def test_activation_recompute_replays_dropout_exactly(init_parallel):
     plain(tokens, pos, None, labels=tokens).float().mean().backward()
     name = next(iter(grads[0]))
     assert not torch.allclose(dict(plain.named_parameters())[name].grad, grads[0][name])
+
+
+def test_megatron_names_we_rely_on_are_pinned():
+    """megatron-core 0.16.1 internals vp2o overrides or calls: an upgrade that moves one fails
+    here, with the name, instead of deep inside a run."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    # Overridden by VP2ORouter / VP2OMoELayer.
+    assert list(inspect.signature(TopKRouter.routing).parameters) == [
+        "self", "logits", "padding_mask"]
+    assert list(inspect.signature(MoELayer.postprocess).parameters) == [
+        "self", "output", "shared_expert_output"]
+    assert hasattr(TopKRouter, "attach_and_log_load_balancing_loss")
+    # Rollout (KV-cache decoding) and the learner's log-probs.
+    for name in ("enable_decode_mode", "increment_sequence_len_offset"):
+        assert hasattr(StaticInferenceContext, name), name
+    forward = inspect.signature(GPTModel.forward).parameters
+    for name in ("runtime_gather_output", "padding_mask", "inference_context", "labels"):
+        assert name in forward, name
+    # Checkpoint load workarounds (vp2o/mcore/checkpoint.py).
+    for name in ("_set_main_param_and_optimizer_states", "_get_main_param_and_optimizer_states",
+                 "load_parameter_state_from_fully_reshardable"):
+        assert hasattr(DistributedOptimizer, name), name
+    assert hasattr(MegatronOptimizer, "init_state_fn") or "init_state_fn" in inspect.signature(
+        MegatronOptimizer.__init__).parameters

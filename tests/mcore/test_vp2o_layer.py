@@ -71,9 +71,11 @@ def _reference_routing(layer, h):
     return logits, ids, torch.softmax(torch.gather(top, 1, order), dim=-1)
 
 
-def test_orthogonality_loss_value_and_gradient_path(init_parallel):
+@pytest.mark.parametrize("normalize", [False, True], ids=["method", "scale_free"])
+def test_orthogonality_loss_value_and_gradient_path(init_parallel, normalize):
     cfg, _, model = _build(init_parallel)
-    vp2o_moe.configure_losses(model, ortho_coeff=1.0, variance_coeff=0.0)
+    vp2o_moe.configure_losses(model, ortho_coeff=1.0, variance_coeff=0.0,
+                              ortho_normalize=normalize)
     captured = _capture_moe_inputs(model)
     tracker = _aux_losses_only(model, cfg)
     values = tracker["expert_orthogonality_loss"]["values"]
@@ -88,7 +90,7 @@ def test_orthogonality_loss_value_and_gradient_path(init_parallel):
                 torch.stack([experts[j](h[t : t + 1], ones)[0][0] for j in ids[t].tolist()])
                 for t in range(h.shape[0])
             ])  # [T, k, d]
-        want = specialization.orthogonality_loss(X)
+        want = specialization.orthogonality_loss(X, normalize=normalize)
         got = values[layer.layer_number - 1]
         assert got == pytest.approx(want.item(), rel=1e-4)
         # The loss reaches the experts' weights, not the router (y / g cancels the gate).

@@ -1,8 +1,7 @@
 """Fixtures for the rollout tests: real megatron-core in this process (world size 1, gloo).
 
-``init_parallel`` is the fixture of tests/mcore/conftest.py (copied: conftest files are not
-importable across test folders). ``tiny`` builds one small VP2O MoE model per test module, which
-keeps the folder fast: every test in a module samples from the same weights.
+``init_parallel`` comes from tests/conftest.py. ``tiny`` builds one small VP2O MoE model per test
+module, which keeps the folder fast: every test in a module samples from the same weights.
 """
 
 from __future__ import annotations
@@ -15,23 +14,6 @@ from rollout_fixtures import TINY, char_tokenizer
 
 from vp2o.config import Config, load_config
 from vp2o.data.tokenizer import CharTokenizer
-
-
-@pytest.fixture
-def init_parallel():
-    """Initialise torch.distributed + megatron for a config; torn down after the test.
-
-    Usage: ``groups = init_parallel(cfg)``.
-    """
-    from vp2o.mcore import parallel
-
-    def _init(cfg: Config | None = None, seed: int = 1234):
-        cfg = cfg or load_config(None)
-        return parallel.initialize(cfg, seed=seed)
-
-    yield _init
-    parallel.destroy()
-    torch.manual_seed(0)
 
 
 @dataclass

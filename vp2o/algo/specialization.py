@@ -26,15 +26,21 @@ __all__ = [
 ]
 
 
-def orthogonality_per_token(x: Tensor, *, eps: float = 1e-6) -> Tensor:
+def orthogonality_per_token(x: Tensor, *, eps: float = 1e-6, normalize: bool = False) -> Tensor:
     """Each token's orthogonality term divided by k (§9).
 
     `ℓ_t = (1/k) Σ_{j≠l} G_t[j,l]² q_l / (q_l + ε)²`, `G_t = X_t X_tᵀ` (k×k), `q = diag(G_t)`: the
     squared norm of the projection of output j on output l, summed over ordered pairs.
 
+    With ``normalize`` (vp2o's default, ``vp2o.ortho_normalize``; a departure from the method, see
+    docs/algorithm.md) the projection of the unit vector `x_j/‖x_j‖` is used instead:
+    `G_t[j,l]² / ((q_j + ε)(q_l + ε))`, the squared cosine, so the loss lies in [0, k−1] whatever
+    the scale of the expert outputs.
+
     Args:
         x: Raw expert outputs in token order, [T, k, d] (x[t, j] is token t's j-th selected expert).
         eps: ε.
+        normalize: Scale-free (squared-cosine) form.
 
     Returns:
         ℓ, [T], float32 (float64 for float64 input).
@@ -42,25 +48,31 @@ def orthogonality_per_token(x: Tensor, *, eps: float = 1e-6) -> Tensor:
     k = x.shape[-2]
     gram = torch.bmm(x, x.mT).to(torch.promote_types(x.dtype, torch.float32))  # [T, k, k]
     q = gram.diagonal(dim1=-2, dim2=-1)  # [T, k]
-    col = q / (q + eps).square()  # [T, k], weight of column l
     off = ~torch.eye(k, dtype=torch.bool, device=x.device)
-    terms = gram.square() * col.unsqueeze(-2) * off  # [T, k, k]
+    if normalize:
+        inv = 1.0 / (q + eps)  # [T, k]
+        terms = gram.square() * inv.unsqueeze(-1) * inv.unsqueeze(-2) * off  # [T, k, k]
+    else:
+        col = q / (q + eps).square()  # [T, k], weight of column l
+        terms = gram.square() * col.unsqueeze(-2) * off  # [T, k, k]
     return terms.sum((-2, -1)) / k  # [T]
 
 
-def orthogonality_loss(x: Tensor, eps: float = 1e-6) -> Tensor:
+def orthogonality_loss(x: Tensor, eps: float = 1e-6, *, normalize: bool = False) -> Tensor:
     """Orthogonality loss `L_o` (§9, Guo et al. eq 5-6), averaged over tokens.
 
     `L_o = (1/(T·k)) Σ_t Σ_{j∈S_t} Σ_{l∈S_t, l≠j} ‖(⟨x_tj, x_tl⟩ / (⟨x_tl, x_tl⟩ + ε)) x_tl‖²`.
+    ``normalize``: the scale-free squared-cosine form (see `orthogonality_per_token`).
 
     Args:
         x: Raw expert outputs in token order, [T, k, d].
         eps: ε.
+        normalize: Scale-free form.
 
     Returns:
         0-dim tensor (float32, or float64 for float64 input).
     """
-    per_token = orthogonality_per_token(x, eps=eps)  # [T]
+    per_token = orthogonality_per_token(x, eps=eps, normalize=normalize)  # [T]
     return per_token.sum() / max(per_token.shape[0], 1)
 
 

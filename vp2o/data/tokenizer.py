@@ -26,12 +26,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import sentencepiece as spm
 
+from vp2o.data.tasks import DatasetError
+
 __all__ = [
     "TOKENIZERS",
     "CharTokenizer",
     "HFTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "TokenizerFileError",
     "load_tokenizer",
     "register_tokenizer",
 ]
@@ -89,12 +92,27 @@ def _strip_specials(ids: Sequence[int], drop: set[int]) -> list[int]:
     return [int(i) for i in ids if int(i) not in drop]
 
 
+class TokenizerFileError(DatasetError):
+    """A tokenizer file is missing, not a file, or not of the expected kind.
+
+    A ``DatasetError`` (a ``ValueError``), so ``vp2o train`` reports it as a data error with exit
+    status 2; the missing-file case is also a ``FileNotFoundError``.
+    """
+
+
+class TokenizerFileNotFound(TokenizerFileError, FileNotFoundError):
+    """The tokenizer file does not exist."""
+
+
 def _require_file(path: PathLike, what: str) -> Path:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"{what} file not found: {str(p)!r}")
+        raise TokenizerFileNotFound(
+            f"{what} file not found: {str(p)!r} (expected an existing {what} file; "
+            "check data.tokenizer / data.tokenizer_path)"
+        )
     if not p.is_file():
-        raise ValueError(f"{what} path is not a file: {str(p)!r}")
+        raise TokenizerFileError(f"{what} path is not a file: {str(p)!r}")
     return p
 
 
@@ -141,9 +159,9 @@ class SentencePieceTokenizer:
         try:
             processor.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"not a sentencepiece model: {str(p)!r} ({e})") from e
+            raise TokenizerFileError(f"not a sentencepiece model: {str(p)!r} ({e})") from e
         if processor.get_piece_size() <= 0:
-            raise ValueError(f"not a sentencepiece model: {str(p)!r} (no pieces)")
+            raise TokenizerFileError(f"not a sentencepiece model: {str(p)!r} (no pieces)")
         return cls(processor, path=p)
 
     @classmethod
@@ -390,11 +408,15 @@ class CharTokenizer:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"not a char tokenizer file (bad JSON): {str(p)!r} ({e})") from e
+            raise TokenizerFileError(
+                f"not a char tokenizer file (bad JSON): {str(p)!r} ({e})"
+            ) from e
         if not isinstance(data, dict) or data.get("format") != _CHAR_FORMAT:
-            raise ValueError(f"not a char tokenizer file (no format {_CHAR_FORMAT!r}): {str(p)!r}")
+            raise TokenizerFileError(
+                f"not a char tokenizer file (no format {_CHAR_FORMAT!r}): {str(p)!r}"
+            )
         if data.get("version") != 1 or not isinstance(data.get("alphabet"), str):
-            raise ValueError(f"unsupported char tokenizer file {str(p)!r}: {data!r}")
+            raise TokenizerFileError(f"unsupported char tokenizer file {str(p)!r}: {data!r}")
         return cls(data["alphabet"])
 
     def save(self, path: PathLike) -> None:

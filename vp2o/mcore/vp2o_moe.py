@@ -136,6 +136,7 @@ class VP2OMoELayer(MoELayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.ortho_coeff = 0.0
+        self.ortho_normalize = True
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: torch.Tensor | None):
         """Attach the orthogonality loss, then megatron's unpermute + shared-expert add."""
@@ -143,7 +144,7 @@ class VP2OMoELayer(MoELayer):
             x = self._raw_outputs_in_token_order(output)  # [T, k, d]
             if self.router.valid_rows is not None:
                 x = x[self.router.valid_rows]  # padding tokens are no data
-            loss = specialization.orthogonality_loss(x)
+            loss = specialization.orthogonality_loss(x, normalize=self.ortho_normalize)
             num_layers = self.config.num_layers
             save_to_aux_losses_tracker(
                 "expert_orthogonality_loss",
@@ -197,8 +198,11 @@ def moe_layers(model) -> list[VP2OMoELayer]:
     return [m for m in model.modules() if isinstance(m, VP2OMoELayer)]
 
 
-def configure_losses(model, *, ortho_coeff: float, variance_coeff: float) -> None:
+def configure_losses(
+    model, *, ortho_coeff: float, variance_coeff: float, ortho_normalize: bool = True
+) -> None:
     """Set the specialisation-loss coefficients on every VP2O layer (0 disables a loss)."""
     for layer in moe_layers(model):
         layer.ortho_coeff = ortho_coeff
+        layer.ortho_normalize = ortho_normalize
         layer.router.variance_coeff = variance_coeff

@@ -83,7 +83,7 @@ def generate(
     params: SamplingParams,
     *,
     tokenizer,
-    generator: torch.Generator,
+    generator: torch.Generator | list[torch.Generator],
     progress: bool = False,
     sync_group: dist.ProcessGroup | None = None,
 ) -> RolloutBatch:
@@ -95,7 +95,9 @@ def generate(
         prompts: token ids per prompt (each non-empty; lengths may differ).
         params: sampling parameters.
         tokenizer: has ``eos_id``, ``pad_id`` and ``decode(ids) -> str``.
-        generator: the only source of randomness (on any device).
+        generator: the only source of randomness (on any device); or one generator per prompt
+            (each drives its prompt's G rows), which makes a prompt's samples independent of the
+            batch it shares, hence of the data-parallel layout.
         progress: show a tqdm bar over decode steps.
         sync_group: ranks that must run the same number of forwards (the EP group, or the
             whole world); None = decide locally.

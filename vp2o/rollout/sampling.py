@@ -18,6 +18,7 @@ Glossary: N rows (sequences), V vocabulary (padded).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,9 @@ def truncate_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0)
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row and return it with its behaviour log-prob.
 
@@ -123,7 +126,9 @@ def sample_next(
     Args:
         logits: [N, V] logits already divided by ``params.logprob_temperature`` (any dtype).
         params: sampling parameters.
-        generator: the only source of randomness.
+        generator: the only source of randomness: one generator for all rows, or a sequence of
+            n generators for n equal blocks of contiguous rows (one per prompt: its G rows), so
+            a prompt's samples do not depend on which other prompts share the batch.
 
     Returns:
         tokens [N] int64 and log mu(token) [N] float32 (untruncated, see the module docstring).
@@ -135,7 +140,11 @@ def sample_next(
     else:
         kept = truncate_logits(z, top_k=params.top_k, top_p=params.top_p)
         probs = torch.softmax(kept, dim=-1)
-        noise = torch.empty(z.shape, device=generator.device, dtype=torch.float32)
-        noise.exponential_(generator=generator)
+        gens = list(generator) if isinstance(generator, Sequence) else [generator]
+        if z.shape[0] % len(gens):
+            raise ValueError(f"{z.shape[0]} rows do not split into {len(gens)} generator blocks")
+        noise = torch.empty(z.shape, device=gens[0].device, dtype=torch.float32)
+        for block, gen in zip(noise.view(len(gens), -1, z.shape[-1]), gens, strict=True):
+            block.exponential_(generator=gen)  # [N / n, V] per generator
         tokens = torch.argmax(probs / noise.to(z.device), dim=-1)
     return tokens, torch.gather(logprobs, 1, tokens.unsqueeze(1)).squeeze(1)
