@@ -6,6 +6,7 @@
     vp2o eval   --config C [key=value ...]      # score a checkpoint on held-out prompts
     vp2o report RUN_DIR [RUN_DIR ...] --out DIR # report.md + plots from run directories
     vp2o convert hf-to-mcore --hf DIR --out DIR # checkpoint conversion (and mcore-to-hf)
+    vp2o launch --dry-run CONFIG --nodes N      # per-node torchrun lines and the resolved layout
     vp2o smoke                                  # a few megatron training steps of the tiny MoE
 
 Every verb takes ``--help``. Overrides are dotted ``section.key=value`` (values parsed as YAML).
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     from vp2o.convert.cli import add_parser as add_convert_parser
 
     add_convert_parser(sub)  # vp2o convert hf-to-mcore | mcore-to-hf
+
+    from vp2o.launch import add_parser as add_launch_parser
+
+    add_launch_parser(sub)  # vp2o launch [--dry-run] CONFIG [--nodes N --gpus-per-node G] [k=v]
 
     p = sub.add_parser("sft", help="supervised warm start on prompt/answer data")
     _with_config(p)

@@ -1,0 +1,133 @@
+"""The SLURM scripts, the example configs and ``vp2o launch --dry-run`` (fast, no processes)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vp2o.config import ConfigError, load_config, to_dict
+from vp2o.launch import Layout, add_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM = ROOT / "examples" / "vp2o" / "slurm"
+CONFIGS = ROOT / "examples" / "vp2o" / "configs"
+SCRIPTS = sorted(SLURM.glob("*.sbatch")) + [SLURM / "common.sh"]
+
+
+def _shellcheck() -> str | None:
+    local = ROOT / ".venv" / "bin" / "shellcheck"
+    return str(local) if local.exists() else shutil.which("shellcheck")
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_and_are_shellcheck_clean(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    tool = _shellcheck()
+    if tool is None:
+        pytest.skip("shellcheck not installed")
+    proc = subprocess.run([tool, "-x", str(script.relative_to(ROOT))], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SLURM.glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_requeues_on_usr1_and_uses_an_existing_config(script):
+    text = script.read_text()
+    for line in ("#SBATCH --requeue", "#SBATCH --signal=USR1@120", "#SBATCH --nodes=",
+                 "#SBATCH --gpus-per-node="):
+        assert line in text, line
+    config = text.split("examples/vp2o/configs/")[-1].split("}")[0]
+    assert (CONFIGS / config).is_file(), config
+    common = (SLURM / "common.sh").read_text()
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in common
+    assert "--node_rank=\"$SLURM_NODEID\"" in common and "train.resume=auto" in common
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads(path):
+    cfg = load_config(path)
+    if path.name.startswith("qwen3_30b_a3b"):
+        m = cfg.model
+        assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups,
+                m.head_dim, m.num_experts, m.moe_router_topk, m.moe_ffn_hidden_size,
+                m.vocab_size, m.qk_layernorm, m.rotary_base) == (
+                    48, 2048, 32, 4, 128, 128, 8, 768, 151936, True, 1_000_000)
+        assert m.params_dtype == "bf16" and cfg.parallel.use_distributed_optimizer
+        world = (8 if "_8k" in path.name else 16) * 8
+        cfg.validate(world_size=world)
+        assert cfg.rollout.max_new_tokens == (8192 if "_8k" in path.name else 16384)
+
+
+@pytest.mark.parametrize("phase", ["sft", "grpo", "vp2o"])
+def test_demo_configs_mirror_the_demo(phase):
+    from vp2o.demo import demo_config
+
+    expected = to_dict(demo_config(phase, Path("runs/demo")))
+    assert to_dict(load_config(CONFIGS / f"demo_{phase}.yaml")) == expected
+
+
+def _dry_run(*argv: str) -> str:
+    parser = argparse.ArgumentParser(prog="vp2o")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["launch", *argv])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert args.func(args) == 0
+    return out.getvalue()
+
+
+def test_dry_run_two_nodes_prints_each_node_and_rank():
+    out = _dry_run("--dry-run", str(CONFIGS / "small_1node_vp2o.yaml"), "--nodes", "2",
+                   "--gpus-per-node", "4", "--hosts", "gpu-a,gpu-b", "--port", "23456",
+                   "parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                   "parallel.expert_parallel=2")
+    lines = out.splitlines()
+    assert lines[0] == "layout: world=8 TP=2 PP=1 CP=1 EP=2 ETP=1 DP=4 expert-DP=4"
+    assert lines[1].startswith("batch: sequences/rank/step=64 micro_batch_size=32 "
+                               "micro-batches=2")
+    for node, host in enumerate(("gpu-a", "gpu-b")):
+        line = lines[2 + node]
+        assert line.startswith(f"node {node} ({host}): python -m vp2o.launch --nnodes=2 "
+                               f"--nproc_per_node=4 --node_rank={node} --rdzv_backend=static "
+                               "--rdzv_endpoint=gpu-a:23456 -m vp2o.cli train --config ")
+        assert line.endswith("parallel.expert_parallel=2")
+    ranks = lines[4:]
+    assert len(ranks) == 8
+    for rank, line in enumerate(ranks):
+        host = "gpu-a" if rank < 4 else "gpu-b"
+        assert line == (f"rank {rank}: host={host} local_rank={rank % 4} tp={rank % 2} cp=0 "
+                        f"dp={rank // 2} pp=0 ep={rank % 2} etp=0 edp={rank // 2}")
+
+
+def test_dry_run_rejects_a_layout_that_does_not_divide():
+    parser = argparse.ArgumentParser(prog="vp2o")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["launch", "--dry-run", str(CONFIGS / "qwen3_30b_a3b_vp2o_8k.yaml"),
+                              "--nodes", "1", "--gpus-per-node", "6"])
+    with pytest.raises(ConfigError, match="parallel.expert_parallel = 8"):
+        args.func(args)
+
+
+@pytest.mark.parametrize(("tp", "pp", "cp", "ep", "world"),
+                         [(2, 1, 1, 4, 16), (2, 2, 2, 2, 16), (1, 2, 1, 8, 16), (4, 1, 2, 2, 32)])
+def test_rank_coordinates_follow_megatron_rank_generator(tp, pp, cp, ep, world):
+    from megatron.core.parallel_state import RankGenerator
+
+    dp = world // (tp * pp * cp)
+    edp = world // (pp * ep)
+    layout = Layout(world=world, tp=tp, pp=pp, cp=cp, ep=ep, etp=1, dp=dp, expert_dp=edp,
+                    sequences_per_rank=1, micro_batch_size=1, micro_batches=1)
+    dense = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=cp, order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=1, ep=ep, dp=edp, pp=pp, cp=1, order="tp-cp-ep-dp-pp")
+    checks = [(dense, "tp", "tp"), (dense, "dp", "dp"), (dense, "cp", "cp"),
+              (dense, "pp", "pp"), (expert, "ep", "ep"), (expert, "dp", "edp")]
+    for gen, token, key in checks:
+        for group in gen.get_ranks(token):
+            coords = [layout.coordinates(r) for r in group]
+            assert [c[key] for c in coords] == list(range(len(group))), (token, group)

@@ -1,0 +1,172 @@
+"""Scale-out through the real entry points, on the CPU over gloo.
+
+- 4 processes, EP=2 (dense DP=4, expert-DP=2), started from the same SFT checkpoint, give the
+  single process's first rollout batch and first-step loss. Prompts and sampling are
+  layout-independent (``PromptStream`` hands rank r global indices ``position * W + r``; each
+  prompt samples from a generator seeded by (seed, step, global index)), so the union over
+  ranks of the first batch is the single-process batch.
+  What is compared for the loss: at the first step the learner is the actor, so the ratio is 1
+  and the token_mean loss is ``-sum_i A_i |y_i| / sum_i |y_i|`` over the rank's sequences. The
+  single process's logged loss must equal that formula over the *union* of the 4 ranks' batches
+  (read from the checkpoint, which holds every rank's pending batch), and rank 0's logged loss
+  the formula over rank 0's batch (per-rank token_mean denominators differ, so the plain mean
+  of per-rank losses is not the global loss).
+- TP=2 x EP=2 is not run: the rollout loop refuses TP > 1 (docs/rollout.md, docs/scaling.md).
+- SIGUSR1 to ``python -m vp2o.launch`` (torchrun forwarding the signal, as under SLURM) writes a
+  checkpoint and exits 0; ``train.resume=auto`` continues the step count.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vp2o.metrics import read_metrics
+
+HERE = Path(__file__).resolve().parent
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.num_experts=4",
+    "model.moe_router_topk=2", "model.moe_ffn_hidden_size=64", "model.vocab_size=64",
+    "model.max_position_embeddings=64", "data.num_train_prompts=64", "data.num_eval_prompts=8",
+    "rollout.group_size=4", "rollout.max_new_tokens=4", "rollout.micro_batch_size=8",
+    "reward.workers=0", "reward.name=scaleout_reward:length_reward", "optimizer.lr=1e-3",
+    "optimizer.decay_style=constant", "optimizer.weight_decay=0.0", "train.wandb_mode=disabled",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def _pending(run_dir: Path) -> list[dict]:
+    (ckpt,) = sorted((run_dir / "checkpoints").glob("step_*"))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    return state["extra"]["pending"]
+
+
+def _first_step_loss(pendings: list[dict]) -> float:
+    """-sum_i A_i |y_i| / sum_i |y_i| (token_mean at ratio 1)."""
+    num = sum(float((p["advantages"] * p["batch"]["response_mask"].sum(1)).sum())
+              for p in pendings)
+    den = sum(float(p["batch"]["response_mask"].sum()) for p in pendings)
+    return -num / den
+
+
+def _rows(pendings: list[dict]) -> list[tuple]:
+    """(completion, response tokens, reward, advantage) per sequence, in global prompt order."""
+    out = []
+    for p in pendings:
+        b = p["batch"]
+        for n, text in enumerate(b["completions"]):
+            tokens = b["tokens"][n][b["response_mask"][n]].tolist()
+            logp = b["behavior_logprobs"][n][b["response_mask"][n]]
+            out.append((text, tokens, float(p["rewards"][n]), float(p["advantages"][n]), logp))
+    return out
+
+
+@pytest.mark.slow
+def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path):
+    # The same starting weights under every layout (a fresh init depends on the EP layout):
+    # a 2-step SFT checkpoint, which loads under any layout.
+    sft = tmp_path / "sft"
+    _run([sys.executable, "-m", "vp2o.cli", "sft", *TINY, "sft.steps=2", "sft.batch_size=8",
+          f"train.run_dir={sft}"])
+    common = [*TINY, "algorithm=grpo", "train.steps=1", "grpo.updates_per_rollout=2",
+              f"train.init_checkpoint={sft / 'checkpoints'}",
+              f"data.tokenizer_path={sft / 'tokenizer.model'}"]
+    _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",
+          f"train.run_dir={tmp_path / 'single'}"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
+          f"--master_port={_free_port()}", "-m", "vp2o.cli", "train", *common,
+          "rollout.prompts_per_step=1", "parallel.expert_parallel=2",
+          f"train.run_dir={tmp_path / 'four'}"])
+    single, four = _pending(tmp_path / "single"), _pending(tmp_path / "four")
+    assert len(single) == 1 and len(four) == 4
+    # rank r took global prompt r: the union over ranks, in rank order, is the single batch
+    expected, got = _rows(single), _rows(four)
+    assert len(got) == len(expected) == 16
+    for (t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2) in zip(expected, got, strict=True):
+        assert (t1, y1, r1) == (t2, y2, r2)
+        assert a1 == pytest.approx(a2, abs=1e-6)
+        torch.testing.assert_close(lp1, lp2, rtol=1e-4, atol=1e-5)
+    assert any(a != 0 for *_, a, _ in expected), "the reward should give non-zero advantages"
+    single_loss = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]["loss/policy"]
+    rank0_loss = read_metrics(tmp_path / "four" / "metrics.jsonl")[0]["loss/policy"]
+    assert single_loss == pytest.approx(_first_step_loss(four), rel=1e-4, abs=1e-6)
+    assert rank0_loss == pytest.approx(_first_step_loss(four[:1]), rel=1e-4, abs=1e-6)
+    assert _first_step_loss(four) != pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_usr1_checkpoints_exits_zero_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*TINY, "algorithm=vp2o", "rollout.prompts_per_step=2", f"train.run_dir={run_dir}"]
+    launcher = [sys.executable, "-m", "vp2o.launch", "--nnodes=1", "--nproc_per_node=1",
+                "--node_rank=0", "--rdzv_backend=static",
+                f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "vp2o.cli", "train"]
+    proc = subprocess.Popen([*launcher, *common, "train.steps=500"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and read_metrics(metrics)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no step logged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)  # to torchrun only: it forwards to the worker
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-5000:]
+    assert "stopped at step" in out
+    stopped = int(out.split("stopped at step")[1].split()[0])
+    assert 1 <= stopped < 500
+    assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / "complete.json").is_file()
+    _run([*launcher[:6], f"--rdzv_endpoint=127.0.0.1:{_free_port()}", *launcher[7:], *common,
+          f"train.steps={stopped + 2}", "train.resume=auto"])
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == list(range(stopped + 2))
+
+
+def test_per_prompt_generators_make_samples_independent_of_the_batch():
+    from vp2o.rollout.sampling import SamplingParams, sample_next
+
+    params = SamplingParams(temperature=1.0, group_size=3)
+    logits = torch.randn(4 * 3, 50, generator=torch.Generator().manual_seed(0))  # 4 prompts
+
+    def gens(ids):
+        return [torch.Generator().manual_seed(1000 + i) for i in ids]
+
+    together, _ = sample_next(logits, params, gens(range(4)))
+    for halves in ((0, 1), (2, 3)):
+        rows = slice(halves[0] * 3, (halves[1] + 1) * 3)
+        alone, _ = sample_next(logits[rows], params, gens(halves))
+        assert torch.equal(alone, together[rows])
+    single, _ = sample_next(logits, params, torch.Generator().manual_seed(5))
+    again, _ = sample_next(logits, params, [torch.Generator().manual_seed(5)])
+    assert torch.equal(single, again)  # one generator: unchanged behaviour
+    with pytest.raises(ValueError, match="generator blocks"):
+        sample_next(logits, params, gens(range(5)))
