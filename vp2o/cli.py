@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vp2o.config import ConfigError, load_config
 from vp2o.data.tasks import DatasetError
+from vp2o.mcore.checkpoint import CheckpointError
 
 
 def quiet_third_party_warnings() -> None:
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DatasetError as e:
         print(f"vp2o: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"vp2o: checkpoint error: {e}", file=sys.stderr)
         return 2
 
 

@@ -463,6 +463,12 @@ class Config:
         """
         m, p = self.model, self.parallel
         _check(m.num_layers >= 1, "model.num_layers", m.num_layers, "an integer >= 1")
+        for key in ("num_attention_heads", "hidden_size", "ffn_hidden_size",
+                    "moe_ffn_hidden_size", "vocab_size"):
+            _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an integer >= 1")
+        if m.num_query_groups is not None:
+            _check(m.num_query_groups >= 1, "model.num_query_groups", m.num_query_groups,
+                   "an integer >= 1 (or null for multi-head attention)")
         _check(m.num_experts >= 2, "model.num_experts", m.num_experts, "an integer >= 2")
         _check(
             1 <= m.moe_router_topk <= m.num_experts,

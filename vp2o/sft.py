@@ -52,8 +52,8 @@ def sft(cfg: Config) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.optimizer.lr = cfg.sft.lr
     cfg.optimizer.warmup_steps = max(cfg.optimizer.warmup_steps, cfg.sft.steps // 20)
-    s = open_session(cfg, with_optimizer=True, total_steps=cfg.sft.steps)
     try:
+        s = open_session(cfg, with_optimizer=True, total_steps=cfg.sft.steps)
         return _sft(s)
     finally:
         parallel.destroy()

@@ -381,8 +381,8 @@ class StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics (python floats)."""
-    s = open_session(cfg, with_optimizer=True, total_steps=cfg.train.steps)
     try:
+        s = open_session(cfg, with_optimizer=True, total_steps=cfg.train.steps)
         return _train(s)
     finally:
         parallel.destroy()
@@ -504,6 +504,7 @@ def _train(s: Session) -> dict:
             if finite and (not vp2o or m.get("trust/accepted", 1.0)):
                 s.scheduler.step(1)
             if skips >= cfg.train.max_consecutive_skips:
+                logger.log(step, {k: v for k, v in m.items() if v is not None})
                 _save(s, ckpt_root, step, stream, transform, pending, skips, ref_model)
                 raise RuntimeError(
                     f"{skips} consecutive steps had non-finite loss or gradients; stopped at "

@@ -1,0 +1,84 @@
+"""Helpers of the reliability tests: the tiny config, subprocess runners, checkpoint
+readers. Every trainer here is the real megatron-core model on the CPU at toy size."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+HOOKS = HERE / "train_hooks.py"
+
+# tests/e2e/test_train.py's TINY, with a deterministic non-trivial reward (faulty_rewards:parity)
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.num_experts=4",
+    "model.moe_router_topk=2", "model.moe_ffn_hidden_size=64", "model.vocab_size=64",
+    "model.max_position_embeddings=64", "data.num_train_prompts=64", "data.num_eval_prompts=8",
+    "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=4",
+    "rollout.micro_batch_size=8", "reward.workers=0", "optimizer.lr=1e-3",
+    "optimizer.decay_style=constant", "optimizer.weight_decay=0.0",
+    "reward.name=faulty_rewards:parity", "train.wandb_mode=disabled", "algorithm=grpo",
+]
+
+
+def env() -> dict:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),  # not this process's (in-process runs set one)
+    }
+
+
+def hooks_cmd(*hook_args: str, train_args: list[str], torchrun: int = 0) -> list[str]:
+    """``vp2o train`` (through train_hooks.py) as a command line."""
+    if torchrun:
+        launcher = [sys.executable, "-m", "torch.distributed.run",
+                    f"--nproc_per_node={torchrun}", f"--master_port={free_port()}"]
+    else:
+        launcher = [sys.executable]
+    return [*launcher, str(HOOKS), *hook_args, "--", "train", *TINY, *train_args]
+
+
+def run_train(*hook_args: str, train_args: list[str], timeout: float = 300):
+    """Run ``vp2o train`` in a subprocess to the end; returns the CompletedProcess."""
+    return subprocess.run(hooks_cmd(*hook_args, train_args=train_args), capture_output=True,
+                          text=True, timeout=timeout, env=env(), cwd=REPO)
+
+
+def popen_train(*hook_args: str, train_args: list[str], torchrun: int = 0) -> subprocess.Popen:
+    """Start ``vp2o train`` in its own process group (killpg reaches megatron's helpers)."""
+    return subprocess.Popen(hooks_cmd(*hook_args, train_args=train_args, torchrun=torchrun),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
+                            cwd=REPO, start_new_session=True)
+
+
+def checkpoint_tensors(path: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (model and optimizer), read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{path.parent.parent.name}_{path.name}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    state = torch.load(out, weights_only=False)
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and "_extra_state" not in k}
+
+
+def trainer_extra(path: Path) -> dict:
+    return torch.load(path / "trainer_state.pt", weights_only=True)["extra"]
+
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,83 @@
+"""``vp2o train`` with fault-injection hooks, for the reliability tests (also under torchrun).
+
+    python tests/reliability/train_hooks.py [--dump DIR] [--pause-save STEP --ready FILE]
+        [--remount-ro-at STEP --mount PATH] -- train [key=value ...]
+
+- ``--dump DIR``: after each rollout, ``DIR/rollout_{step:04d}_rank{r}.pt`` holds the prompts,
+  tokens and behaviour log-probs of the batch, and ``DIR/rank{r}.pid`` this process's pid.
+- ``--pause-save STEP --ready FILE``: the save of checkpoint ``STEP`` writes megatron's files into
+  its temporary directory, then touches ``FILE`` and sleeps (the test SIGKILLs the process).
+- ``--remount-ro-at STEP --mount PATH``: before the rollout of loop step ``STEP``, remount the
+  tmpfs at ``PATH`` read-only (the checkpoint directory becomes unwritable mid-run).
+
+The hooks wrap module-level functions; nothing in vp2o is edited. The entry point is guarded:
+megatron's checkpoint writer re-imports the main module in a spawned process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def install(args) -> None:
+    import torch
+
+    import vp2o.train as train_module
+    from vp2o.mcore import checkpoint as ck
+
+    rank = int(os.environ.get("RANK", "0"))
+    if args.dump or args.remount_ro_at is not None:
+        real_make_rollouts = train_module.make_rollouts
+
+        def make_rollouts(s, rows, pool, step):
+            if args.remount_ro_at is not None and step == args.remount_ro_at and rank == 0:
+                subprocess.run(["mount", "-o", "remount,ro", args.mount], check=True)
+            pending = real_make_rollouts(s, rows, pool, step)
+            if args.dump:
+                out = Path(args.dump)
+                out.mkdir(parents=True, exist_ok=True)
+                b = pending.batch
+                torch.save(
+                    {"prompts": [r["prompt"] for r in rows], "tokens": b.tokens,
+                     "behavior_logprobs": b.behavior_logprobs, "rewards": pending.rewards},
+                    out / f"rollout_{step:04d}_rank{rank}.pt",
+                )
+                (out / f"rank{rank}.pid").write_text(str(os.getpid()))
+            return pending
+
+        train_module.make_rollouts = make_rollouts
+    if args.pause_save is not None:
+        real_dist_save = ck._dist_save
+
+        def dist_save(sharded_state_dict, directory):
+            real_dist_save(sharded_state_dict, directory)
+            if Path(directory).name == f".tmp_step_{args.pause_save:08d}":
+                Path(args.ready).write_text(str(os.getpid()))
+                time.sleep(3600)
+
+        ck._dist_save = dist_save
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    split = argv.index("--")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dump")
+    ap.add_argument("--pause-save", type=int)
+    ap.add_argument("--ready")
+    ap.add_argument("--remount-ro-at", type=int)
+    ap.add_argument("--mount")
+    args = ap.parse_args(argv[:split])
+    install(args)
+    from vp2o.cli import main as cli_main
+
+    return cli_main(argv[split + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
