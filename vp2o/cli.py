@@ -76,32 +76,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from vp2o.evaluate import run_eval
 
-    from vp2o.evaluate import evaluate, write_eval
-    from vp2o.mcore import parallel
-    from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint
-    from vp2o.rewards.pool import RewardPool
-    from vp2o.session import open_session
-
-    cfg = _config(args)
-    s = open_session(cfg, with_optimizer=False)
-    try:
-        if cfg.train.init_checkpoint:
-            path = Path(cfg.train.init_checkpoint)
-            load_checkpoint(latest_checkpoint(path) or path, model=s.model, optimizer=None,
-                            scheduler=None)
-        pool = RewardPool(cfg.reward.name, workers=cfg.reward.workers,
-                          timeout_s=cfg.reward.timeout_s)
-        try:
-            result = evaluate(s, pool)
-        finally:
-            pool.close()
-        if s.is_main:
-            write_eval(s.run_dir, result)
-            print(json.dumps(result, indent=2))
-    finally:
-        parallel.destroy()
+    run_eval(_config(args), benchmark=args.benchmark, fmt=args.format)
     return 0
 
 
@@ -150,8 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="score train.init_checkpoint on the held-out prompts")
+    p = sub.add_parser("eval", help="score train.init_checkpoint on held-out prompts or a "
+                       "benchmark file")
     _with_config(p)
+    p.add_argument("--benchmark", default=None,
+                   help="JSONL benchmark file (default: the task's held-out prompts)")
+    p.add_argument("--format", default="auto",
+                   choices=["auto", "math", "choice", "ifeval", "code"],
+                   help="benchmark format (auto: from the first row); see docs/results.md")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="report.md + PNG plots from run directories")

@@ -1,17 +1,27 @@
-"""Held-out evaluation: greedy accuracy, pass@k (unbiased estimator), response length.
+"""Evaluation: held-out accuracy of the training task, and benchmark files.
 
     vp2o eval --config CONFIG train.init_checkpoint=runs/x/checkpoints/step_00000100
+    vp2o eval --config CONFIG --benchmark examples/vp2o/eval/math.jsonl --format math \
+        train.init_checkpoint=... train.eval_samples=8 data.max_prompt_tokens=512
+
+Benchmark files and their formats: ``vp2o/eval_formats.py`` and ``docs/results.md``. A sample
+is correct when its reward is 1 (``math``, ``choice``; every test passed for ``code``; every
+instruction followed, strictly, for ``ifeval``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from vp2o.config import Config
+from vp2o.data.tasks import check_prompt_lengths
 from vp2o.rewards.pool import RewardPool
 from vp2o.rollout import SamplingParams, generate
 from vp2o.session import Session
@@ -22,6 +32,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def median_solution_tokens(lengths: list[int], correct: list[bool]) -> float | None:
+    """Median response length (tokens) of the correct responses; None when none is correct."""
+    solved = [n for n, ok in zip(lengths, correct, strict=True) if ok]
+    return float(statistics.median(solved)) if solved else None
 
 
 def _sample(s: Session, rows: list[dict], *, temperature: float, group: int, seed: int):
@@ -44,7 +60,8 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
 
     Returns ``held_out_accuracy`` (greedy), ``pass_at_k`` ({k: value} for k up to
     ``train.eval_samples``, sampled at the rollout temperature), ``mean_response_length`` (greedy
-    tokens) and ``num_prompts``.
+    tokens), ``median_solution_tokens`` (greedy tokens of the correct responses) and
+    ``num_prompts``.
     """
     rows = s.task.eval
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -75,6 +92,7 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
     out = {
         "held_out_accuracy": sum(correct) / max(len(correct), 1),
         "mean_response_length": sum(lengths) / max(len(lengths), 1),
+        "median_solution_tokens": median_solution_tokens(lengths, correct),
         "num_prompts": len(correct),
     }
     ks = [k for k in (1, 2, 4, 8, 16) if k <= k_max]
@@ -87,9 +105,102 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
     return out
 
 
-def write_eval(run_dir: Path, result: dict) -> Path:
-    """``run_dir/eval.json`` (read by ``vp2o report``)."""
+def evaluate_rows(s: Session, pool: RewardPool, rows: list[dict], *, samples: int,
+                  temperature: float, chunk: int = 128) -> dict:
+    """Score ``samples`` responses per row (greedy when ``temperature`` is 0, then one each).
+
+    Every rank takes a slice of the rows; results are gathered on all ranks. Returns
+    ``pass_at_k`` ({k: unbiased pass@k} for k = 1, 2, 4, ... <= n), ``mean_reward`` (partial
+    credit included), ``mean_response_length`` (tokens, all samples), ``median_solution_tokens``
+    (tokens of the correct samples; None when none is), ``num_prompts``, ``samples_per_prompt``.
+    """
+    n = 1 if temperature == 0 else max(1, samples)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = rows[rank::world]
+    per_prompt, rewards, lengths, correct = [], [], [], []
+    step = max(1, chunk // n)
+    for start in range(0, max(len(mine), 1), step):
+        part = mine[start : start + step]
+        real = bool(part)
+        if not real:  # ranks with no rows still join every collective of generate()
+            part = rows[:1]
+        batch = _sample(s, part, temperature=temperature, group=n, seed=s.cfg.seed + 1)
+        if not real:
+            continue
+        expanded = [r for r in part for _ in range(n)]
+        sc = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
+        ok = [x >= 1.0 for x in sc.rewards]
+        rewards += sc.rewards
+        correct += ok
+        lengths += batch.response_lengths.tolist()
+        per_prompt += [sum(ok[i * n : (i + 1) * n]) for i in range(len(part))]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (per_prompt, rewards, lengths, correct))
+    per_prompt, rewards, lengths, correct = (
+        [x for g in gathered for x in g[i]] for i in range(4)
+    )
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n]
+    return {
+        "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in per_prompt) / len(per_prompt)
+                      for k in ks},
+        "mean_reward": sum(rewards) / len(rewards),
+        "mean_response_length": sum(lengths) / len(lengths),
+        "median_solution_tokens": median_solution_tokens(lengths, correct),
+        "num_prompts": len(per_prompt),
+        "samples_per_prompt": n,
+        "temperature": temperature,
+    }
+
+
+def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
+             log: Callable[[str], None] = print) -> dict:
+    """What ``vp2o eval`` does: load ``train.init_checkpoint`` (its newest checkpoint when it is
+    a checkpoints folder; none = the initial weights), score the held-out prompts of the task or,
+    with ``benchmark``, that file (``train.eval_samples`` samples per prompt at
+    ``rollout.temperature``; greedy when it is 1), and write ``run_dir/eval.json`` (held-out) or
+    ``run_dir/eval_<file stem>.json`` (benchmark) on rank 0, which also logs the JSON.
+    """
+    from vp2o.eval_formats import load_benchmark
+    from vp2o.mcore import parallel
+    from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint
+    from vp2o.session import open_session
+
+    rows = reward = None
+    if benchmark is not None:  # a bad file fails before any process group exists
+        rows, reward = load_benchmark(benchmark, fmt)
+    s = open_session(cfg, with_optimizer=False)
+    try:
+        if cfg.train.init_checkpoint:
+            path = Path(cfg.train.init_checkpoint)
+            load_checkpoint(latest_checkpoint(path) or path, model=s.model, optimizer=None,
+                            scheduler=None)
+        if rows is not None:
+            check_prompt_lengths(rows, [s.tokenizer.encode(r["prompt"]) for r in rows],
+                                 cfg.data.max_prompt_tokens)
+        pool = RewardPool(reward or cfg.reward.name, workers=cfg.reward.workers,
+                          timeout_s=cfg.reward.timeout_s)
+        try:
+            if rows is None:
+                result = evaluate(s, pool)
+            else:
+                n = max(1, cfg.train.eval_samples)
+                result = evaluate_rows(s, pool, rows, samples=n,
+                                       temperature=cfg.rollout.temperature if n > 1 else 0.0)
+                result = {"benchmark": str(benchmark), "reward": reward, **result}
+        finally:
+            pool.close()
+        if s.is_main:
+            name = "eval.json" if rows is None else f"eval_{Path(benchmark).stem}.json"
+            write_eval(s.run_dir, result, name=name)
+            log(json.dumps(result, indent=2))
+    finally:
+        parallel.destroy()
+    return result
+
+
+def write_eval(run_dir: Path, result: dict, *, name: str = "eval.json") -> Path:
+    """``run_dir/eval.json`` (read by ``vp2o report``), or another ``name``."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "eval.json"
+    path = run_dir / name
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

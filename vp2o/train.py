@@ -144,7 +144,10 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         indices = [s.groups.dp_rank * len(rows) + i for i in range(len(rows))]
     gen = [torch.Generator().manual_seed((cfg.seed * 7919 + step) * 1_000_003 + i)
            for i in indices]
-    params = sampling_params(cfg, record_routing=True)
+    # The actors' routing is read by VP2O's anchor budget (§10) and by router replay only.
+    params = sampling_params(
+        cfg, record_routing=cfg.algorithm == "vp2o" or cfg.grpo.router_replay
+    )
     t0 = time.perf_counter()
     s.model.eval()
     with torch.no_grad():

@@ -1,0 +1,249 @@
+"""vp2o's GRPO against TRL's GRPOTrainer: the same tiny MoE, task, batch and generation length.
+
+    .venv/bin/python benchmarks/peer_trl.py                    # 3 rounds x 10 steps per system
+    .venv/bin/python benchmarks/peer_trl.py --rounds 5 --steps 12
+
+Model: a Hugging Face ``Qwen3MoeConfig`` (4 layers, hidden 128, 4 heads, 2 KV heads, head dim 32,
+8 experts top-2, expert ffn 128, vocab 512); TRL trains ``Qwen3MoeForCausalLM`` built from it,
+vp2o trains its megatron-core twin (``vp2o.convert.families``: the same config read by vp2o's
+converter). Tokens are characters: one alphabet of 509 characters ("0123456789+=" first) plus
+``<pad> <bos> <eos>`` (ids 0, 1, 2), the same ids on both sides (vp2o's ``CharTokenizer``, an
+HF ``PreTrainedTokenizerFast`` for TRL). Task: "12+35=" -> "47", exact-match reward.
+Per step: 4 prompts x 8 samples, 16 new tokens at temperature 1, one update per rollout, beta 0,
+Adam at a constant lr, grad clip 1.0; TRL without vLLM, both on the CPU, fp32.
+
+Each system runs in its own subprocess (so megatron's CPU patches never touch TRL), alternating
+TRL, vp2o, TRL, vp2o, ...; the first 2 steps of every run are warm-up and dropped. Step time:
+TRL from ``on_step_begin`` to ``on_step_end`` (generation, reward, loss, backward, optimizer);
+vp2o ``perf/step_s`` (rollout, reward, forward/backward, optimizer, diagnostics). Tokens per
+step = generated tokens + trained tokens (non-pad prompt + response tokens of the batch).
+Prints medians per system (over all measured steps), the ratio of every round (the two runs of
+a round are back to back, so they share the machine's load) and, last, the median of the
+per-round ratios:
+
+    throughput ratio vp2o/trl: X.XX
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPE = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8,
+    num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[], max_position_embeddings=64, tie_word_embeddings=False,
+    output_router_logits=False, router_aux_loss_coef=0.0, rms_norm_eps=1e-6,
+)
+PROMPTS_PER_STEP, GROUP, NEW_TOKENS, LR, WARMUP = 4, 8, 16, 1e-5, 2
+
+
+def alphabet() -> str:
+    """509 distinct characters, the task's first (vocab 512 with the 3 specials)."""
+    base = "0123456789+="
+    return base + "".join(chr(0x100 + i) for i in range(509 - len(base)))
+
+
+def rows(n: int = 256, seed: int = 0) -> list[dict]:
+    """``n`` prompts "a+b=" (a, b two-digit) with their answers."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return out
+
+
+def hf_config():
+    """The shared architecture as a transformers config."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(**SHAPE)
+
+
+# ------------------------------------------------------------------------------------ TRL
+
+
+def hf_tokenizer():
+    """A character-level fast tokenizer with the same ids as ``CharTokenizer(alphabet())``."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(alphabet())})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", padding_side="left")
+
+
+def run_trl(steps: int, out_dir: Path) -> list[dict]:
+    """``steps`` GRPOTrainer steps; per step: seconds, generated and trained tokens."""
+    import torch
+    from datasets import Dataset
+    from transformers import Qwen3MoeForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(hf_config()).float()
+    tok = hf_tokenizer()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = 2
+    model.generation_config.bos_token_id = 1
+
+    def exact(completions, answer, **_):
+        return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer, strict=True)]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t0, self.steps, self.last_tokens = 0.0, [], 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append({"s": time.perf_counter() - self.t0})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs and self.steps:
+                total = int(logs["num_tokens"])
+                self.steps[-1]["trained"] = total - self.last_tokens
+                self.last_tokens = total
+                self.steps[-1]["generated"] = (
+                    logs["completions/mean_length"] * PROMPTS_PER_STEP * GROUP
+                )
+
+    args = GRPOConfig(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP
+        * GROUP, gradient_accumulation_steps=1, num_generations=GROUP,
+        max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
+        num_iterations=1, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
+        max_grad_norm=1.0, warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, bf16=False, fp16=False, use_vllm=False, dataloader_num_workers=0,
+        seed=0, disable_tqdm=True,
+    )
+    timer = Timer()
+    trainer = GRPOTrainer(model=model, reward_funcs=exact, args=args,
+                          train_dataset=Dataset.from_list(rows()), processing_class=tok,
+                          callbacks=[timer])
+    trainer.train()
+    return timer.steps
+
+
+# ------------------------------------------------------------------------------------ vp2o
+
+
+def vp2o_overrides(work: Path) -> list[str]:
+    """``vp2o train`` overrides: the twin of ``hf_config()`` and the same task and batch."""
+    import dataclasses
+
+    from vp2o.config import ModelConfig
+    from vp2o.convert.families import get_family
+    from vp2o.data.tokenizer import CharTokenizer
+
+    twin = get_family("qwen3_moe").model_config(hf_config())
+    model = [f"model.{f.name}={json.dumps(getattr(twin, f.name))}"
+             for f in dataclasses.fields(ModelConfig)
+             if getattr(twin, f.name) != f.default and f.name != "params_dtype"]
+    CharTokenizer(alphabet()).save(work / "chars.json")
+    data = rows()
+    (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (work / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[:4]))
+    return [
+        *model, "model.transformer_impl=local", "algorithm=grpo",
+        "data.task=jsonl", f"data.train_path={work / 'train.jsonl'}",
+        f"data.eval_path={work / 'eval.jsonl'}", "data.tokenizer=char",
+        f"data.tokenizer_path={work / 'chars.json'}", "reward.name=exact", "reward.workers=1",
+        f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP}",
+        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
+        f"rollout.micro_batch_size={PROMPTS_PER_STEP * GROUP}", "grpo.updates_per_rollout=1",
+        "grpo.kl_coeff=0.0", f"optimizer.lr={LR}", "optimizer.decay_style=constant",
+        "optimizer.warmup_steps=0", "optimizer.weight_decay=0.0", "optimizer.clip_grad=1.0",
+        "train.eval_every=0", "train.eval_samples=1", "train.wandb_mode=disabled",
+        f"train.run_dir={work / 'run'}", "train.resume=never",
+    ]
+
+
+def run_vp2o(steps: int, work: Path) -> list[dict]:
+    """``steps`` steps of vp2o's GRPO (``vp2o.train.train``); per step as ``run_trl``."""
+    from vp2o.cli import quiet_third_party_warnings
+    from vp2o.config import load_config
+    from vp2o.metrics import read_metrics
+    from vp2o.train import train
+
+    quiet_third_party_warnings()
+    cfg = load_config(None, [*vp2o_overrides(work), f"train.steps={steps}"])
+    train(cfg)
+    out = []
+    for r in read_metrics(work / "run"):
+        out.append({"s": r["perf/step_s"], "generated": r["perf/generated_tokens"],
+                    "trained": r["perf/tokens_per_s"] * r["perf/step_s"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def worker(system: str, steps: int) -> None:
+    """Run one system in this process; print its steps as one JSON line."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        fn = run_trl if system == "trl" else run_vp2o
+        result = fn(steps, Path(tmp))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="steps per run (2 are warm-up)")
+    ap.add_argument("--worker", choices=["trl", "vp2o"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.steps)
+        return
+    per: dict[str, list[dict]] = {"trl": [], "vp2o": []}
+    rounds: list[dict[str, float]] = []  # per round: each system's median tokens/s
+    for rnd in range(args.rounds):
+        rounds.append({})
+        for system in ("trl", "vp2o"):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", system, "--steps", str(args.steps)],
+                capture_output=True, text=True, check=False,
+            )
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode or line is None:
+                sys.exit(f"{system} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            steps = json.loads(line[len("RESULT "):])[WARMUP:]
+            per[system] += steps
+            rounds[-1][system] = statistics.median(
+                (s["generated"] + s["trained"]) / s["s"] for s in steps)
+            print(f"round {rnd} {system:>4}: median "
+                  f"{statistics.median(s['s'] for s in steps):.3f} s/step, "
+                  f"{rounds[-1][system]:,.0f} tokens/s", flush=True)
+    tps = {}
+    for system, steps in per.items():
+        step_s = statistics.median(s["s"] for s in steps)
+        gen = statistics.median(s["generated"] for s in steps)
+        trained = statistics.median(s["trained"] for s in steps)
+        tps[system] = statistics.median((s["generated"] + s["trained"]) / s["s"] for s in steps)
+        print(f"{system:>4}: {step_s:.3f} s/step, {gen:.0f} generated + {trained:.0f} trained "
+              f"tokens/step, {tps[system]:,.0f} tokens/s (median of {len(steps)} steps)")
+    ratios = [r["vp2o"] / r["trl"] for r in rounds]
+    print("per-round ratios vp2o/trl: " + ", ".join(f"{x:.2f}" for x in ratios)
+          + f"; pooled-median ratio {tps['vp2o'] / tps['trl']:.2f}")
+    print(f"throughput ratio vp2o/trl: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
