@@ -9,7 +9,6 @@ each data-parallel rank taking its share.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import zlib
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from vp2o.config import Config, load_config
 from vp2o.mcore import model as mdl
 from vp2o.mcore import training
+from vp2o.mcore.parallel import free_port
 
 GLOBAL_BATCH, SEQ = 4, 12
 WORKER = Path(__file__).with_name("ckpt_worker.py")
@@ -153,10 +153,6 @@ def all_global_params(run: Run) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env() -> dict[str, str]:
@@ -177,7 +173,7 @@ def run_worker(nproc: int, *args: str, timeout: float = 300) -> subprocess.Compl
             "-m",
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             str(WORKER),
             *args,
         ]

@@ -4,7 +4,6 @@ reshards the single-layout checkpoint onto EP=2) and gives the single-process lo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vp2o.mcore.parallel import free_port
+
 WORKER = Path(__file__).with_name("dist_load_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -30,7 +27,7 @@ def test_ep2_load_matches_single_process(hf_checkpoints, converted, megatron_log
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(WORKER),
         "--ckpt",
         str(mcore_dir),

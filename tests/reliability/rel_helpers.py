@@ -4,12 +4,13 @@ readers. Every trainer here is the real megatron-core model on the CPU at toy si
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from vp2o.mcore.parallel import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -78,7 +79,3 @@ def trainer_extra(path: Path) -> dict:
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

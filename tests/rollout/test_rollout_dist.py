@@ -4,7 +4,6 @@ when the ranks' own rows finish after different numbers of steps."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +12,13 @@ import dist_generate_worker as worker
 import pytest
 import torch
 
+from vp2o.mcore.parallel import free_port
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(worker.__file__)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ep2_generation_equals_single_process(tmp_path, init_parallel):
@@ -31,7 +28,7 @@ def test_ep2_generation_equals_single_process(tmp_path, init_parallel):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(WORKER),
         "--ep",
         "2",

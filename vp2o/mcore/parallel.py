@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,10 +36,30 @@ class DistEnv:
     master_port: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A loopback TCP port nothing is bound to, picked *below* the kernel's ephemeral range.
+
+    Client sockets (every TCPStore connection, HTTP, ...) take their ports from the ephemeral
+    range, so a port found free there can be taken before the rendezvous binds it (seen as
+    EADDRINUSE under load). Ports below that range are only handed out by explicit binds.
+    """
+    low = 32768
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(15000, max(low, 15001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # everything below the range is taken: any free port
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -78,7 +100,8 @@ def discover_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=addr,
             master_port=port,
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", _free_port())))
+    port = env.get("MASTER_PORT")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(port) if port else free_port())
 
 
 @dataclass(frozen=True)
@@ -125,14 +148,25 @@ def initialize(cfg: Config, *, seed: int | None = None) -> ParallelGroups:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
+        chose_port = "MASTER_PORT" not in os.environ and env.world_size == 1
         os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        dist.init_process_group(
-            backend=backend,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=p.timeout_minutes),
-        )
+        os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT", str(env.master_port))
+        for attempt in range(5):
+            try:
+                dist.init_process_group(
+                    backend=backend,
+                    rank=env.rank,
+                    world_size=env.world_size,
+                    timeout=datetime.timedelta(minutes=p.timeout_minutes),
+                )
+                break
+            except dist.DistNetworkError:
+                # A port we picked ourselves (single process) was taken meanwhile: pick again.
+                if not chose_port or attempt == 4:
+                    raise
+                os.environ["MASTER_PORT"] = str(free_port())
+        if chose_port:
+            del os.environ["MASTER_PORT"]  # the next job in this process picks its own
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_parallel,
