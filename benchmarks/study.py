@@ -1,10 +1,10 @@
 """GRPO vs VP2O on the demo task: one shared SFT warm start, 3 seeds each, the same budget.
 
     .venv/bin/python benchmarks/study.py                     # runs/study, seeds 1 2 3
-    .venv/bin/python benchmarks/study.py --seeds 1 2 3 --out runs/study --steps 60
+    .venv/bin/python benchmarks/study.py --seeds 1 2 3 --out runs/study --steps 400
 
 Uses the demo's settings (``vp2o.demo.demo_config``): the tiny MoE (4 layers, d=128, 8 experts,
-top-2), SFT warm start (250 steps, once, shared), then for each seed GRPO and VP2O for the same
+top-2), SFT warm start (the demo's SFT steps, once, shared), then for each seed GRPO and VP2O for the same
 number of learner steps from that checkpoint. The training and held-out rows are written once to
 JSONL files (the demo's arithmetic task at the default seed), so a run's seed changes only its RL
 randomness (data order, sampling, prototype start), never the data; every run is scored on the
@@ -185,7 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--steps", type=int, default=60, help="learner steps per RL run (budget)")
+    ap.add_argument("--steps", type=int, default=400, help="learner steps per RL run (budget)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     args = ap.parse_args()
 
