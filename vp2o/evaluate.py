@@ -162,8 +162,7 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     """
     from vp2o.eval_formats import load_benchmark
     from vp2o.mcore import parallel
-    from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint
-    from vp2o.session import open_session
+    from vp2o.session import load_initial_weights, open_session
 
     rows = reward = None
     if benchmark is not None:  # a bad file fails before any process group exists
@@ -171,9 +170,7 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     s = open_session(cfg, with_optimizer=False)
     try:
         if cfg.train.init_checkpoint:
-            path = Path(cfg.train.init_checkpoint)
-            load_checkpoint(latest_checkpoint(path) or path, model=s.model, optimizer=None,
-                            scheduler=None)
+            load_initial_weights(s, cfg.train.init_checkpoint)
         if rows is not None:
             check_prompt_lengths(rows, [s.tokenizer.encode(r["prompt"]) for r in rows],
                                  cfg.data.max_prompt_tokens)

@@ -98,3 +98,23 @@ def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> 
         session.optimizer = training.build_optimizer(session.ddp, cfg)
         session.scheduler = training.build_scheduler(session.optimizer, cfg, total_steps)
     return session
+
+
+def load_initial_weights(s: Session, path: str | Path) -> Path:
+    """Load ``train.init_checkpoint`` weights (no optimizer state) into ``s.model``.
+
+    ``path`` may be a training checkpoint (``step_*``), a folder of them (its newest complete one
+    is taken), or a checkpoint converted from Hugging Face (``vp2o convert``, it holds
+    ``convert.json``). Returns the checkpoint actually loaded.
+    """
+    from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = Path(path)
+    if (path / "convert.json").exists():
+        from vp2o.convert import load_model_weights
+
+        load_model_weights(s.model, path)
+        return path
+    path = latest_checkpoint(path) or path
+    load_checkpoint(path, model=s.model, optimizer=None, scheduler=None)
+    return path

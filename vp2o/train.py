@@ -37,7 +37,9 @@ from vp2o.config import Config, to_dict
 from vp2o.diagnostics import routing_diagnostics
 from vp2o.mcore import parallel, router_replay, training
 from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vp2o.mcore.model import build_model
 from vp2o.mcore.stein_step import SteinTransform
+from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
 from vp2o.metrics import MetricsLogger
 from vp2o.rewards.pool import RewardPool
 from vp2o.rollout import (
@@ -47,7 +49,7 @@ from vp2o.rollout import (
     replay_indices,
     sequence_logprobs,
 )
-from vp2o.session import Session, open_session
+from vp2o.session import Session, load_initial_weights, open_session
 
 
 @dataclass
@@ -401,8 +403,15 @@ def _train(s: Session) -> dict:
         transport=vp2o,
     )
     ref_model = None
-    if cfg.grpo.kl_coeff > 0:  # a frozen copy of the starting weights (optional, off by default)
-        ref_model = copy.deepcopy(s.model).eval()
+    if cfg.grpo.kl_coeff > 0:  # frozen starting weights (optional, off by default)
+        ref_model = build_model(cfg, layer_spec_hook=vp2o_layer_spec_hook(cfg)).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+        if cfg.train.init_checkpoint:
+            load_initial_weights(Session(cfg, s.groups, s.run_dir, s.tokenizer, s.task,
+                                         ref_model), cfg.train.init_checkpoint)
+        else:
+            ref_model.load_state_dict(s.model.state_dict())
     stream = PromptStream(s.task.train, seed=cfg.seed, rank=s.groups.dp_rank, world=dp_size)
     learner = Learner(s, transform, ref_model)
     ckpt_root = s.run_dir / "checkpoints"
@@ -416,14 +425,12 @@ def _train(s: Session) -> dict:
         transform.load_state_dict(extra["transform"])
         pending = PendingBatch.from_state(extra["pending"][rank])
         skips = extra.get("consecutive_skips", 0)
-        if ref_model is not None and "ref_model" in extra:
-            ref_model.load_state_dict(extra["ref_model"])
-    elif cfg.train.init_checkpoint:
-        init = Path(cfg.train.init_checkpoint)
-        init = latest_checkpoint(init) or init  # a checkpoints folder: its newest checkpoint
-        load_checkpoint(init, model=s.model, optimizer=None, scheduler=None)
-        if ref_model is not None:
+        if ref_model is not None and not cfg.train.init_checkpoint:
+            print("vp2o: warning: resumed without train.init_checkpoint: the KL reference is the "
+                  "resumed weights, not the run's starting weights", flush=True)
             ref_model.load_state_dict(s.model.state_dict())
+    elif cfg.train.init_checkpoint:
+        load_initial_weights(s, cfg.train.init_checkpoint)
         transform = SteinTransform(
             s.model, cfg.vp2o, s.groups, num_experts=cfg.model.num_experts, seed=cfg.seed,
             transport=vp2o,
@@ -508,7 +515,7 @@ def _train(s: Session) -> dict:
                 s.scheduler.step(1)
             if skips >= cfg.train.max_consecutive_skips:
                 logger.log(step, {k: v for k, v in m.items() if v is not None})
-                _save(s, ckpt_root, step, stream, transform, pending, skips, ref_model)
+                _save(s, ckpt_root, step, stream, transform, pending, skips)
                 raise RuntimeError(
                     f"{skips} consecutive steps had non-finite loss or gradients; stopped at "
                     f"step {step} with a checkpoint of the last good state in {ckpt_root}"
@@ -538,7 +545,7 @@ def _train(s: Session) -> dict:
             # ---- checkpoint, evaluation ----
             last = step + 1 == cfg.train.steps
             if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-                _save(s, ckpt_root, step + 1, stream, transform, pending, skips, ref_model)
+                _save(s, ckpt_root, step + 1, stream, transform, pending, skips)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
                 from vp2o.evaluate import evaluate
 
@@ -547,7 +554,7 @@ def _train(s: Session) -> dict:
             metrics = {k: v for k, v in m.items() if v is not None}
             logger.log(step, metrics)
             if not last and stop.anywhere():
-                _save(s, ckpt_root, step + 1, stream, transform, pending, skips, ref_model)
+                _save(s, ckpt_root, step + 1, stream, transform, pending, skips)
                 print(f"vp2o: stop signal: checkpoint of step {step + 1} written to "
                       f"{ckpt_root}; exiting (resume continues from it)", flush=True)
                 return {**{k: _scalar(v) for k, v in metrics.items()},
@@ -578,7 +585,7 @@ def _resume_path(cfg: Config, root: Path) -> Path | None:
     return Path(cfg.train.resume)
 
 
-def _save(s: Session, root, step, stream, transform, pending, skips, ref_model) -> None:
+def _save(s: Session, root, step, stream, transform, pending, skips) -> None:
     gathered = [None] * dist.get_world_size()
     state = None if pending is None else pending.state_dict()
     dist.all_gather_object(gathered, state)  # each rank's batch, so any rank can resume
@@ -590,8 +597,6 @@ def _save(s: Session, root, step, stream, transform, pending, skips, ref_model) 
         "consecutive_skips": skips,
         "config": to_dict(s.cfg),
     }
-    if ref_model is not None:
-        extra["ref_model"] = ref_model.state_dict()
     save_checkpoint(root, step, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
                     extra=extra, keep_last=s.cfg.train.keep_last)
 
