@@ -99,3 +99,13 @@ def test_two_process_expert_parallel_train(tmp_path, algorithm):
     assert [r["step"] for r in rows] == [0, 1]
     assert all(STEP_KEYS <= set(r) for r in rows)
     assert "held-out accuracy" in proc.stdout
+
+
+@pytest.mark.slow
+def test_kl_reference_is_the_frozen_starting_policy(tmp_path):
+    """grpo.kl_coeff > 0 keeps a frozen reference: KL is 0 before the first update, > 0 after."""
+    _train(tmp_path / "kl", "train.steps=2", "grpo.kl_coeff=0.1", "train.wandb_mode=disabled",
+           "reward.name=scaleout_reward:length_reward", "optimizer.lr=1e-2")
+    rows = read_metrics(tmp_path / "kl" / "metrics.jsonl")
+    assert rows[0]["kl/k3"] == pytest.approx(0.0, abs=1e-7)
+    assert rows[1]["kl/k3"] > 1e-6
