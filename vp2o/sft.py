@@ -69,7 +69,7 @@ def _sft(s: Session) -> dict:
 
     def loss_fn(model, mb):
         b, width = mb["tokens"].shape
-        pos = pos_cache.setdefault(width, torch.arange(width).unsqueeze(0))
+        pos = pos_cache.setdefault(width, torch.arange(width, device=s.device).unsqueeze(0))
         per_token = model(mb["tokens"], pos.expand(b, -1), None, labels=mb["labels"])  # [B, S]
         loss = (per_token.float() * mb["mask"]).sum() / mb["total"]
         return loss, {"loss": loss.detach()}
@@ -78,7 +78,7 @@ def _sft(s: Session) -> dict:
         for step in range(cfg.sft.steps):
             t0 = time.perf_counter()
             rows = [rng.choice(s.task.train) for _ in range(cfg.sft.batch_size)]
-            batch = sft_batch(s, rows)
+            batch = {k: v.to(s.device) for k, v in sft_batch(s, rows).items()}
             batch["total"] = batch["mask"].sum().clamp_min(1)
             training.zero_grads(s.ddp, s.optimizer)
             outs = training.forward_backward(s.ddp, [batch], loss_fn)

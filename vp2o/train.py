@@ -194,14 +194,14 @@ def drop_flat_groups(p: PendingBatch, group_size: int) -> PendingBatch:
     )
 
 
-def micro_batches(p: PendingBatch, size: int) -> list[dict]:
-    """Split the pending batch into learner micro-batches of ``size`` sequences."""
+def micro_batches(p: PendingBatch, size: int, device: torch.device) -> list[dict]:
+    """Split the pending batch into learner micro-batches of ``size`` sequences on ``device``."""
     n = p.batch.num_sequences
-    denominator = p.batch.response_mask.sum().clamp_min(1).float()  # token_mean over the batch
+    denominator = p.batch.response_mask.sum().clamp_min(1).float().to(device)  # token_mean
     out = []
     for start in range(0, n, size):
         idx = torch.arange(start, min(start + size, n))
-        out.append({"batch": p.batch.select(idx), "adv": p.advantages[idx],
+        out.append({"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
                     "denominator": denominator, "max_len": p.batch.tokens.shape[1]})
     return out
 
@@ -288,7 +288,7 @@ class Learner:
         cfg, model = self.cfg, self.s.model
         model.eval()
         logps, ids, gates = [], [], []
-        for mb in micro_batches(p, cfg.rollout.micro_batch_size):
+        for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
             b, s = mb["batch"].tokens.shape
             logps.append(sequence_logprobs(model, mb["batch"],
                                            temperature=mb["batch"].logprob_temperature))
@@ -296,16 +296,17 @@ class Learner:
             ids.append(routing_in_batch_layout([r.ids for r in recs], b, s))
             gates.append(routing_in_batch_layout([r.gates for r in recs], b, s))
         model.train()
-        logp = torch.cat(logps)
+        logp = torch.cat(logps).cpu()  # the rollout batch lives on the CPU; these are small
         batch = p.batch
         out = self.behaviour(logp, batch)
         if batch.routing_ids.numel():
             # [Lm, N, S]: response tokens (§10) where the actors logged their routing
             mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
             D = trust_region.anchor_distance(
-                torch.cat(ids, 1), torch.cat(gates, 1), self.transform.prototypes.unsqueeze(1),
+                torch.cat(ids, 1).cpu(), torch.cat(gates, 1).cpu(),
+                self.transform.prototypes.unsqueeze(1).cpu(),
                 batch.routing_ids.clamp_min(0), batch.routing_gates,
-                self.transform.anchor.unsqueeze(1), mask=mask,
+                self.transform.anchor.unsqueeze(1).cpu(), mask=mask,
             )
             out["trust/anchor_distance"] = D
         return out
@@ -374,7 +375,9 @@ class StopRequest:
 
     def anywhere(self) -> bool:
         """True when any rank received a stop signal (a collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")  # nccl reduces CUDA tensors only
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag[0])  # sync
 
@@ -473,7 +476,8 @@ def _train(s: Session) -> dict:
 
             t0 = time.perf_counter()
             outs = training.forward_backward(
-                s.ddp, micro_batches(pending, cfg.rollout.micro_batch_size), learner.loss_fn,
+                s.ddp, micro_batches(pending, cfg.rollout.micro_batch_size, s.device),
+                learner.loss_fn,
                 before_grad_reduction=before_reduction,
             )
             if cfg.grpo.router_replay:
@@ -491,7 +495,7 @@ def _train(s: Session) -> dict:
             t_train = time.perf_counter() - t0
             transform.after_optimizer_step()  # prototype refresh (§4); resets routing stats
             pending.updates += 1
-            logp = torch.cat([o["_logp"] for o in outs])
+            logp = torch.cat([o["_logp"] for o in outs]).cpu()
             # ---- budgets: VP2O checks the step it just took; GRPO logs drift/ESS ----
             refresh = pending.updates >= max_updates
             if vp2o and finite:

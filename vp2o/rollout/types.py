@@ -6,6 +6,7 @@ Glossary: N sequences in a rollout batch (prompts x group size G), S the padded 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,14 @@ class RolloutBatch:
     def response_lengths(self) -> torch.Tensor:
         """[N] generated tokens per sequence."""
         return self.response_mask.sum(-1)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with every tensor on ``device`` (generation returns CPU tensors)."""
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if torch.is_tensor(value) else value
+        return RolloutBatch(**moved)
 
     def select(self, index: torch.Tensor) -> RolloutBatch:
         """The sub-batch of the sequences in ``index`` (e.g. dynamic sampling, micro-batches)."""
