@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vp2o.data.tasks import DatasetError
+from vp2o.data.tasks import DatasetError, iter_jsonl_objects
 
 __all__ = ["FORMATS", "BenchmarkFormat", "detect_format", "load_benchmark", "register_format"]
 
@@ -172,29 +172,18 @@ def load_benchmark(path: str | Path, fmt: str = "auto", *,
     if fmt != "auto" and fmt not in FORMATS:
         raise DatasetError(f"unknown benchmark format {fmt!r}; choose one of "
                            f"{['auto', *sorted(FORMATS)]}")
-    if not path.is_file():
-        raise DatasetError(f"{path}: benchmark file does not exist")
     rows, chosen = [], None if fmt == "auto" else FORMATS[fmt]
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(raw, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object per line")
-            if chosen is None:
-                chosen = FORMATS[detect_format(raw)]
-            try:
-                row = chosen.convert(raw)
-            except (ValueError, KeyError, TypeError) as e:
-                raise DatasetError(f"{path}:{lineno}: {chosen.name} format: {e}") from None
-            row["_source"] = f"{path}:{lineno}"
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    for lineno, raw in iter_jsonl_objects(path, what="benchmark"):
+        if chosen is None:
+            chosen = FORMATS[detect_format(raw)]
+        try:
+            row = chosen.convert(raw)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{path}:{lineno}: {chosen.name} format: {e}") from None
+        row["_source"] = f"{path}:{lineno}"
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise DatasetError(f"{path}: benchmark file is empty")
     return rows, chosen.reward

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,28 @@ def arith_corpus(rows: list[dict]) -> list[str]:
     return [r["prompt"] + r["answer"] for r in rows]
 
 
+def iter_jsonl_objects(path: Path, *, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file.
+
+    Raises:
+        DatasetError: a missing file, a line that is not valid JSON or not an object, naming the
+            file and line (``what`` names the kind of file in the message).
+    """
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} file does not exist")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{path}:{lineno}: expected a JSON object per line")
+            yield lineno, obj
+
+
 def read_jsonl(path: str | Path, *, prompt_field: str, answer_field: str) -> list[dict]:
     """Rows of a JSONL file, each checked for the two fields.
 
@@ -65,27 +88,15 @@ def read_jsonl(path: str | Path, *, prompt_field: str, answer_field: str) -> lis
             naming the file and line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: dataset file does not exist")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}:{lineno}: expected a JSON object per line")
-            for key in (prompt_field, answer_field):
-                if key not in row:
-                    raise DatasetError(f"{path}:{lineno}: missing field {key!r}")
-            row = dict(row)
-            row["prompt"] = str(row[prompt_field])
-            row["answer"] = row[answer_field]
-            row["_source"] = f"{path}:{lineno}"
-            rows.append(row)
+    for lineno, row in iter_jsonl_objects(path, what="dataset"):
+        for key in (prompt_field, answer_field):
+            if key not in row:
+                raise DatasetError(f"{path}:{lineno}: missing field {key!r}")
+        row["prompt"] = str(row[prompt_field])
+        row["answer"] = row[answer_field]
+        row["_source"] = f"{path}:{lineno}"
+        rows.append(row)
     if not rows:
         raise DatasetError(f"{path}: dataset file is empty")
     return rows
