@@ -311,6 +311,11 @@ def _agree(
         if code is None:  # torch DCP pickles worker errors across ranks: only the text survives
             found = re.search(r"\[Errno (\d+)\]", text)
             code = int(found.group(1)) if found else None
+        if code is None and "unexpected pos" in text:
+            # torch's zip writer (inline_container.cc) reports a short write this way: on a full
+            # file system the ENOSPC itself is swallowed by its stream.
+            code = errno.ENOSPC
+            text += " (a short write: No space left on device, most likely)"
         mine = (text, code)
     outcomes: list = [None] * dist.get_world_size()
     dist.all_gather_object(outcomes, mine)
