@@ -183,7 +183,7 @@ class SteinTransform:
             "C": stats["C"],
             "router/entropy": stats["router_entropy"].mean(),
             "stein/attraction_norm": att_sq.sqrt(),
-            "stein/repulsion_norm": rep_sq.sqrt(),
+            "stein/repulsion_norm": self._sum_over_ep(rep_sq).sqrt(),
         }
 
     def _attract(self, weights: list, A: torch.Tensor) -> torch.Tensor:
@@ -244,10 +244,15 @@ class SteinTransform:
             )
         # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
         gram = (L.mT @ L) * (R @ R.mT)  # [E_loc, 2n, 2n]
-        rep_sq = (self.cfg.alpha**2) * gram.sum().float().reshape(1)
-        if self.ep_size > 1:
-            dist.all_reduce(rep_sq, group=self.groups.ep)
-        return rep_sq[0]
+        return (self.cfg.alpha**2) * gram.sum().float()  # this rank's experts only
+
+    def _sum_over_ep(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum a 0-dim statistic over the EP group (one collective per step, not per layer)."""
+        if self.ep_size == 1:
+            return value
+        value = value.reshape(1).clone()
+        dist.all_reduce(value, group=self.groups.ep)
+        return value[0]
 
     def _repulsion_prescale(self, ddp_model) -> float:
         """1 / (what the expert-gradient reduction multiplies a replicated addend by).

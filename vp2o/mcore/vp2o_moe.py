@@ -68,7 +68,6 @@ class VP2ORouter(TopKRouter):
         self.valid_rows: torch.Tensor | None = None
         self.record_routing = True
         self.last_routing: RoutingRecord | None = None
-        self.step_records: list[RoutingRecord] = []  # grad-enabled forwards of this step
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
         """megatron's top-k routing, then VP2O's statistics and routing-variance loss."""
@@ -97,7 +96,6 @@ class VP2ORouter(TopKRouter):
                 scores = scores / scores.sum(-1, keepdim=True)
                 token_entropy = -(scores * scores.clamp_min(1e-20).log()).sum(-1)  # [T]
                 self.entropy_sum += (token_entropy * r.sum(-1) / k).sum()
-            self.step_records.append(record)
             if self.training and self.variance_coeff > 0:
                 # Post-top-k scores renormalised to sum to 1 per token (method §9).
                 p = probs.float()
@@ -119,7 +117,6 @@ class VP2ORouter(TopKRouter):
         self.coactivation_counts.zero_()
         self.routed_tokens.zero_()
         self.entropy_sum.zero_()
-        self.step_records.clear()
 
 
 class VP2OMoELayer(MoELayer):
