@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -158,10 +159,13 @@ def test_drops_root(any_sandbox):
 def test_concurrent_runs_get_distinct_uids(any_sandbox):
     if not any_sandbox.uids:
         pytest.skip("no uid drop here")
+    # Three interpreters start at once here: a roomier wall limit than LIMITS, so a loaded
+    # machine cannot turn this uid test into a timing test.
+    roomy = Sandbox(dataclasses.replace(LIMITS, wall_s=30, cpu_s=10), backend=any_sandbox.backend)
     outputs = []
 
     def work():
-        outputs.append(run(any_sandbox, "import os, time\ntime.sleep(0.5)\nprint(os.getuid())"))
+        outputs.append(run(roomy, "import os, time\ntime.sleep(0.5)\nprint(os.getuid())"))
 
     threads = [threading.Thread(target=work) for _ in range(3)]
     for t in threads:
