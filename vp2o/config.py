@@ -67,7 +67,14 @@ class ModelConfig:
     norm_epsilon: float = 1e-6
     """Norm epsilon."""
     qk_layernorm: bool = False
-    """RMSNorm on queries and keys per head (Qwen3-MoE, OLMoE)."""
+    """Norm on queries and keys after the QKV projection (Qwen3-MoE, OLMoE); its extent is
+    qk_layernorm_scope."""
+    qk_layernorm_scope: Literal["head", "full"] = "head"
+    """What qk_layernorm normalises. "head": each head separately over head_dim features, one
+    [head_dim] weight shared by all heads (megatron's qk_layernorm; Qwen3-MoE). "full": each
+    token's whole q projection (num_attention_heads * head_dim features) and k projection
+    (num_query_groups * head_dim), one RMS statistic per token, weights of those widths (OLMoE;
+    vp2o.mcore.qk_norm). "full" needs qk_layernorm, RMSNorm and parallel.tensor_parallel = 1."""
     add_bias_linear: bool = False
     """Biases in linear layers (none in every supported family)."""
     add_qkv_bias: bool = False
@@ -415,9 +422,10 @@ class VP2OConfig:
     """Learner steps on one rollout batch before a forced refresh (§12)."""
     transform_chunk_elems: int = 1 << 26
     """Size (elements) of each of the transform's workspaces: the [E, P] expert-gradient matrix is
-    transformed in column chunks of transform_chunk_elems / E, which bounds the memory of the
-    attraction and its EP reduce-scatter (implementation choice, not the method's; 1 << 26 fp32 =
-    256 MiB per workspace)."""
+    transformed in column chunks of transform_chunk_elems / E (rounded to whole rows of W2 for the
+    output projection), which bounds the memory of the attraction and its EP reduce-scatter
+    (implementation choice, not the method's; 1 << 26 fp32 = 256 MiB per workspace). Smaller
+    chunks were slower on the CPU too (docs/benchmarks.md)."""
     trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
     """§10."""
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
@@ -505,6 +513,19 @@ class Config:
             m.moe_layer_freq,
             "at least one MoE layer",
         )
+        if m.qk_layernorm_scope == "full":
+            _check(
+                m.qk_layernorm,
+                "model.qk_layernorm",
+                m.qk_layernorm,
+                "true with model.qk_layernorm_scope=full (the scope of a q/k norm that is off)",
+            )
+            _check(
+                m.normalization == "RMSNorm",
+                "model.normalization",
+                m.normalization,
+                "RMSNorm with model.qk_layernorm_scope=full (only a full-width RMSNorm exists)",
+            )
         if m.moe_router_score_function == "sigmoid":
             _check(
                 not m.moe_router_pre_softmax,
@@ -578,6 +599,14 @@ class Config:
                 m.num_query_groups,
                 f"divisible by parallel.tensor_parallel ({tp})",
             )
+        if m.qk_layernorm_scope == "full":
+            _check(
+                tp == 1,
+                "parallel.tensor_parallel",
+                tp,
+                "1 with model.qk_layernorm_scope=full (the full-width q/k norm spans all heads; "
+                "a tensor-parallel rank holds only some of them)",
+            )
         _check(
             m.ffn_hidden_size % tp == 0,
             "model.ffn_hidden_size",
@@ -619,6 +648,12 @@ class Config:
                 v.max_updates_per_rollout >= 1,
                 "vp2o.max_updates_per_rollout",
                 v.max_updates_per_rollout,
+                ">= 1",
+            )
+            _check(
+                v.transform_chunk_elems >= 1,
+                "vp2o.transform_chunk_elems",
+                v.transform_chunk_elems,
                 ">= 1",
             )
             _check(

@@ -62,13 +62,15 @@ HF_CONFIGS = {
         num_experts_per_tok=2,
         max_position_embeddings=256,
     ),
+    # q/k RMSNorm over the whole projection (q_norm [32], k_norm [16]), GQA, softmax before
+    # top-k (norm_topk_prob=False, OLMoE's default).
     "olmoe": dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=16,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=256,
@@ -76,7 +78,7 @@ HF_CONFIGS = {
         pad_token_id=0,
     ),
 }
-SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral")
+SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
 
 def build_hf_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):

@@ -143,6 +143,18 @@ def test_export_needs_a_vp2o_checkpoint_dir(tmp_path):
         mcore_to_hf(tmp_path, tmp_path / "out")
 
 
+def test_olmoe_refuses_tensor_parallel(tmp_path):
+    """OLMoE's full-width q/k norm spans all heads; a tensor-parallel rank holds only some."""
+    from vp2o.config import ConfigError
+
+    build_hf_model("olmoe").save_pretrained(tmp_path / "hf")
+    out = tmp_path / "out"
+    message = "parallel.tensor_parallel = 2: expected 1 with model.qk_layernorm_scope=full"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        hf_to_mcore(tmp_path / "hf", out, tensor_parallel=2)
+    _nothing_at(out)
+
+
 def test_vocab_padding_must_not_depend_on_the_layout(tmp_path):
     build_hf_model("qwen2_moe", vocab_size=97).save_pretrained(tmp_path / "hf")
     out = tmp_path / "out"

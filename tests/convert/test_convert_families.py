@@ -46,6 +46,11 @@ def test_family_specific_fields():
     mx = get_family("mixtral").model_config(load_hf_config(_hf("mixtral")))
     assert (mx.num_experts, mx.moe_ffn_hidden_size, mx.num_query_groups) == (4, 16, 1)
     assert mx.kv_channels is None and mx.moe_router_pre_softmax is False
+    ol = get_family("olmoe").model_config(load_hf_config(_hf("olmoe")))
+    assert (ol.qk_layernorm, ol.qk_layernorm_scope, ol.num_query_groups) == (True, "full", 2)
+    assert ol.moe_router_pre_softmax is True and ol.moe_layer_freq == 1
+    assert ol.moe_ffn_hidden_size == 16 and ol.untie_embeddings_and_output_weights
+    assert (q3.qk_layernorm_scope, mx.qk_layernorm_scope) == ("head", "head")
 
 
 def test_family_lookup():
@@ -77,7 +82,9 @@ def test_family_lookup():
         ),
         ("mixtral", {"sliding_window": 4096}, "sliding_window"),
         ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size"),
-        ("olmoe", {}, "model.qk_layernorm"),
+        ("olmoe", {"clip_qkv": 8.0}, "clip_qkv = 8.0"),
+        ("olmoe", {"attention_bias": True}, "attention_bias"),
+        ("olmoe", {"head_dim": 16}, "head_dim = 16"),
     ],
 )
 def test_inexpressible_hf_fields_are_named(family, overrides, field):
@@ -94,6 +101,10 @@ def test_inexpressible_hf_fields_are_named(family, overrides, field):
         ("qwen3_moe", {"moe_shared_expert_intermediate_size": 8}, "model.moe_shared_expert"),
         ("mixtral", {"moe_router_pre_softmax": True}, "model.moe_router_pre_softmax"),
         ("mixtral", {"qk_layernorm": True}, "model.qk_layernorm"),
+        ("qwen3_moe", {"qk_layernorm_scope": "full"}, "model.qk_layernorm_scope"),
+        ("olmoe", {"qk_layernorm_scope": "head"}, "model.qk_layernorm_scope"),
+        ("olmoe", {"kv_channels": 16}, "model.head_dim"),
+        ("olmoe", {"moe_layer_freq": [1, 0]}, "model.moe_layer_pattern"),
     ],
 )
 def test_inexpressible_model_fields_are_named_on_export(family, change, field):

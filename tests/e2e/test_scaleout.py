@@ -11,7 +11,9 @@
   (read from the checkpoint, which holds every rank's pending batch), and rank 0's logged loss
   the formula over rank 0's batch (per-rank token_mean denominators differ, so the plain mean
   of per-rank losses is not the global loss).
-- TP=2 x EP=2 is not run: the rollout loop refuses TP > 1 (docs/rollout.md, docs/scaling.md).
+- TP=2 x EP=2 is not run: megatron-core does not allow it on the CPU (MoE with TP > 1 needs
+  sequence parallelism, which its torch norms refuse; tests/mcore/test_model.py checks both the
+  megatron assertion and our named error), and the rollout loop refuses TP > 1 (docs/scaling.md).
 - SIGUSR1 to ``python -m vp2o.launch`` (torchrun forwarding the signal, as under SLURM) writes a
   checkpoint and exits 0; ``train.resume=auto`` continues the step count.
 """

@@ -23,8 +23,9 @@ SHAPES = {
         "model.num_query_groups=null",
     ],
     "mixtral": ["model.moe_router_topk=2", "model.num_query_groups=1"],
-    "olmoe": [
+    "olmoe": [  # q/k RMSNorm over the whole projection (not per head)
         "model.qk_layernorm=true",
+        "model.qk_layernorm_scope=full",
         "model.untie_embeddings_and_output_weights=false",
         "model.num_query_groups=null",
     ],
@@ -44,8 +45,10 @@ def expected_param_count(cfg) -> int:
     attn = d * hd * (heads + 2 * groups) + hd * heads * d
     if m.add_qkv_bias:
         attn += hd * (heads + 2 * groups)
-    if m.qk_layernorm:
-        attn += 2 * hd
+    if m.qk_layernorm and m.qk_layernorm_scope == "full":
+        attn += hd * (heads + groups)  # q_norm [H h] + k_norm [G h]
+    elif m.qk_layernorm:
+        attn += 2 * hd  # one [h] weight each, shared by the heads
     glu = 2 if m.gated_linear_unit else 1
     dense_mlp = d * m.ffn_hidden_size * glu + m.ffn_hidden_size * d
     expert = d * m.moe_ffn_hidden_size * glu + m.moe_ffn_hidden_size * d
@@ -120,3 +123,25 @@ def test_global_param_name():
         mdl.global_param_name("decoder.layers.1.mlp.router.weight", ep_rank=2, num_local_experts=4)
         == "decoder.layers.1.mlp.router.weight"
     )
+
+
+def test_tensor_parallel_moe_needs_transformer_engine_norms():
+    """TP > 1 with MoE needs sequence parallelism, which megatron's torch norms refuse: the
+    builder says so by field name (on a machine without transformer-engine + CUDA, like CI)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from vp2o.config import ConfigError
+    from vp2o.mcore.model import check_sequence_parallel_norms
+
+    # The megatron fact the check stands for (if this stops raising, drop the check).
+    tconfig = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2,
+                                normalization="RMSNorm", tensor_model_parallel_size=2,
+                                sequence_parallel=True)
+    with pytest.raises(AssertionError, match="sequence parallel"):
+        WrappedTorchNorm(config=tconfig, hidden_size=8)
+    tp2 = load_config(None, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                             "model.transformer_impl=local"])
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel.*transformer-engine"):
+        check_sequence_parallel_norms(tp2)
+    check_sequence_parallel_norms(load_config(None, ["model.transformer_impl=local"]))

@@ -4,7 +4,8 @@
     hf_to_mcore("/models/Qwen3-30B-A3B", "/ckpt/qwen3-30b", expert_parallel=8)
     mcore_to_hf("/ckpt/qwen3-30b", "/models/qwen3-30b-rl")
 
-Families: Qwen3-MoE, Qwen2-MoE, Mixtral (OLMoE is recognised and refused; docs/convert.md).
+Families: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE (its full-width q/k norm needs TP = 1;
+docs/convert.md).
 Tensors stream one parameter at a time in both directions. Needs the ``[hf]`` extra.
 
 Names are imported on first use, so ``vp2o.convert.cli`` (and ``vp2o --help``) does not import

@@ -6,9 +6,11 @@ it), how to write a ``config.json`` back, and which HF tensors make each megatro
 (:meth:`Family.rules`). Families are registered by name; lookup is by ``architectures[0]`` (or
 ``model_type``) of the HF config.
 
-Supported: Qwen3-MoE, Qwen2-MoE (shared expert with a sigmoid gate, QKV bias), Mixtral. OLMoE is
-registered so that it is recognised, but stops with an error: its q/k RMSNorm spans the whole
-projection, which megatron's per-head ``qk_layernorm`` cannot express (docs/convert.md).
+Supported: Qwen3-MoE, Qwen2-MoE (shared expert with a sigmoid gate, QKV bias), Mixtral, OLMoE.
+OLMoE's q/k RMSNorm spans the whole projection (one statistic over all heads), not each head as
+megatron's ``qk_layernorm`` does: it reads as ``qk_layernorm_scope="full"``, which the builder
+implements with ``vp2o.mcore.qk_norm`` (its weights keep the ``{q,k}_layernorm.weight`` names,
+at widths ``[H h]`` / ``[G h]`` instead of ``[h]``).
 
 Routing equivalences (verified by the logits tests): HF ``norm_topk_prob=True`` (and Mixtral,
 always) = softmax over the top-k logits = megatron ``moe_router_pre_softmax=False``;
@@ -400,16 +402,47 @@ def _read_mixtral(c: Any) -> dict[str, Any]:
 
 def _read_olmoe(c: Any) -> dict[str, Any]:
     _no_quantization(c)
+    clip = getattr(c, "clip_qkv", None)
+    if clip is not None:
+        raise ConvertError(
+            f"config.json: clip_qkv = {clip!r}: clamping q, k and v is not expressible "
+            "(megatron's attention has no clip); expected null"
+        )
+    if getattr(c, "attention_bias", False):
+        raise ConvertError(
+            "config.json: attention_bias = true: OLMoE then also biases o_proj, which needs "
+            "model.add_bias_linear (it would bias every linear layer, experts included)"
+        )
+    if getattr(c, "sliding_window", None):  # OLMoE's attention passes it on when present
+        raise ConvertError(
+            f"config.json: sliding_window = {c.sliding_window!r}: sliding-window attention is "
+            "not supported"
+        )
     kw = _common(c)
-    width = kw["num_attention_heads"] * (
-        kw["kv_channels"] or kw["hidden_size"] // kw["num_attention_heads"]
+    if kw["kv_channels"] is not None:
+        # HF sizes q_norm from hidden_size and k_norm from hidden_size / heads, whatever
+        # head_dim says: such a checkpoint does not even load in transformers.
+        raise ConvertError(
+            f"config.json: head_dim = {kw['kv_channels']}: OLMoE needs head_dim = hidden_size / "
+            f"num_attention_heads = {kw['hidden_size'] // kw['num_attention_heads']} (its q/k "
+            "norms are sized from hidden_size)"
+        )
+    kw.update(
+        # q_norm [H h] / k_norm [G h]: one RMS statistic over the whole projection per token.
+        qk_layernorm=True,
+        qk_layernorm_scope="full",
+        add_qkv_bias=False,
+        ffn_hidden_size=_get(c, "intermediate_size"),
+        num_experts=_get(c, "num_experts"),
+        moe_router_topk=_get(c, "num_experts_per_tok"),
+        moe_ffn_hidden_size=_get(c, "intermediate_size"),
+        moe_layer_freq=1,  # every OLMoE layer is sparse
+        # softmax over all experts, top-k, renormalised only with norm_topk_prob (default off)
+        moe_router_pre_softmax=not _get(c, "norm_topk_prob", False),
+        moe_shared_expert_intermediate_size=None,
+        moe_shared_expert_gate=False,
     )
-    raise ConvertError(
-        "olmoe (OlmoeForCausalLM): self_attn.q_norm / k_norm are RMSNorms over the whole q/k "
-        f"projection ({width} features, one RMS statistic per token), but model.qk_layernorm "
-        "normalises each head separately (head_dim features) and ModelConfig has no field for "
-        "full-width q/k normalisation; OLMoE cannot be converted exactly (docs/convert.md)"
-    )
+    return kw
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +522,10 @@ def _write_mixtral(m: ModelConfig) -> dict[str, Any]:
 
 
 def _write_olmoe(m: ModelConfig) -> dict[str, Any]:
+    # q/k norm scope, head_dim and dense layers are implied by the architecture: a model that
+    # differs reads back differently and Family.hf_config refuses it, naming the field.
     out = _write_common(m, "olmoe", "OlmoeForCausalLM")
+    out.pop("head_dim", None)  # not an OLMoE key: it is hidden_size / num_attention_heads
     out.update(
         intermediate_size=m.moe_ffn_hidden_size,
         num_experts=m.num_experts,
@@ -497,6 +533,8 @@ def _write_olmoe(m: ModelConfig) -> dict[str, Any]:
         norm_topk_prob=not m.moe_router_pre_softmax,
         clip_qkv=None,
         attention_bias=False,
+        output_router_logits=False,
+        router_aux_loss_coef=0.01,
     )
     return out
 
@@ -532,6 +570,7 @@ _ARCH_FIELDS = (
     "normalization",
     "norm_epsilon",
     "qk_layernorm",
+    "qk_layernorm_scope",
     "add_bias_linear",
     "add_qkv_bias",
     "gated_linear_unit",

@@ -1,8 +1,10 @@
 """Build a megatron-core ``GPTModel`` with MoE layers from :class:`vp2o.config.ModelConfig`.
 
-Qwen3-MoE, Qwen2-MoE (shared experts, QKV bias), Mixtral and OLMoE shapes are expressible.
-The local (pure PyTorch) spec runs on CPU; the transformer-engine spec is used when TE imports
-and CUDA is present (``model.transformer_impl``). Extension slot: ``layer_spec_hook`` receives
+Qwen3-MoE, Qwen2-MoE (shared experts, QKV bias), Mixtral and OLMoE are expressible; OLMoE's
+q/k RMSNorm over the whole projection (``model.qk_layernorm_scope = "full"``) replaces megatron's
+per-head q/k norm in the layer spec with ``vp2o.mcore.qk_norm`` (TP = 1 only). The local (pure
+PyTorch) spec runs on CPU; the transformer-engine spec is used when TE imports and CUDA is
+present (``model.transformer_impl``). Extension slot: ``layer_spec_hook`` receives
 each decoder layer's ``ModuleSpec`` and may return a modified one (the VP2O MoE layer installs its
 router subclass this way), so megatron-core files are never edited.
 """
@@ -17,7 +19,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from vp2o.config import Config, ModelConfig, ParallelConfig
+from vp2o.config import Config, ConfigError, ModelConfig, ParallelConfig
+from vp2o.mcore.qk_norm import install_full_width_qk_norm
 
 LayerSpecHook = Callable[[object, int], object]  # (ModuleSpec, 1-based layer number) -> ModuleSpec
 
@@ -116,6 +119,25 @@ def transformer_config(cfg: Config):
     )
 
 
+def check_sequence_parallel_norms(cfg: Config) -> None:
+    """Refuse sequence parallelism where megatron would build its torch norms.
+
+    megatron-core needs sequence parallelism for MoE with tensor parallelism > 1 (its MoE layer
+    raises in training otherwise; ``Config.validate`` requires it), and its pure-PyTorch norms
+    (the local spec: no transformer-engine, no apex) assert that sequence parallelism is off.
+    So TP > 1 builds only with transformer-engine, i.e. on CUDA: say so by field name, before
+    megatron's bare assertion.
+    """
+    if cfg.parallel.sequence_parallel and not use_transformer_engine(cfg.model):
+        raise ConfigError(
+            "parallel.sequence_parallel = true (needed by MoE with parallel.tensor_parallel = "
+            f"{cfg.parallel.tensor_parallel}) requires transformer-engine norms: megatron-core's "
+            "torch norms refuse sequence parallelism; install vp2o[te] on a CUDA machine "
+            "(model.transformer_impl = auto or transformer_engine), or use "
+            "parallel.tensor_parallel = 1 with expert/data parallelism"
+        )
+
+
 def decoder_block_spec(cfg: Config, tconfig, layer_spec_hook: LayerSpecHook | None = None):
     """megatron's GPT decoder block spec for ``cfg``, each layer passed through the hook."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -125,6 +147,12 @@ def decoder_block_spec(cfg: Config, tconfig, layer_spec_hook: LayerSpecHook | No
         use_transformer_engine=use_transformer_engine(cfg.model),
         normalization=cfg.model.normalization,
     )
+    if cfg.model.qk_layernorm and cfg.model.qk_layernorm_scope == "full":
+        # OLMoE: one RMS statistic over all heads instead of megatron's per-head q/k norm.
+        # Edit copies, as for the hook: megatron's spec helpers may share spec objects.
+        block.layer_specs = [
+            install_full_width_qk_norm(copy.deepcopy(spec)) for spec in block.layer_specs
+        ]
     if layer_spec_hook is not None:
         # Specs are shared objects inside megatron's spec helpers: deep-copy before editing.
         block.layer_specs = [
@@ -152,6 +180,7 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
 
     from vp2o.mcore import cpu
 
+    check_sequence_parallel_norms(cfg)
     tconfig = transformer_config(cfg)
     m = cfg.model
     with cpu.cuda_as_cpu(), _quiet_subclassed_mlp_warning(layer_spec_hook is not None):
