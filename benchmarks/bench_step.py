@@ -10,6 +10,14 @@ after the other in each round, so they see the same machine state; the first rou
 Prints the phase breakdown (median seconds per phase) and, last:
 
     step time ratio vp2o/grpo: X.XXX
+
+With ``--rollout`` (issue 9) each round also times the rest of an RL step as the trainer runs it:
+generation of a rollout batch with the KV cache (``--prompts`` x ``--group`` rows, ``--new-tokens``
+new tokens after a ``--prompt-len`` prompt; VP2O records every token's routing for §10, GRPO does
+not), the exact-match reward on the decoded completions, and VP2O's post-update check (a no-grad
+teacher-forced forward over the rollout batch with routing, then D (§10) and drift/ESS (§11)).
+A second table shows the whole RL step by phase, with its own ratio line; the training-step
+ratio above stays the last line.
 """
 
 from __future__ import annotations
@@ -36,14 +44,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--rollout", action="store_true",
+                    help="also time generation, reward and VP2O's post-update check")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("vp2o_overrides", nargs="*", help="extra overrides for the VP2O run")
     args = ap.parse_args()
 
+    from vp2o.algo import trust_region
     from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
     from vp2o.mcore import model as mdl
     from vp2o.mcore import parallel, training, vp2o_moe
     from vp2o.mcore.stein_step import SteinTransform
+    from vp2o.rewards import get_reward
+    from vp2o.rollout import SamplingParams, generate, sequence_logprobs
+    from vp2o.train import routing_in_batch_layout
 
     quiet_third_party_warnings()
     common = [
@@ -133,11 +151,66 @@ def main() -> None:
         times["total"] = t3 - t0
         return times
 
+    prompt_ids = torch.randint(2, 2048, (args.prompts, args.prompt_len), generator=gen).tolist()
+
+    class _Tokens:  # the bench's stand-in tokenizer: ids as text
+        eos_id, pad_id = 1, 0
+
+        @staticmethod
+        def decode(ids):
+            return " ".join(map(str, ids))
+
+    exact = get_reward("exact")
+
+    def rollout(name, times):
+        """Generate, reward and (VP2O) the post-update check, as ``vp2o.train`` runs them."""
+        model, _, _, transform = runs[name]
+        vp2o = transform is not None
+        params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens,
+                                group_size=args.group, record_routing=vp2o)
+        sync()
+        t0 = time.perf_counter()
+        batch = generate(model, prompt_ids, params, tokenizer=_Tokens,
+                         generator=torch.Generator(device=device).manual_seed(1))
+        sync()
+        t1 = time.perf_counter()
+        rewards = [exact("", c, {"answer": "7"}) for c in batch.completions]
+        t2 = time.perf_counter()
+        times["generate"], times["reward"] = t1 - t0, t2 - t1
+        if not vp2o:
+            return sum(rewards)
+        with torch.no_grad():  # Learner.evaluate_update: learner log-probs and gates
+            model.eval()
+            logp = sequence_logprobs(model, batch, temperature=batch.logprob_temperature)
+            recs = [layer.router.last_routing for layer in transform.layers]
+            model.train()
+            b, s_len = batch.tokens.shape
+            ids = routing_in_batch_layout([r.ids for r in recs], b, s_len)
+            gates = routing_in_batch_layout([r.gates for r in recs], b, s_len)
+            mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
+            D = trust_region.anchor_distance(
+                ids.cpu(), gates.cpu(), transform.prototypes.unsqueeze(1).cpu(),
+                batch.routing_ids.clamp_min(0), batch.routing_gates,
+                transform.anchor.unsqueeze(1).cpu(), mask=mask,
+            )
+            drift, ess = trust_region.behavior_stats(
+                logp.cpu(), batch.behavior_logprobs, batch.response_mask, lam=0.5
+            )
+            float(D), float(drift), float(ess)  # the trainer's accept/refresh decisions sync
+        sync()
+        times["trust_check"] = time.perf_counter() - t2
+        return sum(rewards)
+
     records = {"grpo": [], "vp2o": []}
     for r in range(args.rounds + 1):
         order = ("grpo", "vp2o") if r % 2 == 0 else ("vp2o", "grpo")
         for name in order:
             t = step(name)
+            if args.rollout:
+                rollout(name, t)
+                t["rl_total"] = t["total"] + sum(
+                    t[k] for k in ("generate", "reward", "trust_check") if k in t
+                )
             if r > 0:  # round 0 warms up both
                 records[name].append(t)
 
@@ -154,6 +227,19 @@ def main() -> None:
         v = statistics.median(t.get(ph, 0.0) for t in records["vp2o"])
         medians[ph] = (g, v)
         print(f"{ph:<18}{g:>10.4f}{v:>10.4f}")
+    if args.rollout:
+        print(f"\nRL step with rollout ({args.prompts} prompts x {args.group} samples, "
+              f"{args.prompt_len} prompt + {args.new_tokens} new tokens; the training step above)")
+        print(f"{'phase (s)':<18}{'grpo':>10}{'vp2o':>10}")
+        rl_phases = ["generate", "reward", "forward_backward", "transform", "optimizer",
+                     "prototypes", "trust_check", "rl_total"]
+        for ph in rl_phases:
+            g = statistics.median(t.get(ph, 0.0) for t in records["grpo"])
+            v = statistics.median(t.get(ph, 0.0) for t in records["vp2o"])
+            medians[ph] = (g, v)
+            print(f"{ph:<18}{g:>10.4f}{v:>10.4f}")
+        g, v = medians["rl_total"]
+        print(f"rl step time ratio vp2o/grpo (with rollout): {v / g:.3f}\n")
     parallel.destroy()
     g, v = medians["total"]
     print(f"step time ratio vp2o/grpo: {v / g:.3f}")

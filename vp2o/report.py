@@ -230,7 +230,7 @@ def _diagnostics_section(rl: list[_Run]) -> list[str]:
     header += ["accept rate"] if has_accept else []
     header += ["refreshes"] if has_refresh else []
     rows = []
-    partial: set[str] = set()
+    partial: dict[str, list[str]] = {}  # key -> runs that show a dash for it
     starred = False
     for run in rl:
         steps = [r.get("step") for r in run.records or () if isinstance(r.get("step"), int)]
@@ -245,16 +245,16 @@ def _diagnostics_section(rl: list[_Run]) -> list[str]:
                 starred = True
             row.append(cell)
             if not finite.size:
-                partial.add(k)
+                partial.setdefault(k, []).append(run.name)
         if has_accept:
             rate = _accept_rate(run)
             row.append(_fmt(rate, ".3f"))
             if rate is None:
-                partial.add("trust/accepted")
+                partial.setdefault("trust/accepted", []).append(run.name)
         if has_refresh:
             row.append(str(len(_refresh_steps(run))) if run.has("events/refresh") else DASH)
             if not run.has("events/refresh"):
-                partial.add("events/refresh")
+                partial.setdefault("events/refresh", []).append(run.name)
         rows.append(row)
     lines += [
         f"Mean over the last {LAST_N} steps that logged each key; accept rate is the fraction of "
@@ -282,8 +282,8 @@ def _diagnostics_section(rl: list[_Run]) -> list[str]:
         )
     if partial:
         notes.append(
-            f"- {DASH}: not logged (or null in all of the last {LAST_N} steps) in that run: "
-            + ", ".join(f"`{k}`" for k in sorted(partial))
+            f"- {DASH}: not logged (or null in all of the last {LAST_N} steps) by the run named: "
+            + ", ".join(f"`{k}` ({', '.join(partial[k])})" for k in sorted(partial))
             + "."
         )
     if notes:

@@ -332,9 +332,10 @@ def specialisation_losses(num_microbatches: int) -> dict:
     tracker = get_moe_layer_wise_logging_tracker()
     for name, key in (("expert_orthogonality_loss", "loss/orthogonality"),
                       ("routing_variance_loss", "loss/routing_variance")):
-        values = tracker.get(name, {}).get("values")
-        if values is not None and values.abs().sum() > 0:  # sync
-            out[key] = values[values != 0].mean() / max(num_microbatches, 1)
+        values = tracker.get(name, {}).get("values")  # [layers], 0 where a layer has none
+        if values is not None:  # the loss is configured; no host sync here
+            layers = (values != 0).sum().clamp_min(1)
+            out[key] = values.sum() / layers / max(num_microbatches, 1)
     clear_aux_losses_tracker()
     return out
 

@@ -148,7 +148,8 @@ def test_report_table_diagnostics_and_plots(tmp_path, runs):
     assert v[col["D (`trust/anchor_distance`)"]] == "0.02"
     assert g[col["accept rate"]] == "—" and v[col["accept rate"]] == "0.750"
     assert g[col["refreshes"]] == v[col["refreshes"]] == "3"
-    assert "not logged (or null in all of the last 10 steps) in that run" in text
+    assert "not logged (or null in all of the last 10 steps) by the run named" in text
+    assert "`prototypes/mean_abs_cosine` (grpo)" in text and "(vp2o)" not in text
 
     # plots: PNGs next to report.md, linked relatively, valid images
     expected = [

@@ -45,6 +45,12 @@ def test_train_logs_every_step_and_writes_eval(tmp_path, algorithm):
         assert abs(sum(row["experts/load"][0]) - 1.0) < 1e-5
     if algorithm == "vp2o":
         assert all("trust/anchor_distance" in r and "stein/repulsion_norm" in r for r in rows)
+        # §9 losses: the scale-free orthogonality loss is a mean squared cosine in (0, 1];
+        # the routing-variance loss is minus a variance (< 0)
+        assert all(0.0 < r["loss/orthogonality"] <= 1.0 for r in rows)
+        assert all(r["loss/routing_variance"] < 0.0 for r in rows)
+    else:
+        assert not any("loss/orthogonality" in r for r in rows)
     assert rows[0]["events/refresh"] == 1.0
     evaluation = json.loads((tmp_path / algorithm / "eval.json").read_text())
     assert evaluation["num_prompts"] == 8 and 0.0 <= evaluation["held_out_accuracy"] <= 1.0

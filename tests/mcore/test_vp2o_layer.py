@@ -102,6 +102,20 @@ def test_orthogonality_loss_value_and_gradient_path(init_parallel, normalize):
         # or missing division leaves router gradients of the experts' order or larger).
         router_grad = layer.router.weight.grad
         assert router_grad is None or float(router_grad.abs().max()) < 2e-2 * expert_grad
+    # The last layer's experts receive only their own loss: their gradients equal autograd of the
+    # per-token reference (checks the backward through the token-order reconstruction).
+    with torch.enable_grad():
+        X = torch.stack([
+            torch.stack([experts[j](h[t : t + 1], ones)[0][0] for j in ids[t].tolist()])
+            for t in range(h.shape[0])
+        ])
+        ref = specialization.orthogonality_loss(X, normalize=normalize)
+        params = [w for w in fc1 + fc2]
+        want_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    for w, g in zip(params, want_grads, strict=True):
+        g = torch.zeros_like(w) if g is None else g
+        got = torch.zeros_like(w) if w.grad is None else w.grad
+        torch.testing.assert_close(got, g, rtol=1e-3, atol=1e-6 * expert_grad)
 
 
 def test_routing_variance_loss_value_and_router_gradient(init_parallel):
@@ -223,3 +237,52 @@ def test_router_replay_reuses_recorded_experts(init_parallel):
         assert torch.equal(layer.router.last_routing.ids, a)
     with pytest.raises(ValueError, match="routing for 1 MoE layers"):
         router_replay.replay(model, ids[:1])
+
+
+@pytest.mark.parametrize("chunk", [1 << 26, 3 * 8 * 32 + 5], ids=["default", "small-unaligned"])
+def test_transform_in_the_step_equals_the_pure_transport(init_parallel, chunk):
+    """The expert main_grads after the in-step transform equal ``stein.transport`` (§6-8) applied
+    to the same gradients, prototypes and C; the small chunk budget splits every expert matrix
+    over several column chunks (fc2's rounded to whole rows, where the repulsion is added)."""
+    from vp2o.algo import stein
+
+    cfg, groups, model = _build(
+        init_parallel, "vp2o.alpha=0.5", f"vp2o.transform_chunk_elems={chunk}"
+    )
+    transform = SteinTransform(model, cfg.vp2o, groups, num_experts=8, seed=0)
+    captured = []
+
+    def capture(ddp):
+        grads = []
+        for layer in transform.layers:
+            fc1, fc2 = local_expert_weights(layer)
+            grads.append([torch.stack([w.main_grad.clone() for w in ws]) for ws in (fc1, fc2)])
+        captured.append(grads)
+        return transform.before_grad_reduction(ddp)
+
+    prototypes = transform.prototypes.clone()
+    ddp = training.wrap_ddp(model, cfg)
+    tokens, pos = _inputs(cfg)
+    labels = torch.roll(tokens, -1, 1)
+    mbs = [{"tokens": tokens, "pos": pos, "labels": labels}]
+
+    def loss_fn(m, mb):
+        return m(mb["tokens"], mb["pos"], None, labels=mb["labels"]).float().mean(), {}
+
+    training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=capture)
+    checked = 0
+    for li, layer in enumerate(transform.layers):
+        g1, g2 = captured[0][li]
+        fc1, fc2 = local_expert_weights(layer)
+        w2 = torch.stack([w.detach() for w in fc2])
+        want, _ = stein.transport(
+            [g1, g2], w2, prototypes[li], transform.coactivation[li], w2_index=1,
+            tau=stein.temperature(8, cfg.vp2o.tau0), alpha=cfg.vp2o.alpha,
+            top_m=cfg.vp2o.top_m(layer.router.topk), min_frac=cfg.vp2o.coactive_min_frac,
+            iters=cfg.vp2o.power_iters,
+        )
+        for ws, ref, raw in zip((fc1, fc2), want, (g1, g2), strict=True):
+            got = torch.stack([w.main_grad for w in ws])
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+            checked += int(not torch.allclose(ref, raw))
+    assert checked >= 2  # the transform changed the gradients (not a pass-through)

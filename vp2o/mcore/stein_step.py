@@ -175,10 +175,14 @@ class SteinTransform:
             geo = self.geometry(index, stats["C"][index])
             self.last_geometry.append(geo)
             fc1, fc2 = local_expert_weights(layer)
-            for weights in (fc1, fc2):
-                att_sq += self._attract(weights, geo.A)
+            att_sq += self._attract(fc1, geo.A)
+            low_rank = None
             if self.cfg.alpha > 0:
-                rep_sq += self._repel(index, fc2, geo, repulsion_scale)
+                L, R = self._repulsion_factors(index, fc2, geo)
+                # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
+                rep_sq += (self.cfg.alpha**2) * ((L.mT @ L) * (R @ R.mT)).sum().float()
+                low_rank = (L * (self.cfg.alpha * repulsion_scale), R)
+            att_sq += self._attract(fc2, geo.A, low_rank=low_rank)
         return {
             "C": stats["C"],
             "router/entropy": stats["router_entropy"].mean(),
@@ -186,17 +190,27 @@ class SteinTransform:
             "stein/repulsion_norm": self._sum_over_ep(rep_sq).sqrt(),
         }
 
-    def _attract(self, weights: list, A: torch.Tensor) -> torch.Tensor:
-        """main_grads of ``weights`` <- rows of A.G; one EP reduce-scatter when EP > 1.
+    def _attract(self, weights: list, A: torch.Tensor, low_rank=None) -> torch.Tensor:
+        """main_grads of ``weights`` <- rows of A.G (+ L R); one EP reduce-scatter when EP > 1.
 
         Works column-chunk by column-chunk in two persistent workspaces (no allocation per
         step: fresh multi-MB buffers cost page faults every step on the CPU), of at most
-        ``vp2o.transform_chunk_elems`` elements each.
+        ``vp2o.transform_chunk_elems`` elements each. ``low_rank = (L [E_loc, d, r],
+        R [E_loc, r, f])`` adds ``L_i R_i`` to local expert i's [d, f] gradient (the scaled
+        repulsion, §8) while its chunk is still in the workspace, saving a read and a write of
+        the fc2 gradients; chunks then hold whole rows of [d, f].
+
+        Returns:
+            The squared norm of this rank's attraction output (before the low-rank term).
         """
         grads = [w.main_grad for w in weights]
         numel = grads[0].numel()
         E, e = self.num_experts, self.num_local
         cols_per_chunk = max(1, min(numel, self.cfg.transform_chunk_elems // E))
+        f = grads[0].shape[-1]
+        if low_rank is not None:
+            cols_per_chunk = max(f, cols_per_chunk // f * f)  # whole rows
+            L, R = (t.to(grads[0].dtype) for t in low_rank)
         dtype = grads[0].dtype
         A = A.to(dtype)
         out_sq = torch.zeros((), dtype=torch.float32, device=A.device)
@@ -213,8 +227,12 @@ class SteinTransform:
                 torch.mm(A[:, self.local], G, out=partial)  # A[:, L_r] G_{L_r}, [E, c]
                 mixed = self._buffer("rs", e * c, dtype).view(e, c)  # [E_loc, c]
                 dist.reduce_scatter_tensor(mixed, partial, group=self.groups.ep)
-            torch._foreach_copy_(cols, list(mixed.unbind(0)))  # one fused copy back
             out_sq += torch.linalg.vector_norm(mixed).float().square()
+            if low_rank is not None:
+                r0 = start // f
+                rows = mixed.view(e, c // f, f)  # [E_loc, rows, f]
+                rows.baddbmm_(L[:, r0 : r0 + c // f], R)
+            torch._foreach_copy_(cols, list(mixed.unbind(0)))  # one fused copy back
         return out_sq
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -226,25 +244,18 @@ class SteinTransform:
             self._workspace[name] = buf
         return buf[:numel]
 
-    def _repel(self, index: int, fc2: list, geo: LayerGeometry, scale: float) -> torch.Tensor:
-        """Add alpha * phi_rep (pre-divided for the pending reduction) to local fc2 main_grads."""
+    def _repulsion_factors(self, index: int, fc2: list, geo: LayerGeometry):
+        """phi_rep = L R for this rank's experts (§7): L [E_loc, d, 2n], R [E_loc, 2n, f]."""
         u_all = self.prototypes[index]
         w2 = torch.stack([w.detach() for w in fc2])  # [E_loc, d, f]
-        L, R = stein.repulsion_factors(
+        return stein.repulsion_factors(
             w2,
             u_all[self.local],
             geo.V[self.local],
             tau=geo.tau,
             iters=self.cfg.power_iters,
             u_all=u_all,
-        )  # [E_loc, d, 2n], [E_loc, 2n, f]
-        for i, w in enumerate(fc2):  # main_grad += alpha * scale * L_i R_i, no [d, f] temporary
-            w.main_grad.addmm_(
-                L[i].to(w.main_grad.dtype), R[i].to(w.main_grad.dtype), alpha=self.cfg.alpha * scale
-            )
-        # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
-        gram = (L.mT @ L) * (R @ R.mT)  # [E_loc, 2n, 2n]
-        return (self.cfg.alpha**2) * gram.sum().float()  # this rank's experts only
+        )
 
     def _sum_over_ep(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a 0-dim statistic over the EP group (one collective per step, not per layer)."""

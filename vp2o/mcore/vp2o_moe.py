@@ -3,8 +3,8 @@
 - :class:`VP2ORouter` (a ``TopKRouter``) accumulates, per optimizer step, the co-activation
   counts ``r^T r`` of its layer (method §3) from grad-enabled forwards only (with activation
   recompute the first forward runs without grad, the recompute with grad: counted once), keeps the
-  top-k ids and gates of the last forward (the learner's gates for §10, the actors' logged gates
-  at generation), and adds the routing-variance loss (§9) the way megatron adds its
+  top-k ids and gates of the last no-grad forward (the learner's gates for §10, the actors' logged
+  gates at generation), and adds the routing-variance loss (§9) the way megatron adds its
   load-balancing loss (``MoEAuxLossAutoScaler`` + the aux-loss tracker).
 - :class:`VP2OMoELayer` (a ``MoELayer``) adds the expert orthogonality loss (§9) on the experts'
   raw outputs, rebuilt in token order from the combined rows before megatron sums them.
@@ -74,13 +74,16 @@ class VP2ORouter(TopKRouter):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask, **kwargs)
         flat_logits = logits.view(-1, self.config.num_moe_experts)  # [T, E]
         k = self.topk
-        gates, ids = torch.topk(probs.detach().float().masked_fill(~routing_map, -1.0), k, dim=-1)
-        ids, order = torch.sort(ids, dim=-1)  # [T, k] ascending expert ids
-        record = RoutingRecord(ids=ids, gates=torch.gather(gates, 1, order))
         # [T] bool, False at padding tokens (the MoE layer's orthogonality loss reads it too).
         self.valid_rows = None if padding_mask is None else ~padding_mask.reshape(-1)
-        if self.record_routing:
-            self.last_routing = record
+        if self.record_routing and not torch.is_grad_enabled():
+            # Only no-grad forwards are read back (generation, the post-update check of §10):
+            # the learner's grad-enabled forwards skip the top-k/sort/gather.
+            gates, ids = torch.topk(
+                probs.detach().float().masked_fill(~routing_map, -1.0), k, dim=-1
+            )
+            ids, order = torch.sort(ids, dim=-1)  # [T, k] ascending expert ids
+            self.last_routing = RoutingRecord(ids=ids, gates=torch.gather(gates, 1, order))
         if torch.is_grad_enabled():
             with torch.no_grad():
                 r = routing_map.float()  # [T, E]
@@ -168,13 +171,31 @@ class VP2OMoELayer(MoELayer):
         token_of_row = disp.reversed_local_input_permutation_mapping  # [T*k]
         per_expert = routing_map.sum(0)  # [E]
         expert_of_row = torch.repeat_interleave(
-            torch.arange(num_experts, device=rows.device), per_expert
+            torch.arange(num_experts, device=rows.device), per_expert,
+            output_size=rows.shape[0],  # known: no device-to-host sync for the size
         )  # [T*k]
         gate = probs[token_of_row, expert_of_row].to(rows.dtype)  # [T*k]
         raw = rows / gate.unsqueeze(-1)  # x~ = y / g
         # Stable sort by token keeps ascending expert ids within each token.
         order = torch.argsort(token_of_row, stable=True)
-        return raw[order].view(num_tokens, k, rows.shape[-1])
+        return _PermuteRows.apply(raw, order).view(num_tokens, k, rows.shape[-1])
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order``, with the backward as a gather by the inverse
+    permutation instead of autograd's accumulating index_put (serial on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return x[order]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return grad[inverse], None
 
 
 def vp2o_layer_spec_hook(cfg: Config):
