@@ -1,14 +1,14 @@
 """GRPO vs VP2O on the demo task: one shared SFT warm start, 3 seeds each, the same budget.
 
     .venv/bin/python benchmarks/study.py                     # runs/study, seeds 1 2 3
-    .venv/bin/python benchmarks/study.py --seeds 1 2 3 --out runs/study --steps 400
+    .venv/bin/python benchmarks/study.py --seeds 1 2 3 --out runs/study --steps 300 --arms grpo vp2o
 
 Uses the demo's settings (``vp2o.demo.demo_config``): the tiny MoE (4 layers, d=128, 8 experts,
-top-2), SFT warm start (the demo's SFT steps, once, shared), then for each seed GRPO and VP2O for the same
-number of learner steps from that checkpoint. The training and held-out rows are written once to
-JSONL files (the demo's arithmetic task at the default seed), so a run's seed changes only its RL
-randomness (data order, sampling, prototype start), never the data; every run is scored on the
-same 200 held-out prompts (greedy accuracy, pass@k from 8 samples at temperature 1).
+top-2), SFT warm start (the demo's SFT steps, once, shared), then for each seed GRPO and VP2O for
+the same number of learner steps from that checkpoint. The training and held-out rows are written
+once to JSONL files (the demo's arithmetic task at the default seed), so a run's seed changes only
+its RL randomness (data order, sampling, prototype start), never the data; every run is scored on
+the same 1000 held-out prompts (greedy accuracy, pass@k from 8 samples at temperature 1).
 
 Writes ``OUT/study.json`` (every run's numbers), ``OUT/study.md`` (the tables) and plots
 (``OUT/study_*.png``). Routing diagnostics are means over each run's last 10 logged steps of
@@ -32,8 +32,10 @@ DIAGNOSTICS = {
 ARMS = {
     "grpo": ["algorithm=grpo"],
     "vp2o": ["algorithm=vp2o"],
-    # the demo's delta (0.05) rejects almost every step at lr 2e-4 (docs/results.md): a wider one
-    "vp2o_delta0.25": ["algorithm=vp2o", "vp2o.trust_region.delta=0.25"],
+    # batch reuse: 4 learner steps per rollout batch at most (VP2O's default, with its budgets
+    # ending a batch early; GRPO's fixed refresh after 4), against the demo's one step per batch
+    "grpo_reuse4": ["algorithm=grpo", "grpo.updates_per_rollout=4"],
+    "vp2o_reuse4": ["algorithm=vp2o", "vp2o.max_updates_per_rollout=4"],
 }
 
 
@@ -185,8 +187,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--steps", type=int, default=400, help="learner steps per RL run (budget)")
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=None,
+                    help="learner steps per RL run (budget; default: the demo's)")
+    ap.add_argument("--arms", nargs="+", default=["grpo", "vp2o"], choices=list(ARMS))
     args = ap.parse_args()
 
     from vp2o.cli import quiet_third_party_warnings
@@ -196,6 +199,8 @@ def main() -> None:
 
     quiet_third_party_warnings()
     root = Path(args.out)
+    if args.steps is None:
+        args.steps = demo_config("grpo", root).train.steps
     t0 = time.perf_counter()
     sft_dir = root / "sft"
     if (sft_dir / "eval.json").exists() and (sft_dir / "checkpoints").exists():
