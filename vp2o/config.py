@@ -368,7 +368,9 @@ class TrustRegionConfig:
     """Anchor prototype budget (method §10)."""
 
     delta: float = 0.05
-    """Accept a learner step iff the mean barycenter distance D <= delta (method default 0.05)."""
+    """Accept a learner step iff the mean barycenter distance D <= delta (method default 0.05).
+    If a single optimizer step already moves D past delta, rollbacks repeat (the restored
+    optimizer state gives the same step size): the trainer warns after 10 in a row."""
     on_violation: Literal["rollback", "refresh"] = "rollback"
     """rollback: restore parameters and optimizer state from before the step, then refresh the
     actors; refresh: keep the step and refresh (method §10)."""

@@ -421,6 +421,7 @@ def _train(s: Session) -> dict:
     ckpt_root = s.run_dir / "checkpoints"
 
     start_step, pending, skips = 0, None, 0
+    rejected = 0  # consecutive trust-region rejections (a warning at 10, 100, 1000)
     resume_path = _resume_path(cfg, ckpt_root)
     if resume_path is not None:
         extra = load_checkpoint(resume_path, model=s.model, optimizer=s.optimizer,
@@ -505,11 +506,20 @@ def _train(s: Session) -> dict:
                 accepted = bool(check.get("trust/anchor_distance", 0.0)
                                 <= cfg.vp2o.trust_region.delta)  # sync
                 m["trust/accepted"] = float(accepted)
+                rejected = 0 if accepted else rejected + 1
                 if not accepted:
                     refresh = True
                     if saved is not None:
                         learner.restore(saved[0])
                         transform.load_state_dict(saved[1])
+                if rejected in (10, 100, 1000) and s.is_main:
+                    # A rollback restores the optimizer state too, so the retry on the next
+                    # batch takes about the same step again: without a change it never passes.
+                    print(f"vp2o: warning: the anchor trust region rejected {rejected} "
+                          f"consecutive steps (D = {float(check['trust/anchor_distance']):.3g} > "
+                          f"vp2o.trust_region.delta = {cfg.vp2o.trust_region.delta}); each "
+                          "retry repeats about the same update: lower optimizer.lr or raise "
+                          "vp2o.trust_region.delta", flush=True)
                 b = cfg.vp2o.behavior
                 drift, ess = float(check["behavior/drift"]), float(check["behavior/ess"])  # sync
                 if drift > b.eps_drift or ess < b.ess_min:

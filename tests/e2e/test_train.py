@@ -106,3 +106,15 @@ def test_kl_reference_is_the_frozen_starting_policy(tmp_path):
     rows = read_metrics(tmp_path / "kl" / "metrics.jsonl")
     assert rows[0]["kl/k3"] == pytest.approx(0.0, abs=1e-7)
     assert rows[1]["kl/k3"] > 1e-6
+
+
+@pytest.mark.slow
+def test_ten_consecutive_rollbacks_warn_with_the_fields_to_change(tmp_path, capsys):
+    # delta = 0: every update moves the barycenters a little, so every step is rolled back
+    _train(tmp_path / "r", "algorithm=vp2o", "train.steps=10", "train.wandb_mode=disabled",
+           "vp2o.trust_region.delta=0.0")
+    rows = read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["trust/accepted"] for r in rows] == [0.0] * 10
+    out = capsys.readouterr().out
+    assert out.count("the anchor trust region rejected 10 consecutive steps") == 1
+    assert "lower optimizer.lr or raise vp2o.trust_region.delta" in out
