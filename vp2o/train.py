@@ -512,7 +512,7 @@ def _train(s: Session) -> dict:
                     if saved is not None:
                         learner.restore(saved[0])
                         transform.load_state_dict(saved[1])
-                if rejected in (10, 100, 1000) and s.is_main:
+                if rejected in (10, 100, 1000) and saved is not None and s.is_main:
                     # A rollback restores the optimizer state too, so the retry on the next
                     # batch takes about the same step again: without a change it never passes.
                     print(f"vp2o: warning: the anchor trust region rejected {rejected} "
