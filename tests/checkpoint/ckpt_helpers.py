@@ -8,20 +8,18 @@ each data-parallel rank taking its share.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torchrun import launcher, worker_env
 
 from vp2o.config import Config, load_config
 from vp2o.mcore import model as mdl
 from vp2o.mcore import training
-from vp2o.mcore.parallel import free_port
 
 GLOBAL_BATCH, SEQ = 4, 12
 WORKER = Path(__file__).with_name("ckpt_worker.py")
@@ -155,28 +153,9 @@ def all_global_params(run: Run) -> dict[str, torch.Tensor]:
 
 
 
-def worker_env() -> dict[str, str]:
-    """This environment without the rendezvous variables a live process group left behind."""
-    drop = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
-
-
 def run_worker(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``ckpt_worker.py args`` under torchrun with ``nproc`` ranks (or plain python for 0)."""
-    if nproc == 0:
-        cmd = [sys.executable, str(WORKER), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            str(WORKER),
-            *args,
-        ]
+    cmd = [*launcher(nproc), str(WORKER), *args]
     return subprocess.run(
         cmd,
         capture_output=True,

@@ -3,15 +3,12 @@ reshards the single-layout checkpoint onto EP=2) and gives the single-process lo
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from vp2o.mcore.parallel import free_port
+from torchrun import launcher, worker_env
 
 WORKER = Path(__file__).with_name("dist_load_worker.py")
 
@@ -22,22 +19,8 @@ WORKER = Path(__file__).with_name("dist_load_worker.py")
 def test_ep2_load_matches_single_process(hf_checkpoints, converted, megatron_logits, tmp_path):
     mcore_dir = converted("qwen3_moe")  # 4 experts, one dense layer, GQA, qk-norm
     out = tmp_path / "ep2.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(WORKER),
-        "--ckpt",
-        str(mcore_dir),
-        "--ep",
-        "2",
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    cmd = [*launcher(2), str(WORKER), "--ckpt", str(mcore_dir), "--ep", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=worker_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = torch.load(out, weights_only=False)
     single = megatron_logits(mcore_dir)

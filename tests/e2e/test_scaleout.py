@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun import launcher
 
 from vp2o.mcore.parallel import free_port
 from vp2o.metrics import read_metrics
@@ -96,8 +97,7 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
               f"data.tokenizer_path={sft / 'tokenizer.model'}"]
     _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",
           f"train.run_dir={tmp_path / 'single'}"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
-          f"--master_port={free_port()}", "-m", "vp2o.cli", "train", *common,
+    _run([*launcher(4), "-m", "vp2o.cli", "train", *common,
           "rollout.prompts_per_step=1", "parallel.expert_parallel=2",
           f"train.run_dir={tmp_path / 'four'}"])
     single, four = _pending(tmp_path / "single"), _pending(tmp_path / "four")

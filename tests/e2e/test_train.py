@@ -6,16 +6,14 @@ The RL loop runs the real megatron-core model on CPU with the built-in arithmeti
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from tiny_train import TINY
+from torchrun import launcher, worker_env
 
 from vp2o.config import load_config
-from vp2o.mcore.parallel import free_port
 from vp2o.metrics import read_metrics
 
 STEP_KEYS = {
@@ -84,13 +82,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm):
 def test_two_process_expert_parallel_train(tmp_path, algorithm):
     run_dir = tmp_path / algorithm
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={free_port()}", "-m", "vp2o.cli", "train", *TINY,
+        *launcher(2), "-m", "vp2o.cli", "train", *TINY,
         "parallel.expert_parallel=2", f"algorithm={algorithm}", "train.steps=2",
         "train.wandb_mode=disabled", f"train.run_dir={run_dir}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=worker_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1]

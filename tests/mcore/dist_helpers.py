@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from vp2o.mcore.parallel import free_port
+from torchrun import launcher, worker_env
 
 WORKER = Path(__file__).with_name("dist_train_worker.py")
 
@@ -19,19 +16,8 @@ WORKER = Path(__file__).with_name("dist_train_worker.py")
 
 def run_worker(tmp_path: Path, nproc: int, *args: str) -> list[dict]:
     out = tmp_path / f"result_{nproc}_{abs(hash(args))}.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        str(WORKER),
-        *args,
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    cmd = [*launcher(nproc), str(WORKER), *args, "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=worker_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return torch.load(out)
 

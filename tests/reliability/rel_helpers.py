@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from tiny_train import TINY as TINY_TRAIN
+from torchrun import launcher
 
 from vp2o.mcore.parallel import free_port
 
@@ -37,12 +37,7 @@ def env() -> dict:
 
 def hooks_cmd(*hook_args: str, train_args: list[str], torchrun: int = 0) -> list[str]:
     """``vp2o train`` (through train_hooks.py) as a command line."""
-    if torchrun:
-        launcher = [sys.executable, "-m", "torch.distributed.run",
-                    f"--nproc_per_node={torchrun}", f"--master_port={free_port()}"]
-    else:
-        launcher = [sys.executable]
-    return [*launcher, str(HOOKS), *hook_args, "--", "train", *TINY, *train_args]
+    return [*launcher(torchrun), str(HOOKS), *hook_args, "--", "train", *TINY, *train_args]
 
 
 def run_train(*hook_args: str, train_args: list[str], timeout: float = 300):

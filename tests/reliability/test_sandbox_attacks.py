@@ -16,27 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import live_pids
 
 from vp2o.rewards.pool import RewardPool
 from vp2o.rewards.sandbox import Sandbox
 
 pytestmark = pytest.mark.slow
 MARKER = "27.18281828"
-
-
-def _leftovers(marker: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 def _attacks(run_dir: Path, home: Path, port: int) -> dict[str, str]:
@@ -129,4 +115,4 @@ def test_attacks_score_0_and_leave_the_trainer_unharmed(tmp_path, bwrap_availabl
     else:
         assert not real_ssh.exists()
     time.sleep(0.3)
-    assert _leftovers(MARKER) == [] and _leftovers("/sandbox/main.py") == []
+    assert live_pids(MARKER) == [] and live_pids("/sandbox/main.py") == []

@@ -12,28 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import live_pids
 
 from vp2o.rewards import sandbox as sandbox_module
 from vp2o.rewards.sandbox import Sandbox, SandboxLimits
 from vp2o.rewards.sandbox_uids import DEFAULT_UIDS
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=2, memory_mb=512, nproc=32, output_bytes=1 << 16)
-
-
-def _leftovers(marker: str) -> list[int]:
-    """Pids of live processes whose command line contains `marker`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if marker in cmdline and state != "Z":
-            pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +105,7 @@ def test_fork_bomb_is_contained(any_sandbox):
     assert not result.ok
     assert time.monotonic() - start < LIMITS.wall_s + 3
     time.sleep(0.5)
-    assert _leftovers("vp2o-sandbox-") == [] and _leftovers("/sandbox/main.py") == []
+    assert live_pids("vp2o-sandbox-") == [] and live_pids("/sandbox/main.py") == []
     assert run(any_sandbox, "print('next run unaffected')").ok
 
 
@@ -129,7 +114,7 @@ def test_child_in_same_group_is_killed(any_sandbox):
     result = run(any_sandbox, f"import subprocess\nsubprocess.Popen(['sleep', '{marker}'])\n")
     assert result.ok
     time.sleep(0.3)
-    assert _leftovers(marker) == []
+    assert live_pids(marker) == []
 
 
 def test_environment_does_not_leak(any_sandbox, monkeypatch):
@@ -182,7 +167,7 @@ def test_detached_child_is_killed(any_sandbox):
     source = f"import subprocess\nsubprocess.Popen(['sleep', '{marker}'], start_new_session=True)\n"
     assert run(any_sandbox, source).ok
     time.sleep(0.3)
-    assert _leftovers(marker) == []
+    assert live_pids(marker) == []
 
 
 def test_writes_outside_are_refused(bwrap_sandbox, tmp_path):

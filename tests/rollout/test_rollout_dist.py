@@ -3,16 +3,13 @@ when the ranks' own rows finish after different numbers of steps."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import dist_generate_worker as worker
 import pytest
 import torch
-
-from vp2o.mcore.parallel import free_port
+from torchrun import launcher, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -23,20 +20,9 @@ WORKER = Path(worker.__file__)
 
 def test_ep2_generation_equals_single_process(tmp_path, init_parallel):
     out = tmp_path / "ep2.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        str(WORKER),
-        "--ep",
-        "2",
-        "--out",
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cmd = [*launcher(2), str(WORKER), "--ep", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=worker_env())
 
     # Meanwhile, the single-process reference (EP = 1, same weights, same seeds).
     cfg = worker.config(1)
