@@ -161,14 +161,12 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     ``run_dir/eval_<file stem>.json`` (benchmark) on rank 0, which also logs the JSON.
     """
     from vp2o.eval_formats import load_benchmark
-    from vp2o.mcore import parallel
-    from vp2o.session import load_initial_weights, open_session
+    from vp2o.session import load_initial_weights, session
 
     rows = reward = None
     if benchmark is not None:  # a bad file fails before any process group exists
         rows, reward = load_benchmark(benchmark, fmt)
-    s = open_session(cfg, with_optimizer=False)
-    try:
+    with session(cfg, with_optimizer=False) as s:
         if cfg.train.init_checkpoint:
             load_initial_weights(s, cfg.train.init_checkpoint)
         if rows is not None:
@@ -190,8 +188,6 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
             name = "eval.json" if rows is None else f"eval_{Path(benchmark).stem}.json"
             write_eval(s.run_dir, result, name=name)
             log(json.dumps(result, indent=2))
-    finally:
-        parallel.destroy()
     return result
 
 

@@ -481,23 +481,16 @@ def _plots_section(out_dir: Path, rl: list[_Run]) -> list[str]:
     )
     lines += _image("Response length", file, "no run logged `response/length_mean`")
 
-    lines += ["### Expert utilisation", ""]
-    for run in rl:
-        file = _plot_expert_load(out_dir, run)
-        lines += (
-            [f"![{run.name} expert utilisation]({file})", ""]
-            if file
-            else [f"_{run.name}: skipped, no `experts/load` matrix logged._", ""]
-        )
-
-    lines += ["### Prototype similarity", ""]
-    for run in rl:
-        file = _plot_similarity(out_dir, run)
-        lines += (
-            [f"![{run.name} prototype similarity]({file})", ""]
-            if file
-            else [f"_{run.name}: skipped, no `prototypes/similarity` matrix logged._", ""]
-        )
+    for title, plot, key in (("Expert utilisation", _plot_expert_load, "experts/load"),
+                             ("Prototype similarity", _plot_similarity, "prototypes/similarity")):
+        lines += [f"### {title}", ""]
+        for run in rl:  # one heatmap per run
+            file = plot(out_dir, run)
+            lines += (
+                [f"![{run.name} {title.lower()}]({file})", ""]
+                if file
+                else [f"_{run.name}: skipped, no `{key}` matrix logged._", ""]
+            )
 
     file = _plot_lines(
         out_dir,

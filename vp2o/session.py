@@ -6,6 +6,8 @@ others with the same shapes and the same tokenizer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,16 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, task: TaskSplit) -> Tokenizer:
         )
     torch.distributed.barrier()
     return SentencePieceTokenizer.load(path)
+
+
+@contextlib.contextmanager
+def session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Iterator[Session]:
+    """``open_session`` for a ``with`` block; the process groups are torn down on the way out
+    (error or not, also when opening fails half-way), so a job can run the next one."""
+    try:
+        yield open_session(cfg, with_optimizer=with_optimizer, total_steps=total_steps)
+    finally:
+        parallel.destroy()
 
 
 def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Session:

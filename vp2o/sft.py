@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from vp2o.config import Config, to_dict
 from vp2o.evaluate import evaluate, write_eval
-from vp2o.mcore import parallel, training
+from vp2o.mcore import training
 from vp2o.mcore.checkpoint import save_checkpoint
 from vp2o.metrics import MetricsLogger
 from vp2o.rewards.pool import RewardPool
-from vp2o.session import Session, open_session
+from vp2o.session import Session, session
 
 
 def encode_example(s: Session, row: dict) -> tuple[list[int], int]:
@@ -52,11 +52,8 @@ def sft(cfg: Config) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.optimizer.lr = cfg.sft.lr
     cfg.optimizer.warmup_steps = max(cfg.optimizer.warmup_steps, cfg.sft.steps // 20)
-    try:
-        s = open_session(cfg, with_optimizer=True, total_steps=cfg.sft.steps)
+    with session(cfg, with_optimizer=True, total_steps=cfg.sft.steps) as s:
         return _sft(s)
-    finally:
-        parallel.destroy()
 
 
 def _sft(s: Session) -> dict:

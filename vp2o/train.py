@@ -35,7 +35,7 @@ import torch.distributed as dist
 from vp2o.algo import grpo, trust_region
 from vp2o.config import Config, to_dict
 from vp2o.diagnostics import routing_diagnostics
-from vp2o.mcore import parallel, router_replay, training
+from vp2o.mcore import router_replay, training
 from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vp2o.mcore.model import build_model
 from vp2o.mcore.stein_step import SteinTransform
@@ -49,7 +49,7 @@ from vp2o.rollout import (
     replay_indices,
     sequence_logprobs,
 )
-from vp2o.session import Session, load_initial_weights, open_session
+from vp2o.session import Session, load_initial_weights, session
 
 
 @dataclass
@@ -390,11 +390,8 @@ class StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics (python floats)."""
-    try:
-        s = open_session(cfg, with_optimizer=True, total_steps=cfg.train.steps)
+    with session(cfg, with_optimizer=True, total_steps=cfg.train.steps) as s:
         return _train(s)
-    finally:
-        parallel.destroy()
 
 
 def _train(s: Session) -> dict:

@@ -39,10 +39,23 @@ def assert_loads(path, cfg, want_params) -> None:
         assert torch.equal(value, want_params[name]), name
 
 
-def test_keep_last_prunes_to_the_newest(init_parallel, tmp_path):
+@pytest.fixture
+def fresh(init_parallel):
+    """(cfg, run): the small model with its optimizer, untrained."""
     cfg = small_config()
     init_parallel(cfg)
-    run = build_run(cfg)
+    return cfg, build_run(cfg)
+
+
+@pytest.fixture
+def trained(fresh):
+    """(cfg, run) after one training step (the optimizer has state to save)."""
+    train_step(fresh[1], 0)
+    return fresh
+
+
+def test_keep_last_prunes_to_the_newest(fresh, tmp_path):
+    cfg, run = fresh
     for step in (1, 2, 3, 4):
         save(run, tmp_path, step, keep_last=2)
     assert entries(tmp_path) == ["step_00000003", "step_00000004"]
@@ -53,11 +66,8 @@ def test_keep_last_prunes_to_the_newest(init_parallel, tmp_path):
     assert ck.read_marker(tmp_path / "step_00000005")["world_size"] == 1
 
 
-def test_latest_ignores_half_written_and_markerless_dirs(init_parallel, tmp_path):
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
-    train_step(run, 0)
+def test_latest_ignores_half_written_and_markerless_dirs(trained, tmp_path):
+    cfg, run = trained
     good = save(run, tmp_path, 1)
     marker = json.loads((good / ck.MARKER).read_text())
     assert marker["step"] == 1 and marker["layout"]["expert_parallel"] == 1
@@ -96,14 +106,11 @@ def test_latest_ignores_half_written_and_markerless_dirs(init_parallel, tmp_path
     assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_00000002"
 
 
-def test_sigkill_mid_save_keeps_the_previous_checkpoint(init_parallel, tmp_path):
+def test_sigkill_mid_save_keeps_the_previous_checkpoint(trained, tmp_path):
     """A process killed (SIGKILL, with megatron's writer processes) while writing, and again
     after the marker but before the rename: the previous checkpoint stays the latest and loads;
     the next save clears the debris."""
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
-    train_step(run, 0)
+    cfg, run = trained
     first = save(run, tmp_path, 1)
     want = global_params(run)
     for step, at in ((2, "write"), (3, "rename")):
@@ -119,12 +126,9 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(init_parallel, tmp_path)
     assert entries(tmp_path) == ["step_00000001", "step_00000004"]
 
 
-def test_disk_full_real(init_parallel, tmp_path, tmpfs):
+def test_disk_full_real(trained, tmp_path, tmpfs):
     """A real ENOSPC (a 3.5 MB tmpfs holds one checkpoint of the small model, not two)."""
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
-    train_step(run, 0)
+    cfg, run = trained
     root = tmpfs.mount(3500)
     first = save(run, root, 1)
     want = global_params(run)
@@ -138,12 +142,9 @@ def test_disk_full_real(init_parallel, tmp_path, tmpfs):
     assert_loads(first, cfg, want)
 
 
-def test_disk_full_injected(init_parallel, tmp_path, monkeypatch):
+def test_disk_full_injected(trained, tmp_path, monkeypatch):
     """ENOSPC raised inside the model/optimizer write, after a partial file (no privileges)."""
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
-    train_step(run, 0)
+    cfg, run = trained
     first = save(run, tmp_path, 1)
     want = global_params(run)
 
@@ -161,10 +162,8 @@ def test_disk_full_injected(init_parallel, tmp_path, monkeypatch):
     assert_loads(first, cfg, want)
 
 
-def test_unwritable_root(init_parallel, tmp_path, tmpfs):
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
+def test_unwritable_root(fresh, tmp_path, tmpfs):
+    cfg, run = fresh
     # A root that cannot be created at all (its parent is a file).
     (tmp_path / "file").write_text("x")
     with pytest.raises(ck.CheckpointError) as e:
@@ -186,10 +185,8 @@ def test_unwritable_root(init_parallel, tmp_path, tmpfs):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_directory(init_parallel, tmp_path):
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
+def test_read_only_directory(fresh, tmp_path):
+    cfg, run = fresh
     first = save(run, tmp_path, 1)
     want = global_params(run)
     tmp_path.chmod(0o555)
@@ -203,10 +200,8 @@ def test_read_only_directory(init_parallel, tmp_path):
     assert_loads(first, cfg, want)
 
 
-def test_unstorable_extra_fails_before_writing(init_parallel, tmp_path):
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
+def test_unstorable_extra_fails_before_writing(fresh, tmp_path):
+    cfg, run = fresh
     with pytest.raises(TypeError, match=r"extra\['cfg'\] is a Config"):
         ck.save_checkpoint(
             tmp_path, 1, model=run.ddp, optimizer=run.opt, scheduler=run.sched, extra={"cfg": cfg}
@@ -214,12 +209,10 @@ def test_unstorable_extra_fails_before_writing(init_parallel, tmp_path):
     assert entries(tmp_path) == []
 
 
-def test_killed_while_replacing_the_same_step_recovers(init_parallel, tmp_path):
+def test_killed_while_replacing_the_same_step_recovers(fresh, tmp_path):
     """Killed between moving the old ``step_N`` aside and renaming the new one into place: the
     next save puts the old one back (and removes the unfinished new one)."""
-    cfg = small_config()
-    init_parallel(cfg)
-    run = build_run(cfg)
+    cfg, run = fresh
     save(run, tmp_path, 1)
     three = save(run, tmp_path, 3)
     three.rename(tmp_path / ".old_step_00000003")
