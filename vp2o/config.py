@@ -422,12 +422,13 @@ class VP2OConfig:
     """Surrogate fed to the transport: importance ratio (default) or log-prob (§2)."""
     max_updates_per_rollout: int = 4
     """Learner steps on one rollout batch before a forced refresh (§12)."""
-    transform_chunk_elems: int = 1 << 26
+    transform_chunk_elems: int | None = None
     """Size (elements) of each of the transform's workspaces: the [E, P] expert-gradient matrix is
     transformed in column chunks of transform_chunk_elems / E (rounded to whole rows of W2 for the
     output projection), which bounds the memory of the attraction and its EP reduce-scatter
-    (implementation choice, not the method's; 1 << 26 fp32 = 256 MiB per workspace). Smaller
-    chunks were slower on the CPU too (docs/benchmarks.md)."""
+    (implementation choice, not the method's). null = 1 << 20 on the CPU (4 MiB fp32: a chunk's
+    output stays cached until it is copied back; fastest in benchmarks/bench_step.py,
+    docs/benchmarks.md) and 1 << 26 on accelerators (256 MiB fp32: few kernel launches)."""
     trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
     """§10."""
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)
@@ -653,10 +654,10 @@ class Config:
                 ">= 1",
             )
             _check(
-                v.transform_chunk_elems >= 1,
+                v.transform_chunk_elems is None or v.transform_chunk_elems >= 1,
                 "vp2o.transform_chunk_elems",
                 v.transform_chunk_elems,
-                ">= 1",
+                ">= 1 (or null: by device)",
             )
             _check(
                 p.etp == 1,

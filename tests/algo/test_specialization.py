@@ -112,3 +112,36 @@ def test_scale_free_orthogonality_against_loop_and_scale_invariance():
     assert abs(float(scaled) - want) < 1e-12
     raw = specialization.orthogonality_loss(37.0 * x, eps=0.0)
     assert float(raw) > 100 * want  # the method's form grows with the outputs' scale
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["method", "scale_free"])
+def test_orthogonality_with_row_scales_equals_loss_of_unscaled_rows(normalize):
+    """``scale=s`` gives the loss of x / s (the MoE layer's gate-weighted outputs and gates), with
+    the gradient of the unscaled rows, and a zero gradient to s when x = s * x~ (gate paths
+    cancel: the router gets nothing)."""
+    gen = torch.Generator().manual_seed(9)
+    raw = torch.randn(7, 3, 5, generator=gen, dtype=torch.float64)
+    gates = torch.rand(7, 3, generator=gen, dtype=torch.float64) + 0.05
+    eps = 1e-3  # large enough that a mis-scaled eps shows
+    want = spec.orthogonality_loss(raw, eps, normalize=normalize)
+    scaled = raw * gates.unsqueeze(-1)
+    got = spec.orthogonality_loss(scaled, eps, normalize=normalize, scale=gates)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    # Gradients through x = g * x~ with both x~ and g as leaves.
+    x_leaf = raw.clone().requires_grad_(True)
+    g_leaf = gates.clone().requires_grad_(True)
+    spec.orthogonality_loss(
+        x_leaf * g_leaf.unsqueeze(-1), eps, normalize=normalize, scale=g_leaf
+    ).backward()
+    ref_leaf = raw.clone().requires_grad_(True)
+    spec.orthogonality_loss(ref_leaf, eps, normalize=normalize).backward()
+    torch.testing.assert_close(x_leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-14)
+    assert float(g_leaf.grad.abs().max()) < 1e-12 * float(ref_leaf.grad.abs().max()) + 1e-15
+
+
+def test_token_gram_backward_against_finite_differences():
+    """The Gram's hand-written backward (dX = (dG + dG^T) X), with an asymmetric upstream."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: (spec._TokenGram.apply(t) * weights).sum(), (x,))

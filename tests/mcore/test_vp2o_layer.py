@@ -239,16 +239,37 @@ def test_router_replay_reuses_recorded_experts(init_parallel):
         router_replay.replay(model, ids[:1])
 
 
-@pytest.mark.parametrize("chunk", [1 << 26, 3 * 8 * 32 + 5], ids=["default", "small-unaligned"])
-def test_transform_in_the_step_equals_the_pure_transport(init_parallel, chunk):
+@pytest.mark.parametrize(
+    ("chunk", "layout"),
+    [
+        (None, "grad-view"),
+        (3 * 8 * 32 + 5, "grad-view"),
+        (None, "grad-and-param-view"),
+        (3 * 8 * 32 + 5, "stacked"),
+    ],
+    ids=["default", "small-unaligned", "distributed-optimizer", "stacked-small-unaligned"],
+)
+def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypatch, chunk,
+                                                         layout):
     """The expert main_grads after the in-step transform equal ``stein.transport`` (§6-8) applied
     to the same gradients, prototypes and C; the small chunk budget splits every expert matrix
-    over several column chunks (fc2's rounded to whole rows, where the repulsion is added)."""
-    from vp2o.algo import stein
+    over several column chunks (fc2's rounded to whole rows, where the repulsion is added).
 
-    cfg, groups, model = _build(
-        init_parallel, "vp2o.alpha=0.5", f"vp2o.transform_chunk_elems={chunk}"
-    )
+    Layouts: the grads read and written through strided views of megatron's grad buffer (its
+    experts sit in reverse order, so A's rows and columns are permuted), with the distributed
+    optimizer the fc2 weights through a view of its param buffer too, and the stacked fallback.
+    """
+    from vp2o.algo import stein
+    from vp2o.mcore import stein_step
+
+    overrides = ["vp2o.alpha=0.5"]
+    if chunk is not None:
+        overrides.append(f"vp2o.transform_chunk_elems={chunk}")
+    if layout == "grad-and-param-view":
+        overrides += ["parallel.use_distributed_optimizer=true", "optimizer.name=adam"]
+    if layout == "stacked":
+        monkeypatch.setattr(stein_step, "expert_bank_view", lambda tensors: None)
+    cfg, groups, model = _build(init_parallel, *overrides)
     transform = SteinTransform(model, cfg.vp2o, groups, num_experts=8, seed=0)
     captured = []
 
@@ -269,6 +290,11 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, chunk):
     def loss_fn(m, mb):
         return m(mb["tokens"], mb["pos"], None, labels=mb["labels"]).float().mean(), {}
 
+    fc2_weights = local_expert_weights(transform.layers[0])[1]
+    grad_bank = stein_step.expert_bank_view([w.main_grad for w in fc2_weights])
+    param_bank = stein_step.expert_bank_view([w.detach() for w in fc2_weights])
+    assert (grad_bank is None) == (layout == "stacked")
+    assert (param_bank is None) == (layout != "grad-and-param-view")
     training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=capture)
     checked = 0
     for li, layer in enumerate(transform.layers):
@@ -286,3 +312,29 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, chunk):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
             checked += int(not torch.allclose(ref, raw))
     assert checked >= 2  # the transform changed the gradients (not a pass-through)
+    # The refresh reads fc2 through the same layouts: equal to the refresh of the stacked weights.
+    transform.after_optimizer_step()
+    for li, layer in enumerate(transform.layers):
+        w2 = torch.stack([w.detach() for w in local_expert_weights(layer)[1]])
+        want = stein.refresh_prototypes(w2, prototypes[li], iters=cfg.vp2o.power_iters)
+        torch.testing.assert_close(transform.prototypes[li], want, rtol=0, atol=1e-6)
+
+
+def test_expert_bank_view_layouts():
+    """A uniform stride in one storage gives a writable view in address order; anything else None."""
+    from vp2o.mcore.stein_step import expert_bank_view
+
+    flat = torch.arange(40.0)
+    tensors = [flat[30 - 10 * i : 36 - 10 * i].view(2, 3) for i in range(4)]  # reverse order
+    view, order = expert_bank_view(tensors)
+    assert order.tolist() == [3, 2, 1, 0]
+    for k, i in enumerate(order.tolist()):
+        assert torch.equal(view[k], tensors[i])
+    view[0].fill_(-1.0)  # writes reach the tensors
+    assert torch.equal(tensors[3], torch.full((2, 3), -1.0))
+    uneven = [flat[0:6].view(2, 3), flat[10:16].view(2, 3), flat[24:30].view(2, 3)]
+    assert expert_bank_view(uneven) is None
+    overlapping = [flat[0:6].view(2, 3), flat[3:9].view(2, 3)]
+    assert expert_bank_view(overlapping) is None
+    separate = [torch.zeros(2, 3), torch.zeros(2, 3)]
+    assert expert_bank_view(separate) is None

@@ -26,7 +26,28 @@ __all__ = [
 ]
 
 
-def orthogonality_per_token(x: Tensor, *, eps: float = 1e-6, normalize: bool = False) -> Tensor:
+class _TokenGram(torch.autograd.Function):
+    """`G_t = X_t X_tᵀ` per token, [T, k, d] -> [T, k, k], with the backward `dX = (dG + dGᵀ) X`.
+
+    One batched product each way: autograd's own backward of `bmm(x, x.mT)` forms the second
+    operand's gradient as [T, d, k] products, which the CPU runs ~10x slower than the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.bmm(x, x.mT)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.bmm(grad + grad.mT, x)
+
+
+def orthogonality_per_token(
+    x: Tensor, *, eps: float = 1e-6, normalize: bool = False, scale: Tensor | None = None
+) -> Tensor:
     """Each token's orthogonality term divided by k (§9).
 
     `ℓ_t = (1/k) Σ_{j≠l} G_t[j,l]² q_l / (q_l + ε)²`, `G_t = X_t X_tᵀ` (k×k), `q = diag(G_t)`: the
@@ -37,28 +58,41 @@ def orthogonality_per_token(x: Tensor, *, eps: float = 1e-6, normalize: bool = F
     `G_t[j,l]² / ((q_j + ε)(q_l + ε))`, the squared cosine, so the loss lies in [0, k−1] whatever
     the scale of the expert outputs.
 
+    ``scale`` gives the loss of `x̃ = x / scale` (row-wise) without forming `x̃`: with `x = s x̃`,
+    `G̃_jl = G_jl / (s_j s_l)` and `q̃ = q / s²`, so the terms are exact rewrites in [T, k] scalars
+    (e.g. `G_jl² / ((q_j + ε s_j²)(q_l + ε s_l²))` for the normalised form). The MoE layer passes
+    gate-weighted expert outputs and their gates (vp2o/mcore/vp2o_moe.py).
+
     Args:
-        x: Raw expert outputs in token order, [T, k, d] (x[t, j] is token t's j-th selected expert).
+        x: Expert outputs in token order, [T, k, d] (x[t, j] is token t's j-th selected expert).
         eps: ε.
         normalize: Scale-free (squared-cosine) form.
+        scale: Optional nonzero row scales s, [T, k]: the loss is that of `x / s`.
 
     Returns:
         ℓ, [T], float32 (float64 for float64 input).
     """
     k = x.shape[-2]
-    gram = torch.bmm(x, x.mT).to(torch.promote_types(x.dtype, torch.float32))  # [T, k, k]
+    dt = torch.promote_types(x.dtype, torch.float32)
+    gram = _TokenGram.apply(x).to(dt)  # [T, k, k]
     q = gram.diagonal(dim1=-2, dim2=-1)  # [T, k]
+    s2 = None if scale is None else scale.to(dt).square()  # [T, k]
+    eps_q = eps if s2 is None else eps * s2  # ε in the units of q
     off = ~torch.eye(k, dtype=torch.bool, device=x.device)
     if normalize:
-        inv = 1.0 / (q + eps)  # [T, k]
+        inv = 1.0 / (q + eps_q)  # [T, k]
         terms = gram.square() * inv.unsqueeze(-1) * inv.unsqueeze(-2) * off  # [T, k, k]
     else:
-        col = q / (q + eps).square()  # [T, k], weight of column l
+        col = q / (q + eps_q).square()  # [T, k], weight of column l
         terms = gram.square() * col.unsqueeze(-2) * off  # [T, k, k]
+        if s2 is not None:
+            terms = terms / s2.unsqueeze(-1)  # row j
     return terms.sum((-2, -1)) / k  # [T]
 
 
-def orthogonality_loss(x: Tensor, eps: float = 1e-6, *, normalize: bool = False) -> Tensor:
+def orthogonality_loss(
+    x: Tensor, eps: float = 1e-6, *, normalize: bool = False, scale: Tensor | None = None
+) -> Tensor:
     """Orthogonality loss `L_o` (§9, Guo et al. eq 5-6), averaged over tokens.
 
     `L_o = (1/(T·k)) Σ_t Σ_{j∈S_t} Σ_{l∈S_t, l≠j} ‖(⟨x_tj, x_tl⟩ / (⟨x_tl, x_tl⟩ + ε)) x_tl‖²`.
@@ -68,11 +102,12 @@ def orthogonality_loss(x: Tensor, eps: float = 1e-6, *, normalize: bool = False)
         x: Raw expert outputs in token order, [T, k, d].
         eps: ε.
         normalize: Scale-free form.
+        scale: Optional row scales, [T, k]: the loss of `x / scale` (see `orthogonality_per_token`).
 
     Returns:
         0-dim tensor (float32, or float64 for float64 input).
     """
-    per_token = orthogonality_per_token(x, eps=eps, normalize=normalize)  # [T]
+    per_token = orthogonality_per_token(x, eps=eps, normalize=normalize, scale=scale)  # [T]
     return per_token.sum() / max(per_token.shape[0], 1)
 
 

@@ -52,6 +52,42 @@ def local_expert_weights(layer: VP2OMoELayer) -> tuple[list, list]:
     )
 
 
+def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One strided [e, *shape] view of e same-shaped tensors that sit at a uniform stride.
+
+    megatron's DDP keeps every gradient in one flat buffer (and, with the distributed optimizer,
+    every parameter in another), parameter after parameter in reverse model order, so a layer's
+    experts follow each other at a fixed stride (an expert's fc1 and fc2 in between). The
+    transform reads and writes such tensors through the view instead of stacking them into a
+    workspace and copying back: one copy of the layer's expert gradients less (issue 4's step
+    overhead, docs/benchmarks.md).
+
+    Returns:
+        (view with rows in address order, order: long [e], row k is ``tensors[order[k]]``), or
+        None when the tensors are not laid out that way (then callers stack them).
+    """
+    first = tensors[0]
+    shape, numel = first.shape, first.numel()
+    storage = first.untyped_storage().data_ptr()
+    for t in tensors:
+        if (
+            t.shape != shape
+            or t.dtype != first.dtype
+            or t.device != first.device
+            or not t.is_contiguous()
+            or t.untyped_storage().data_ptr() != storage
+        ):
+            return None
+    offsets = [t.storage_offset() for t in tensors]
+    order = sorted(range(len(tensors)), key=offsets.__getitem__)
+    base = offsets[order[0]]
+    step = offsets[order[1]] - base if len(tensors) > 1 else numel
+    if step < numel or any(offsets[i] - base != k * step for k, i in enumerate(order)):
+        return None
+    view = first.as_strided((len(tensors), *shape), (step, *first.stride()), base)
+    return view, torch.tensor(order, dtype=torch.long)
+
+
 @dataclass
 class LayerGeometry:
     """Per-layer quantities of one step (all [E, E] unless noted), for logging and tests."""
@@ -178,7 +214,7 @@ class SteinTransform:
             att_sq += self._attract(fc1, geo.A)
             low_rank = None
             if self.cfg.alpha > 0:
-                L, R = self._repulsion_factors(index, fc2, geo)
+                L, R = self._repulsion_factors(index, layer, geo)
                 # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
                 rep_sq += (self.cfg.alpha**2) * ((L.mT @ L) * (R @ R.mT)).sum().float()
                 low_rank = (L * (self.cfg.alpha * repulsion_scale), R)
@@ -193,12 +229,14 @@ class SteinTransform:
     def _attract(self, weights: list, A: torch.Tensor, low_rank=None) -> torch.Tensor:
         """main_grads of ``weights`` <- rows of A.G (+ L R); one EP reduce-scatter when EP > 1.
 
-        Works column-chunk by column-chunk in two persistent workspaces (no allocation per
-        step: fresh multi-MB buffers cost page faults every step on the CPU), of at most
-        ``vp2o.transform_chunk_elems`` elements each. ``low_rank = (L [E_loc, d, r],
-        R [E_loc, r, f])`` adds ``L_i R_i`` to local expert i's [d, f] gradient (the scaled
-        repulsion, §8) while its chunk is still in the workspace, saving a read and a write of
-        the fc2 gradients; chunks then hold whole rows of [d, f].
+        G is read in column chunks of at most ``vp2o.transform_chunk_elems / E`` columns, A.G of a
+        chunk goes to a persistent workspace (no allocation per step: fresh multi-MB buffers cost
+        page faults every step on the CPU) and is copied back over the chunk. Where megatron's
+        grad buffer holds the experts at a uniform stride (``expert_bank_view``) the chunks are
+        strided views of the buffer itself; otherwise they are stacked into a second workspace.
+        ``low_rank = (L [E_loc, d, r], R [E_loc, r, f])`` adds ``L_i R_i`` to local expert i's
+        [d, f] gradient (the scaled repulsion, §8) while its chunk is still in the workspace,
+        saving a read and a write of the fc2 gradients; chunks then hold whole rows of [d, f].
 
         Returns:
             The squared norm of this rank's attraction output (before the low-rank term).
@@ -206,33 +244,51 @@ class SteinTransform:
         grads = [w.main_grad for w in weights]
         numel = grads[0].numel()
         E, e = self.num_experts, self.num_local
-        cols_per_chunk = max(1, min(numel, self.cfg.transform_chunk_elems // E))
+        dtype = grads[0].dtype
+        bank = expert_bank_view(grads)
+        if bank is None:  # stack: rows in local order
+            view, order = None, torch.arange(e, device=A.device)
+        else:  # view row k is local expert order[k]
+            view, order = bank[0].reshape(e, numel), bank[1].to(A.device)
+        # Rows and columns of A in the order of G's rows (and of the reduce-scatter's blocks).
+        cols_of_a = order + self.groups.ep_rank * e
+        rows_of_a = torch.cat([order + r * e for r in range(self.ep_size)])
+        A = A.index_select(0, rows_of_a).index_select(1, cols_of_a).to(dtype)  # [E, E_loc]
+        chunk = self.cfg.transform_chunk_elems
+        if chunk is None:  # cache-sized on the CPU (docs/benchmarks.md), few launches elsewhere
+            chunk = 1 << 20 if A.is_cpu else 1 << 26
+        cols_per_chunk = max(1, min(numel, chunk // E))
         f = grads[0].shape[-1]
         if low_rank is not None:
             cols_per_chunk = max(f, cols_per_chunk // f * f)  # whole rows
-            L, R = (t.to(grads[0].dtype) for t in low_rank)
-        dtype = grads[0].dtype
-        A = A.to(dtype)
+            L, R = (t.index_select(0, order).to(dtype) for t in low_rank)
         out_sq = torch.zeros((), dtype=torch.float32, device=A.device)
         for start in range(0, numel, cols_per_chunk):
             c = min(cols_per_chunk, numel - start)
-            G = self._buffer("G", e * c, dtype).view(e, c)  # [E_loc, c]
-            cols = [g.view(-1)[start : start + c] for g in grads]
-            torch.stack(cols, out=G)  # one kernel, not E_loc copies
+            if view is not None:
+                G = view[:, start : start + c]  # [E_loc, c], strided into the grad buffer
+            else:
+                G = self._buffer("G", e * c, dtype).view(e, c)  # [E_loc, c]
+                cols = [g.view(-1)[start : start + c] for g in grads]
+                torch.stack(cols, out=G)  # one kernel, not E_loc copies
             if self.ep_size == 1:
                 mixed = self._buffer("out", E * c, dtype).view(E, c)
                 torch.mm(A, G, out=mixed)  # [E, c]
             else:
                 partial = self._buffer("out", E * c, dtype).view(E, c)
-                torch.mm(A[:, self.local], G, out=partial)  # A[:, L_r] G_{L_r}, [E, c]
+                torch.mm(A, G, out=partial)  # A[:, L_r] G_{L_r}, [E, c]
                 mixed = self._buffer("rs", e * c, dtype).view(e, c)  # [E_loc, c]
                 dist.reduce_scatter_tensor(mixed, partial, group=self.groups.ep)
-            out_sq += torch.linalg.vector_norm(mixed).float().square()
+            flat = mixed.view(-1)
+            out_sq += torch.dot(flat, flat).float()  # BLAS dot: ~2x vector_norm on the CPU
             if low_rank is not None:
                 r0 = start // f
                 rows = mixed.view(e, c // f, f)  # [E_loc, rows, f]
                 rows.baddbmm_(L[:, r0 : r0 + c // f], R)
-            torch._foreach_copy_(cols, list(mixed.unbind(0)))  # one fused copy back
+            if view is not None:
+                G.copy_(mixed)
+            else:
+                torch._foreach_copy_(cols, list(mixed.unbind(0)))  # one fused copy back
         return out_sq
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -244,18 +300,20 @@ class SteinTransform:
             self._workspace[name] = buf
         return buf[:numel]
 
-    def _repulsion_factors(self, index: int, fc2: list, geo: LayerGeometry):
+    def _repulsion_factors(self, index: int, layer: VP2OMoELayer, geo: LayerGeometry):
         """phi_rep = L R for this rank's experts (§7): L [E_loc, d, 2n], R [E_loc, 2n, f]."""
         u_all = self.prototypes[index]
-        w2 = torch.stack([w.detach() for w in fc2])  # [E_loc, d, f]
-        return stein.repulsion_factors(
+        w2, order = self._fc2_bank(layer)  # [E_loc, d, f], rows local experts order[k]
+        L, R = stein.repulsion_factors(
             w2,
-            u_all[self.local],
-            geo.V[self.local],
+            u_all[self.local].index_select(0, order),
+            geo.V[self.local].index_select(0, order),
             tau=geo.tau,
             iters=self.cfg.power_iters,
             u_all=u_all,
         )
+        inverse = torch.argsort(order)
+        return L.index_select(0, inverse), R.index_select(0, inverse)  # local order
 
     def _sum_over_ep(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a 0-dim statistic over the EP group (one collective per step, not per layer)."""
@@ -280,9 +338,18 @@ class SteinTransform:
         return 1.0 / (s * edp)
 
     # ---------------------------------------------------------------- prototypes (§4)
-    def _stack_fc2(self, layer: VP2OMoELayer) -> torch.Tensor:
+    def _fc2_bank(self, layer: VP2OMoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's fc2 weights as [E_loc, d, f] and the local expert of each row.
+
+        A strided view of megatron's param buffer where it holds them at a uniform stride (the
+        distributed optimizer's layout), else a stacked copy in local order.
+        """
         _, fc2 = local_expert_weights(layer)
-        return torch.stack([w.detach() for w in fc2])  # [E_loc, d, f]
+        weights = [w.detach() for w in fc2]
+        bank = expert_bank_view(weights)
+        if bank is not None:
+            return bank[0], bank[1].to(weights[0].device)
+        return torch.stack(weights), torch.arange(len(weights), device=weights[0].device)
 
     def _gather_prototypes(self, local: list[torch.Tensor]) -> torch.Tensor:
         """[L] x [E_loc, d] local rows -> [L, E, d] on every rank (one EP all-gather)."""
@@ -303,7 +370,7 @@ class SteinTransform:
         The start is drawn for all E experts and sliced, so expert j starts from the same vector
         whatever the EP size (and so converges to the same prototype, sign included).
         """
-        w2 = self._stack_fc2(layer)  # [E_loc, d, f]
+        w2 = torch.stack([w.detach() for w in local_expert_weights(layer)[1]])  # [E_loc, d, f]
         gen = torch.Generator().manual_seed(self.seed + index)
         start = torch.randn(self.num_experts, w2.shape[1], generator=gen)[self.local]
         return stein.refresh_prototypes(w2, start.to(w2.device), iters=20)
@@ -311,14 +378,14 @@ class SteinTransform:
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Refresh the prototypes from the updated fc2 weights (warm-started, §4); reset C."""
-        local = [
-            stein.refresh_prototypes(
-                self._stack_fc2(layer),
-                self.prototypes[i, self.local],
+        local = []
+        for i, layer in enumerate(self.layers):
+            w2, order = self._fc2_bank(layer)  # rows: local experts order[k]
+            fresh = stein.refresh_prototypes(
+                w2, self.prototypes[i, self.local].index_select(0, order),
                 iters=self.cfg.power_iters,
             )
-            for i, layer in enumerate(self.layers)
-        ]
+            local.append(fresh.index_select(0, torch.argsort(order)))  # local order
         self.prototypes = self._gather_prototypes(local)
         self.reset_statistics()
 

@@ -128,9 +128,10 @@ class VP2OMoELayer(MoELayer):
     With the alltoall dispatcher, ``postprocess`` receives the experts' outputs after the combine
     all-to-all and before megatron's unpermute sums them: one row per (token, selected expert),
     grouped by expert, tokens ascending within an expert. The rows are gate-weighted (megatron
-    multiplies by the gate inside the expert MLP), so dividing by the gate recovers the raw output
-    x~ exactly as a function of the expert weights (y = g x~ and y / g share the graph; no
-    gradient reaches the router through the division).
+    multiplies by the gate inside the expert MLP): y = g x~. The loss of the raw outputs x~ is
+    computed from y and g with the gates folded into [T, k] scalars
+    (``specialization.orthogonality_loss(..., scale=g)``), as a function of the expert weights;
+    y and g share the graph, so the gate's two paths cancel and no gradient reaches the router.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -141,10 +142,13 @@ class VP2OMoELayer(MoELayer):
     def postprocess(self, output: torch.Tensor, shared_expert_output: torch.Tensor | None):
         """Attach the orthogonality loss, then megatron's unpermute + shared-expert add."""
         if self.ortho_coeff > 0 and self.training and torch.is_grad_enabled():
-            x = self._raw_outputs_in_token_order(output)  # [T, k, d]
+            y, gates = self._outputs_in_token_order(output)  # [T, k, d], [T, k]
             if self.router.valid_rows is not None:
-                x = x[self.router.valid_rows]  # padding tokens are no data
-            loss = specialization.orthogonality_loss(x, normalize=self.ortho_normalize)
+                y, gates = y[self.router.valid_rows], gates[self.router.valid_rows]  # no pads
+            # The loss of the raw outputs x~ = y / g, without dividing [T, k, d] (§9).
+            loss = specialization.orthogonality_loss(
+                y, normalize=self.ortho_normalize, scale=gates
+            )
             num_layers = self.config.num_layers
             save_to_aux_losses_tracker(
                 "expert_orthogonality_loss",
@@ -156,8 +160,8 @@ class VP2OMoELayer(MoELayer):
             output = MoEAuxLossAutoScaler.apply(output, self.ortho_coeff * loss)
         return super().postprocess(output, shared_expert_output)
 
-    def _raw_outputs_in_token_order(self, rows: torch.Tensor) -> torch.Tensor:
-        """[T*k, d] combined rows (permuted order) -> [T, k, d] raw outputs, token-major."""
+    def _outputs_in_token_order(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T*k, d] combined rows (permuted order) -> ([T, k, d] rows, [T, k] gates), token-major."""
         disp = self.token_dispatcher
         if not isinstance(disp, MoEAlltoAllTokenDispatcher):
             raise RuntimeError(
@@ -174,11 +178,13 @@ class VP2OMoELayer(MoELayer):
             torch.arange(num_experts, device=rows.device), per_expert,
             output_size=rows.shape[0],  # known: no device-to-host sync for the size
         )  # [T*k]
-        gate = probs[token_of_row, expert_of_row].to(rows.dtype)  # [T*k]
-        raw = rows / gate.unsqueeze(-1)  # x~ = y / g
         # Stable sort by token keeps ascending expert ids within each token.
         order = torch.argsort(token_of_row, stable=True)
-        return _PermuteRows.apply(raw, order).view(num_tokens, k, rows.shape[-1])
+        # The gates stay in the graph: y = g x~ depends on g, and the loss of y / g does not, so
+        # the two gate paths cancel and no gradient reaches the router.
+        gates = probs[token_of_row[order], expert_of_row[order]].to(rows.dtype)  # [T*k]
+        y = _PermuteRows.apply(rows, order).view(num_tokens, k, rows.shape[-1])
+        return y, gates.view(num_tokens, k)
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -188,14 +194,14 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(order)
-        return x[order]
+        return x.index_select(0, order)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (order,) = ctx.saved_tensors
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        return grad[inverse], None
+        return grad.index_select(0, inverse), None
 
 
 def vp2o_layer_spec_hook(cfg: Config):
