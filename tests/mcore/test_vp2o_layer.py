@@ -321,7 +321,7 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypa
 
 
 def test_expert_bank_view_layouts():
-    """A uniform stride in one storage gives a writable view in address order; anything else None."""
+    """Uniform stride in one storage: a writable view in address order; anything else: None."""
     from vp2o.mcore.stein_step import expert_bank_view
 
     flat = torch.arange(40.0)

@@ -161,7 +161,7 @@ class VP2OMoELayer(MoELayer):
         return super().postprocess(output, shared_expert_output)
 
     def _outputs_in_token_order(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T*k, d] combined rows (permuted order) -> ([T, k, d] rows, [T, k] gates), token-major."""
+        """[T*k, d] combined rows (expert-grouped) -> ([T, k, d] rows, [T, k] gates), by token."""
         disp = self.token_dispatcher
         if not isinstance(disp, MoEAlltoAllTokenDispatcher):
             raise RuntimeError(
