@@ -145,3 +145,21 @@ def test_token_gram_backward_against_finite_differences():
     x = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: (spec._TokenGram.apply(t) * weights).sum(), (x,))
+
+
+def test_routing_variance_fused_backward_against_autograd_and_finite_differences():
+    """The closed-form backward (with the row renormalisation) against plain autograd of the
+    formula, and gradcheck; zero rows (clamped sums) included."""
+    gen = torch.Generator().manual_seed(2)
+    p = torch.rand(9, 5, generator=gen, dtype=torch.float64)
+    p[p < 0.5] = 0.0
+    p[3] = 0.0  # a row of zeros: the clamp holds
+    leaf = p.clone().requires_grad_(True)
+    spec.routing_variance_loss(leaf, renormalize=True).backward()
+    ref = p.clone().requires_grad_(True)
+    s = ref / ref.sum(-1, keepdim=True).clamp_min(1e-20)
+    (-(s - s.mean(0, keepdim=True)).square().mean()).backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-12, atol=1e-15)
+    q = torch.rand(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: spec.routing_variance_loss(t, renormalize=True), (q,))
+    assert torch.autograd.gradcheck(lambda t: spec.routing_variance_loss(t), (q,))

@@ -246,8 +246,10 @@ def test_router_replay_reuses_recorded_experts(init_parallel):
         (3 * 8 * 32 + 5, "grad-view"),
         (None, "grad-and-param-view"),
         (3 * 8 * 32 + 5, "stacked"),
+        (None, "median-tau"),
     ],
-    ids=["default", "small-unaligned", "distributed-optimizer", "stacked-small-unaligned"],
+    ids=["default", "small-unaligned", "distributed-optimizer", "stacked-small-unaligned",
+         "median-tau"],
 )
 def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypatch, chunk,
                                                          layout):
@@ -269,6 +271,8 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypa
         overrides += ["parallel.use_distributed_optimizer=true", "optimizer.name=adam"]
     if layout == "stacked":
         monkeypatch.setattr(stein_step, "expert_bank_view", lambda tensors: None)
+    if layout == "median-tau":  # a per-layer temperature through the batched geometry
+        overrides.append("vp2o.tau_mode=median")
     cfg, groups, model = _build(init_parallel, *overrides)
     transform = SteinTransform(model, cfg.vp2o, groups, num_experts=8, seed=0)
     captured = []
@@ -293,7 +297,7 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypa
     fc2_weights = local_expert_weights(transform.layers[0])[1]
     grad_bank = stein_step.expert_bank_view([w.main_grad for w in fc2_weights])
     param_bank = stein_step.expert_bank_view([w.detach() for w in fc2_weights])
-    assert (grad_bank is None) == (layout == "stacked")
+    assert (grad_bank is None) == (layout == "stacked")  # "median-tau" reads the grad view
     assert (param_bank is None) == (layout != "grad-and-param-view")
     training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=capture)
     checked = 0
@@ -303,7 +307,9 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypa
         w2 = torch.stack([w.detach() for w in fc2])
         want, _ = stein.transport(
             [g1, g2], w2, prototypes[li], transform.coactivation[li], w2_index=1,
-            tau=stein.temperature(8, cfg.vp2o.tau0), alpha=cfg.vp2o.alpha,
+            tau=(stein.median_temperature(prototypes[li], tau0=cfg.vp2o.tau0)
+                 if layout == "median-tau" else stein.temperature(8, cfg.vp2o.tau0)),
+            alpha=cfg.vp2o.alpha,
             top_m=cfg.vp2o.top_m(layer.router.topk), min_frac=cfg.vp2o.coactive_min_frac,
             iters=cfg.vp2o.power_iters,
         )

@@ -175,18 +175,20 @@ class SteinTransform:
     # ---------------------------------------------------------------- transform (§5-§8)
     def geometry(self, index: int, C: torch.Tensor) -> LayerGeometry:
         """Kernel, masks and weights of layer ``index`` from its reduced C and stored prototypes."""
+        return self._geometry(self.prototypes[index], C, self.layers[index].router.topk)
+
+    def _geometry(self, u: torch.Tensor, C: torch.Tensor, topk: int) -> LayerGeometry:
+        """`geometry` for u [..., E, d] and C [..., E, E]: one batched call for all layers."""
         cfg = self.cfg
-        u = self.prototypes[index]  # [E, d]
         if cfg.tau_mode == "median":
             tau = stein.median_temperature(u, tau0=cfg.tau0)
         else:
             tau = stein.temperature(self.num_experts, tau0=cfg.tau0)
         K = stein.axial_kernel(u, tau=tau)
-        topk = self.layers[index].router.topk
         M_co, M_in = stein.neighbour_masks(
             C, top_m=cfg.top_m(topk), min_frac=cfg.coactive_min_frac
         )
-        active = torch.diagonal(C) > 0
+        active = torch.diagonal(C, dim1=-2, dim2=-1) > 0
         A = stein.attraction_weights(K, M_co, active=active)
         V = stein.repulsion_weights(K, M_in, active=active)
         return LayerGeometry(C=C, K=K, A=A, V=V, active=active, tau=tau)
@@ -206,10 +208,17 @@ class SteinTransform:
         device = self.prototypes.device
         att_sq = torch.zeros((), dtype=torch.float32, device=device)
         rep_sq = torch.zeros((), dtype=torch.float32, device=device)
-        self.last_geometry = []
+        # Every layer's kernel, masks and weights in one batched pass (one megatron config: one
+        # top-k for all layers).
+        every = self._geometry(self.prototypes, stats["C"], self.layers[0].router.topk)
+        per_layer_tau = isinstance(every.tau, torch.Tensor)
+        self.last_geometry = [
+            LayerGeometry(C=every.C[i], K=every.K[i], A=every.A[i], V=every.V[i],
+                          active=every.active[i], tau=every.tau[i] if per_layer_tau else every.tau)
+            for i in range(len(self.layers))
+        ]
         for index, layer in enumerate(self.layers):
-            geo = self.geometry(index, stats["C"][index])
-            self.last_geometry.append(geo)
+            geo = self.last_geometry[index]
             fc1, fc2 = local_expert_weights(layer)
             att_sq += self._attract(fc1, geo.A)
             low_rank = None

@@ -101,11 +101,8 @@ class VP2ORouter(TopKRouter):
                 self.entropy_sum += (token_entropy * r.sum(-1) / k).sum()
             if self.training and self.variance_coeff > 0:
                 # Post-top-k scores renormalised to sum to 1 per token (method §9).
-                p = probs.float()
-                s = p / p.sum(-1, keepdim=True).clamp_min(1e-20)  # [T, E]
-                if self.valid_rows is not None:
-                    s = s[self.valid_rows]
-                loss = specialization.routing_variance_loss(s)
+                p = probs if self.valid_rows is None else probs[self.valid_rows]  # [T, E]
+                loss = specialization.routing_variance_loss(p, renormalize=True)
                 probs = self.attach_and_log_load_balancing_loss(
                     probs,
                     self.variance_coeff,
@@ -173,16 +170,12 @@ class VP2OMoELayer(MoELayer):
         num_tokens, num_experts = routing_map.shape
         k = self.router.topk
         token_of_row = disp.reversed_local_input_permutation_mapping  # [T*k]
-        per_expert = routing_map.sum(0)  # [E]
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(num_experts, device=rows.device), per_expert,
-            output_size=rows.shape[0],  # known: no device-to-host sync for the size
-        )  # [T*k]
         # Stable sort by token keeps ascending expert ids within each token.
         order = torch.argsort(token_of_row, stable=True)
-        # The gates stay in the graph: y = g x~ depends on g, and the loss of y / g does not, so
-        # the two gate paths cancel and no gradient reaches the router.
-        gates = probs[token_of_row[order], expert_of_row[order]].to(rows.dtype)  # [T*k]
+        # The same token-major, expert-ascending order as a row-major mask read. The gates stay
+        # in the graph: y = g x~ depends on g, and the loss of y / g does not, so the two gate
+        # paths cancel and no gradient reaches the router.
+        gates = probs.masked_select(routing_map).to(rows.dtype)  # [T*k]
         y = _PermuteRows.apply(rows, order).view(num_tokens, k, rows.shape[-1])
         return y, gates.view(num_tokens, k)
 
