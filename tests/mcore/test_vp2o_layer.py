@@ -344,3 +344,28 @@ def test_expert_bank_view_layouts():
     assert expert_bank_view(overlapping) is None
     separate = [torch.zeros(2, 3), torch.zeros(2, 3)]
     assert expert_bank_view(separate) is None
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "padding"])
+def test_router_statistics_against_reference(init_parallel, padded):
+    """C, the routed-token count and the entropy sum of one grad-enabled routing against a plain
+    recomputation: softmax entropy of each real token's logits; padding tokens count nowhere."""
+    cfg, _, model = _build(init_parallel)
+    router = vp2o_moe.moe_layers(model)[0].router
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(S, B, cfg.model.hidden_size, generator=gen)  # [S, B, d]
+    pad = torch.zeros(S, B, dtype=torch.bool)
+    if padded:
+        pad[-3:, 0] = True  # the last 3 positions of sequence 0
+    router.reset_step_statistics()
+    with torch.enable_grad():
+        router(h, padding_mask=pad if padded else None)  # [S, B], as MoELayer passes it
+    logits = h.reshape(-1, cfg.model.hidden_size) @ router.weight.detach().t()  # [T, E], s*B+b
+    keep = ~pad.reshape(-1)
+    p = torch.softmax(logits[keep].double(), -1)
+    entropy = -(p * p.log()).sum(-1)
+    assert float(router.routed_tokens) == int(keep.sum())
+    assert float(router.entropy_sum) == pytest.approx(float(entropy.sum()), rel=1e-5)
+    ids = torch.topk(logits[keep], router.topk, dim=-1).indices
+    r = torch.zeros(int(keep.sum()), logits.shape[1]).scatter_(1, ids, 1.0)
+    torch.testing.assert_close(router.coactivation_counts, r.t() @ r)

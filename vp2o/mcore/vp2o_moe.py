@@ -86,19 +86,7 @@ class VP2ORouter(TopKRouter):
             self.last_routing = RoutingRecord(ids=ids, gates=torch.gather(gates, 1, order))
         if torch.is_grad_enabled():
             with torch.no_grad():
-                r = routing_map.float()  # [T, E]
-                if padding_mask is not None:  # True = pad: padding tokens are no data
-                    r = r * (~padding_mask.reshape(-1, 1)).float()
-                self.coactivation_counts.addmm_(r.t(), r)  # += r^T r
-                self.routed_tokens += r.sum() / k
-                scores = (
-                    torch.sigmoid(flat_logits.float())
-                    if self.score_function == "sigmoid"
-                    else torch.softmax(flat_logits.float(), dim=-1)
-                )
-                scores = scores / scores.sum(-1, keepdim=True)
-                token_entropy = -(scores * scores.clamp_min(1e-20).log()).sum(-1)  # [T]
-                self.entropy_sum += (token_entropy * r.sum(-1) / k).sum()
+                self._accumulate_statistics(flat_logits, routing_map, padding_mask)
             if self.training and self.variance_coeff > 0:
                 # Post-top-k scores renormalised to sum to 1 per token (method §9).
                 p = probs if self.valid_rows is None else probs[self.valid_rows]  # [T, E]
@@ -111,6 +99,31 @@ class VP2ORouter(TopKRouter):
                     self.tp_cp_group,
                 )
         return probs, routing_map
+
+    def _accumulate_statistics(self, logits, routing_map, padding_mask) -> None:
+        """C += r^T r (§3), the routed-token count and the router-entropy sum (§12 diagnostics).
+
+        Each token is weighted by the fraction of its k selections kept (1 without padding or
+        token dropping; 0 for padding), so ``entropy_sum / routed_tokens`` is the mean entropy
+        over routed tokens of the renormalised router scores.
+        """
+        r = routing_map.float()  # [T, E]
+        exact_k = padding_mask is None and self.config.moe_expert_capacity_factor is None
+        weight = None  # [T], None = all ones (every token keeps its k experts)
+        if padding_mask is not None:  # True = pad: padding tokens are no data
+            r = r * (~padding_mask.reshape(-1, 1)).float()
+        if not exact_k:
+            weight = r.sum(-1) / self.topk
+        self.coactivation_counts.addmm_(r.t(), r)  # += r^T r
+        self.routed_tokens += r.shape[0] if weight is None else weight.sum()
+        logits = logits.float()  # [T, E]
+        if self.score_function == "sigmoid":
+            scores = torch.sigmoid(logits)
+            log_scores = (scores / scores.sum(-1, keepdim=True)).clamp_min(1e-20).log()
+        else:
+            log_scores = torch.log_softmax(logits, dim=-1)
+        token_entropy = -(log_scores.exp() * log_scores).sum(-1)  # [T]
+        self.entropy_sum += (token_entropy if weight is None else token_entropy * weight).sum()
 
     def reset_step_statistics(self) -> None:
         """Zero the per-step accumulators (after the optimizer step consumed them)."""
