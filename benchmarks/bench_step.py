@@ -1,6 +1,6 @@
 """One full training step in VP2O mode and in GRPO mode, same model shape and batch, alternating.
 
-    .venv/bin/python benchmarks/bench_step.py                 # medium CPU config, 6 rounds
+    .venv/bin/python benchmarks/bench_step.py                 # medium CPU config, 20 rounds
     .venv/bin/python benchmarks/bench_step.py --rounds 10 --layers 4 --hidden 256 --experts 16
 
 A step is forward + backward over the micro-batches, the gradient reduction, (VP2O: the Stein
@@ -34,7 +34,7 @@ warnings.filterwarnings("ignore")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--experts", type=int, default=16)
