@@ -163,3 +163,33 @@ def test_routing_variance_fused_backward_against_autograd_and_finite_differences
     q = torch.rand(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: spec.routing_variance_loss(t, renormalize=True), (q,))
     assert torch.autograd.gradcheck(lambda t: spec.routing_variance_loss(t), (q,))
+
+
+@pytest.mark.parametrize("with_scale", [False, True], ids=["plain", "scaled"])
+def test_scale_free_orthogonality_fused_backward(with_scale):
+    """The one-node scale-free loss against autograd of the per-token form, and gradcheck."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 3, 4, generator=gen, dtype=torch.float64)
+    scale = (torch.rand(6, 3, generator=gen, dtype=torch.float64) + 0.2) if with_scale else None
+    eps = 1e-2
+    leaves = [x.clone().requires_grad_(True)] + (
+        [scale.clone().requires_grad_(True)] if with_scale else []
+    )
+    got = spec.orthogonality_loss(leaves[0], eps, normalize=True,
+                                  scale=leaves[1] if with_scale else None)
+    got.backward()
+    refs = [x.clone().requires_grad_(True)] + (
+        [scale.clone().requires_grad_(True)] if with_scale else []
+    )
+    want = spec.orthogonality_per_token(refs[0], eps=eps, normalize=True,
+                                        scale=refs[1] if with_scale else None).mean()
+    want.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    for a, b in zip(leaves, refs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-14)
+    if with_scale:
+        fn = lambda a, s: spec.orthogonality_loss(a, eps, normalize=True, scale=s)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, tuple(r.detach().requires_grad_(True) for r in refs))
+    else:
+        fn = lambda a: spec.orthogonality_loss(a, eps, normalize=True)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True),))
