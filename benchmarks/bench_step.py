@@ -1,13 +1,16 @@
 """One full training step in VP2O mode and in GRPO mode, same model shape and batch, alternating.
 
-    .venv/bin/python benchmarks/bench_step.py                 # medium CPU config, 20 rounds
+    .venv/bin/python benchmarks/bench_step.py                 # medium CPU config
     .venv/bin/python benchmarks/bench_step.py --rounds 10 --layers 4 --hidden 256 --experts 16
 
 A step is forward + backward over the micro-batches, the gradient reduction, (VP2O: the Stein
 transform of the expert gradients, §6-8), the optimizer update, and (VP2O: the prototype refresh,
 §4). VP2O also carries its two specialisation losses (§9). Both modes run in one process, one
 after the other in each round, so they see the same machine state; the first round is a warm-up.
-Prints the phase breakdown (median seconds per phase) and, last:
+``--instances`` models are built per mode (default 3) and each is stepped once per round: one
+instance can run a few % faster or slower than another of the same shape for the whole process,
+so the times of all instances are pooled. Prints the phase breakdown (median seconds per phase
+over rounds x instances) and, last:
 
     step time ratio vp2o/grpo: X.XXX
 
@@ -34,7 +37,9 @@ warnings.filterwarnings("ignore")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--instances", type=int, default=3,
+                    help="models built per mode; every round steps each once (see below)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--experts", type=int, default=16)
@@ -93,7 +98,15 @@ def main() -> None:
             )
         return model, ddp, opt, transform
 
-    runs = {"grpo": setup(grpo_cfg, False), "vp2o": setup(vp2o_cfg, True)}
+    # Several instances per mode: on the CPU one model instance can run a few % faster or slower
+    # than another of the same shape for the whole process (where its buffers landed in memory),
+    # which is as large as the effect measured; stepping each of K instances per round and
+    # pooling their times averages that out.
+    runs = {
+        (name, i): setup(cfg, name == "vp2o")
+        for i in range(args.instances)
+        for name, cfg in (("grpo", grpo_cfg), ("vp2o", vp2o_cfg))
+    }
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=gen).to(device)
     advantages = torch.randn(args.batch, generator=gen).to(device)
@@ -119,8 +132,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step(name):
-        model, ddp, opt, transform = runs[name]
+    def step(key):
+        model, ddp, opt, transform = runs[key]
         times = {}
         sync()
         t0 = time.perf_counter()
@@ -162,9 +175,9 @@ def main() -> None:
 
     exact = get_reward("exact")
 
-    def rollout(name, times):
+    def rollout(key, times):
         """Generate, reward and (VP2O) the post-update check, as ``vp2o.train`` runs them."""
-        model, _, _, transform = runs[name]
+        model, _, _, transform = runs[key]
         vp2o = transform is not None
         params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens,
                                 group_size=args.group, record_routing=vp2o)
@@ -203,11 +216,12 @@ def main() -> None:
 
     records = {"grpo": [], "vp2o": []}
     for r in range(args.rounds + 1):
-        order = ("grpo", "vp2o") if r % 2 == 0 else ("vp2o", "grpo")
-        for name in order:
-            t = step(name)
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]  # alternating modes
+        for key in order:
+            name = key[0]
+            t = step(key)
             if args.rollout:
-                rollout(name, t)
+                rollout(key, t)
                 t["rl_total"] = t["total"] + sum(
                     t[k] for k in ("generate", "reward", "trust_check") if k in t
                 )
@@ -219,7 +233,7 @@ def main() -> None:
     print(f"device: {dev}; torch threads {torch.get_num_threads()}; "
           f"{args.layers} layers, d={args.hidden}, {args.experts} experts top-{args.topk}, "
           f"f={args.expert_ffn}, seq {args.seq}, batch {args.batch} ({n_mb} micro-batches), "
-          f"{args.dtype}; median of {args.rounds} rounds")
+          f"{args.dtype}; median of {args.rounds} rounds x {args.instances} instances")
     print(f"{'phase (s)':<18}{'grpo':>10}{'vp2o':>10}")
     medians = {}
     for ph in phases:

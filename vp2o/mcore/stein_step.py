@@ -258,7 +258,7 @@ class SteinTransform:
         if bank is None:  # stack: rows in local order
             view, order = None, torch.arange(e, device=A.device)
         else:  # view row k is local expert order[k]
-            view, order = bank[0].reshape(e, numel), bank[1].to(A.device)
+            view, order = bank[0].view(e, numel), bank[1].to(A.device)  # a view: never a copy
         # Rows and columns of A in the order of G's rows (and of the reduce-scatter's blocks).
         cols_of_a = order + self.groups.ep_rank * e
         rows_of_a = torch.cat([order + r * e for r in range(self.ep_size)])
