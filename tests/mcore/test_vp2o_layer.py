@@ -282,14 +282,13 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypa
         for layer in transform.layers:
             fc1, fc2 = local_expert_weights(layer)
             grads.append([torch.stack([w.main_grad.clone() for w in ws]) for ws in (fc1, fc2)])
-        captured.append(grads)
-        return transform.before_grad_reduction(ddp)
+        out = transform.before_grad_reduction(ddp)
+        captured.append((grads, transform.coactivation.clone()))
+        return out
 
     prototypes = transform.prototypes.clone()
     ddp = training.wrap_ddp(model, cfg)
     tokens, pos = _inputs(cfg)
-    labels = torch.roll(tokens, -1, 1)
-    mbs = [{"tokens": tokens, "pos": pos, "labels": labels}]
 
     def loss_fn(m, mb):
         return m(mb["tokens"], mb["pos"], None, labels=mb["labels"]).float().mean(), {}
@@ -299,25 +298,32 @@ def test_transform_in_the_step_equals_the_pure_transport(init_parallel, monkeypa
     param_bank = stein_step.expert_bank_view([w.detach() for w in fc2_weights])
     assert (grad_bank is None) == (layout == "stacked")  # "median-tau" reads the grad view
     assert (param_bank is None) == (layout != "grad-and-param-view")
-    training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=capture)
     checked = 0
-    for li, layer in enumerate(transform.layers):
-        g1, g2 = captured[0][li]
-        fc1, fc2 = local_expert_weights(layer)
-        w2 = torch.stack([w.detach() for w in fc2])
-        want, _ = stein.transport(
-            [g1, g2], w2, prototypes[li], transform.coactivation[li], w2_index=1,
-            tau=(stein.median_temperature(prototypes[li], tau0=cfg.vp2o.tau0)
-                 if layout == "median-tau" else stein.temperature(8, cfg.vp2o.tau0)),
-            alpha=cfg.vp2o.alpha,
-            top_m=cfg.vp2o.top_m(layer.router.topk), min_frac=cfg.vp2o.coactive_min_frac,
-            iters=cfg.vp2o.power_iters,
-        )
-        for ws, ref, raw in zip((fc1, fc2), want, (g1, g2), strict=True):
-            got = torch.stack([w.main_grad for w in ws])
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
-            checked += int(not torch.allclose(ref, raw))
-    assert checked >= 2  # the transform changed the gradients (not a pass-through)
+    # Two steps on different batches: the second reuses the layouts read by the first.
+    for step, batch in enumerate((tokens, torch.flip(tokens, (1,)))):
+        ddp.zero_grad_buffer()
+        transform.reset_statistics()
+        mbs = [{"tokens": batch, "pos": pos, "labels": torch.roll(batch, -1, 1)}]
+        training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=capture)
+        grads, coactivation = captured[step]
+        for li, layer in enumerate(transform.layers):
+            g1, g2 = grads[li]
+            fc1, fc2 = local_expert_weights(layer)
+            w2 = torch.stack([w.detach() for w in fc2])
+            want, _ = stein.transport(
+                [g1, g2], w2, prototypes[li], coactivation[li], w2_index=1,
+                tau=(stein.median_temperature(prototypes[li], tau0=cfg.vp2o.tau0)
+                     if layout == "median-tau" else stein.temperature(8, cfg.vp2o.tau0)),
+                alpha=cfg.vp2o.alpha,
+                top_m=cfg.vp2o.top_m(layer.router.topk), min_frac=cfg.vp2o.coactive_min_frac,
+                iters=cfg.vp2o.power_iters,
+            )
+            for ws, ref, raw in zip((fc1, fc2), want, (g1, g2), strict=True):
+                got = torch.stack([w.main_grad for w in ws])
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+                checked += int(not torch.allclose(ref, raw))
+    assert not torch.equal(captured[0][0][0][0], captured[1][0][0][0])  # two different steps
+    assert checked >= 4  # the transform changed the gradients (not a pass-through)
     # The refresh reads fc2 through the same layouts: equal to the refresh of the stacked weights.
     transform.after_optimizer_step()
     for li, layer in enumerate(transform.layers):
@@ -369,3 +375,20 @@ def test_router_statistics_against_reference(init_parallel, padded):
     ids = torch.topk(logits[keep], router.topk, dim=-1).indices
     r = torch.zeros(int(keep.sum()), logits.shape[1]).scatter_(1, ids, 1.0)
     torch.testing.assert_close(router.coactivation_counts, r.t() @ r)
+
+
+def test_layout_cache_is_read_again_when_the_tensors_move(init_parallel):
+    """The transform reads each layer's expert layout once; tensors at another address (a
+    reallocated buffer) are read again instead of going through a stale view."""
+    cfg, groups, model = _build(init_parallel)
+    transform = SteinTransform(model, cfg.vp2o, groups, num_experts=8, seed=0)
+    a, b = torch.zeros(8 * 6), torch.zeros(8 * 6)
+    first = [a[6 * (7 - i) : 6 * (8 - i)] for i in range(8)]  # reverse order, like megatron's
+    moved = [b[6 * i : 6 * (i + 1)] for i in range(8)]
+    bank = transform._bank(0, "fc1.grad", first)
+    assert transform._bank(0, "fc1.grad", first) is bank
+    assert bank.order == tuple(range(7, -1, -1))
+    again = transform._bank(0, "fc1.grad", moved)
+    assert again is not bank and again.order == tuple(range(8))
+    again.view[3].fill_(1.0)
+    assert torch.equal(moved[3], torch.ones(6)) and not a.any()

@@ -89,6 +89,22 @@ def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
 
 
 @dataclass
+class _ExpertBank:
+    """One layer's local expert tensors of one kind (e.g. the fc2 grads) as rows in one order.
+
+    Read once per layer and kind (megatron's buffers do not move) and reused every step;
+    ``address`` (the first tensor's data pointer when read) revalidates it.
+    """
+
+    view: torch.Tensor | None  # [E_loc, *shape] strided view, row k = local expert order[k]
+    order: tuple[int, ...]  # row k holds local expert order[k] (identity when stacked)
+    index: torch.Tensor  # the same as a long tensor on the tensors' device
+    a_rows: torch.Tensor  # [E]: rows of A in reduce-scatter block order (every EP rank's order)
+    a_cols: torch.Tensor  # [E_loc]: this rank's columns of A in row order
+    address: int
+
+
+@dataclass
 class LayerGeometry:
     """Per-layer quantities of one step (all [E, E] unless noted), for logging and tests."""
 
@@ -135,6 +151,7 @@ class SteinTransform:
         self.local = slice(groups.ep_rank * self.num_local, (groups.ep_rank + 1) * self.num_local)
         self.seed = seed
         self._workspace: dict[str, torch.Tensor] = {}
+        self._banks: dict[tuple[int, str], _ExpertBank] = {}
         self.prototypes = self._gather_prototypes(
             [self._initial_prototypes(i, layer) for i, layer in enumerate(self.layers)]
         )  # [L, E, d] fp32, identical on every rank
@@ -220,14 +237,17 @@ class SteinTransform:
         for index, layer in enumerate(self.layers):
             geo = self.last_geometry[index]
             fc1, fc2 = local_expert_weights(layer)
-            att_sq += self._attract(fc1, geo.A)
+            g1 = [w.main_grad for w in fc1]
+            g2 = [w.main_grad for w in fc2]
+            att_sq += self._attract(g1, self._bank(index, "fc1.grad", g1), geo.A)
+            bank2 = self._bank(index, "fc2.grad", g2)
             low_rank = None
             if self.cfg.alpha > 0:
-                L, R = self._repulsion_factors(index, layer, geo)
+                L, R = self._repulsion_factors(index, fc2, geo, bank2)  # rows: bank2.order
                 # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
                 rep_sq += (self.cfg.alpha**2) * ((L.mT @ L) * (R @ R.mT)).sum().float()
                 low_rank = (L * (self.cfg.alpha * repulsion_scale), R)
-            att_sq += self._attract(fc2, geo.A, low_rank=low_rank)
+            att_sq += self._attract(g2, bank2, geo.A, low_rank=low_rank)
         return {
             "C": stats["C"],
             "router/entropy": stats["router_entropy"].mean(),
@@ -235,34 +255,30 @@ class SteinTransform:
             "stein/repulsion_norm": self._sum_over_ep(rep_sq).sqrt(),
         }
 
-    def _attract(self, weights: list, A: torch.Tensor, low_rank=None) -> torch.Tensor:
-        """main_grads of ``weights`` <- rows of A.G (+ L R); one EP reduce-scatter when EP > 1.
+    def _attract(
+        self, grads: list, bank: _ExpertBank, A: torch.Tensor, low_rank=None
+    ) -> torch.Tensor:
+        """``grads`` (local experts' main_grads) <- rows of A.G (+ L R); one EP reduce-scatter
+        when EP > 1.
 
         G is read in column chunks of at most ``vp2o.transform_chunk_elems / E`` columns, A.G of a
         chunk goes to a persistent workspace (no allocation per step: fresh multi-MB buffers cost
         page faults every step on the CPU) and is copied back over the chunk. Where megatron's
-        grad buffer holds the experts at a uniform stride (``expert_bank_view``) the chunks are
-        strided views of the buffer itself; otherwise they are stacked into a second workspace.
-        ``low_rank = (L [E_loc, d, r], R [E_loc, r, f])`` adds ``L_i R_i`` to local expert i's
-        [d, f] gradient (the scaled repulsion, §8) while its chunk is still in the workspace,
-        saving a read and a write of the fc2 gradients; chunks then hold whole rows of [d, f].
+        grad buffer holds the experts at a uniform stride (``bank.view``) the chunks are strided
+        views of the buffer itself, rows in the buffer's order; otherwise they are stacked into
+        a second workspace. ``low_rank = (L [E_loc, d, r], R [E_loc, r, f])``, rows in the bank's
+        order, adds ``L_i R_i`` to expert i's [d, f] gradient (the scaled repulsion, §8) while
+        its chunk is still in the workspace, saving a read and a write of the fc2 gradients;
+        chunks then hold whole rows of [d, f].
 
         Returns:
             The squared norm of this rank's attraction output (before the low-rank term).
         """
-        grads = [w.main_grad for w in weights]
         numel = grads[0].numel()
         E, e = self.num_experts, self.num_local
         dtype = grads[0].dtype
-        bank = expert_bank_view(grads)
-        if bank is None:  # stack: rows in local order
-            view, order = None, torch.arange(e, device=A.device)
-        else:  # view row k is local expert order[k]
-            view, order = bank[0].view(e, numel), bank[1].to(A.device)  # a view: never a copy
-        # Rows and columns of A in the order of G's rows (and of the reduce-scatter's blocks).
-        cols_of_a = order + self.groups.ep_rank * e
-        rows_of_a = torch.cat([order + r * e for r in range(self.ep_size)])
-        A = A.index_select(0, rows_of_a).index_select(1, cols_of_a).to(dtype)  # [E, E_loc]
+        view = None if bank.view is None else bank.view.view(e, numel)  # never a silent copy
+        A = A.index_select(0, bank.a_rows).index_select(1, bank.a_cols).to(dtype)  # [E, E_loc]
         chunk = self.cfg.transform_chunk_elems
         if chunk is None:  # cache-sized on the CPU (docs/benchmarks.md), few launches elsewhere
             chunk = 1 << 20 if A.is_cpu else 1 << 26
@@ -270,7 +286,7 @@ class SteinTransform:
         f = grads[0].shape[-1]
         if low_rank is not None:
             cols_per_chunk = max(f, cols_per_chunk // f * f)  # whole rows
-            L, R = (t.index_select(0, order).to(dtype) for t in low_rank)
+            L, R = (t.to(dtype) for t in low_rank)
         out_sq = torch.zeros((), dtype=torch.float32, device=A.device)
         for start in range(0, numel, cols_per_chunk):
             c = min(cols_per_chunk, numel - start)
@@ -309,20 +325,19 @@ class SteinTransform:
             self._workspace[name] = buf
         return buf[:numel]
 
-    def _repulsion_factors(self, index: int, layer: VP2OMoELayer, geo: LayerGeometry):
-        """phi_rep = L R for this rank's experts (§7): L [E_loc, d, 2n], R [E_loc, 2n, f]."""
+    def _repulsion_factors(self, index: int, fc2: list, geo: LayerGeometry, rows: _ExpertBank):
+        """phi_rep = L R for this rank's experts (§7): L [E_loc, d, 2n], R [E_loc, 2n, f], rows
+        in ``rows``' order (the fc2 gradients' bank, which the low-rank term is added to)."""
         u_all = self.prototypes[index]
-        w2, order = self._fc2_bank(layer)  # [E_loc, d, f], rows local experts order[k]
-        L, R = stein.repulsion_factors(
+        w2, _ = self._fc2_weights(index, fc2, rows)  # [E_loc, d, f]
+        return stein.repulsion_factors(
             w2,
-            u_all[self.local].index_select(0, order),
-            geo.V[self.local].index_select(0, order),
+            u_all[self.local].index_select(0, rows.index),
+            geo.V[self.local].index_select(0, rows.index),
             tau=geo.tau,
             iters=self.cfg.power_iters,
             u_all=u_all,
         )
-        inverse = torch.argsort(order)
-        return L.index_select(0, inverse), R.index_select(0, inverse)  # local order
 
     def _sum_over_ep(self, value: torch.Tensor) -> torch.Tensor:
         """Sum a 0-dim statistic over the EP group (one collective per step, not per layer)."""
@@ -347,18 +362,44 @@ class SteinTransform:
         return 1.0 / (s * edp)
 
     # ---------------------------------------------------------------- prototypes (§4)
-    def _fc2_bank(self, layer: VP2OMoELayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's fc2 weights as [E_loc, d, f] and the local expert of each row.
+    def _bank(self, index: int, kind: str, tensors: list[torch.Tensor]) -> _ExpertBank:
+        """The cached layout of layer ``index``'s tensors of one ``kind`` (``expert_bank_view``)."""
+        address = tensors[0].data_ptr()
+        bank = self._banks.get((index, kind))
+        if bank is not None and bank.address == address:
+            return bank
+        found = expert_bank_view(tensors)
+        device = tensors[0].device
+        order = tuple(range(len(tensors))) if found is None else tuple(found[1].tolist())
+        index_t = torch.tensor(order, dtype=torch.long, device=device)
+        e = len(tensors)
+        bank = _ExpertBank(
+            view=None if found is None else found[0],
+            order=order,
+            index=index_t,
+            a_rows=torch.cat([index_t + r * e for r in range(self.ep_size)]),
+            a_cols=index_t + self.groups.ep_rank * e,
+            address=address,
+        )
+        self._banks[(index, kind)] = bank
+        return bank
 
-        A strided view of megatron's param buffer where it holds them at a uniform stride (the
-        distributed optimizer's layout), else a stacked copy in local order.
+    def _fc2_weights(
+        self, index: int, fc2: list, rows: _ExpertBank | None = None
+    ) -> tuple[torch.Tensor, _ExpertBank]:
+        """This rank's fc2 weights as [E_loc, d, f], row k = local expert ``rows.order[k]``
+        (default: the weights' own order), and that ``rows``.
+
+        A strided view of megatron's param buffer where it holds them at a uniform stride in
+        that order (the distributed optimizer's layout: the grad buffer's order), else a stacked
+        copy.
         """
-        _, fc2 = local_expert_weights(layer)
         weights = [w.detach() for w in fc2]
-        bank = expert_bank_view(weights)
-        if bank is not None:
-            return bank[0], bank[1].to(weights[0].device)
-        return torch.stack(weights), torch.arange(len(weights), device=weights[0].device)
+        bank = self._bank(index, "fc2.weight", weights)
+        rows = bank if rows is None else rows
+        if bank.view is not None and bank.order == rows.order:
+            return bank.view, rows
+        return torch.stack([weights[i] for i in rows.order]), rows
 
     def _gather_prototypes(self, local: list[torch.Tensor]) -> torch.Tensor:
         """[L] x [E_loc, d] local rows -> [L, E, d] on every rank (one EP all-gather)."""
@@ -389,12 +430,12 @@ class SteinTransform:
         """Refresh the prototypes from the updated fc2 weights (warm-started, §4); reset C."""
         local = []
         for i, layer in enumerate(self.layers):
-            w2, order = self._fc2_bank(layer)  # rows: local experts order[k]
-            fresh = stein.refresh_prototypes(
-                w2, self.prototypes[i, self.local].index_select(0, order),
+            w2, rows = self._fc2_weights(i, local_expert_weights(layer)[1])
+            fresh = stein.refresh_prototypes(  # row k: local expert rows.order[k]
+                w2, self.prototypes[i, self.local].index_select(0, rows.index),
                 iters=self.cfg.power_iters,
             )
-            local.append(fresh.index_select(0, torch.argsort(order)))  # local order
+            local.append(torch.empty_like(fresh).index_copy_(0, rows.index, fresh))  # local order
         self.prototypes = self._gather_prototypes(local)
         self.reset_statistics()
 
