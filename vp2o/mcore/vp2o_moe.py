@@ -180,7 +180,7 @@ class VP2OMoELayer(MoELayer):
             )
         routing_map = disp.routing_map  # [T, E] bool
         probs = disp.probs  # [T, E] gates (zero outside top-k)
-        num_tokens, num_experts = routing_map.shape
+        num_tokens = routing_map.shape[0]
         k = self.router.topk
         token_of_row = disp.reversed_local_input_permutation_mapping  # [T*k]
         # Stable sort by token keeps ascending expert ids within each token.
