@@ -193,3 +193,122 @@ def test_scale_free_orthogonality_fused_backward(with_scale):
     else:
         fn = lambda a: spec.orthogonality_loss(a, eps, normalize=True)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x.clone().requires_grad_(True),))
+
+
+def _rows_in_expert_order(t_count: int, k: int, d: int, seed: int, dtype=torch.float64):
+    """Rows of t_count tokens x k experts held in a shuffled (expert-grouped-like) order."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(t_count * k, d, generator=gen, dtype=dtype)
+    dest = torch.randperm(t_count * k, generator=gen)  # token-major position of row r
+    order = torch.empty_like(dest)
+    order[dest] = torch.arange(t_count * k)  # row of token-major position p
+    return rows, order, dest
+
+
+def test_token_gram_of_rows_in_another_order_equals_gram_of_the_gathered_rows():
+    """`token_gram` (rows read through ``order``, never stored in token order) against the Gram
+    of the explicitly gathered [T, k, d] rows: values, gradients, and gradcheck."""
+    rows, order, dest = _rows_in_expert_order(5, 3, 4, seed=1)
+    weights = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    leaf = rows.clone().requires_grad_(True)
+    got = spec.token_gram(leaf, order, dest, 3)
+    ref_leaf = rows.clone().requires_grad_(True)
+    want = spec._TokenGram.apply(ref_leaf[order].view(5, 3, 4))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(
+        lambda r: (spec.token_gram(r, order, dest, 3) * weights).sum(),
+        (rows.clone().requires_grad_(True),),
+    )
+
+
+def test_token_gram_with_several_graphs_alive():
+    """Two graphs alive at once (forward A, forward B of another size, backward A, backward B)
+    and a float32 call in between: each gradient equals its own reference (nothing one call
+    keeps for its backward is shared with another)."""
+    cases = [_rows_in_expert_order(6, 2, 8, seed=3), _rows_in_expert_order(3, 4, 5, seed=4)]
+    leaves, losses, refs = [], [], []
+    for (rows, order, dest), k in zip(cases, (2, 4), strict=True):
+        leaf = rows.clone().requires_grad_(True)
+        losses.append(spec.token_gram(leaf, order, dest, k).square().sum())
+        leaves.append(leaf)
+        ref = rows.clone().requires_grad_(True)
+        spec._TokenGram.apply(ref[order].view(-1, k, rows.shape[1])).square().sum().backward()
+        refs.append(ref.grad)
+    rows32, order32, dest32 = _rows_in_expert_order(9, 2, 7, seed=5, dtype=torch.float32)
+    spec.token_gram(rows32.requires_grad_(True), order32, dest32, 2).sum().backward()
+    for i in (0, 1):
+        losses[i].backward()
+        torch.testing.assert_close(leaves[i].grad, refs[i], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["method", "scale_free"])
+def test_orthogonality_loss_from_gram_equals_the_loss_of_the_rows(normalize):
+    """The MoE layer's path (Gram of rows in another order, gates as row scales) against
+    `orthogonality_loss` of the gathered rows: value and gradients to rows and scales."""
+    rows, order, dest = _rows_in_expert_order(6, 2, 5, seed=6)
+    gates = torch.rand(6, 2, generator=torch.Generator().manual_seed(7), dtype=F64) + 0.1
+    leaf, g_leaf = rows.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+    got = spec.orthogonality_loss_from_gram(
+        spec.token_gram(leaf, order, dest, 2), 1e-3, normalize=normalize, scale=g_leaf
+    )
+    ref, g_ref = rows.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+    want = spec.orthogonality_loss(ref[order].view(6, 2, 5), 1e-3, normalize=normalize,
+                                   scale=g_ref)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(g_leaf.grad, g_ref.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_routing_variance_with_a_row_mask_equals_the_loss_of_the_kept_rows(renormalize):
+    """A row mask gives the loss of the kept rows alone (value and gradient; masked rows get a
+    zero gradient), and an all-False mask gives 0, not NaN."""
+    gen = torch.Generator().manual_seed(12)
+    p = torch.rand(9, 5, generator=gen, dtype=F64) * (torch.rand(9, 5, generator=gen) > 0.4)
+    p[:, 0] += 0.1  # no all-zero row
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    leaf, kept = p.clone().requires_grad_(True), p[mask].clone().requires_grad_(True)
+    got = spec.routing_variance_loss(leaf, renormalize=renormalize, mask=mask)
+    want = spec.routing_variance_loss(kept, renormalize=renormalize)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(leaf.grad[mask], kept.grad, rtol=1e-10, atol=1e-15)
+    assert float(leaf.grad[~mask].abs().max()) == 0.0
+    assert torch.autograd.gradcheck(
+        lambda t: spec.routing_variance_loss(t, renormalize=renormalize, mask=mask),
+        (p.clone().requires_grad_(True),),
+    )
+    none = spec.routing_variance_loss(p, renormalize=renormalize, mask=torch.zeros(9, dtype=bool))
+    assert float(none) == 0.0
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["method", "scale_free"])
+def test_orthogonality_with_a_token_mask_equals_the_loss_of_the_kept_tokens(normalize):
+    """A token mask gives the loss of the kept tokens alone, value and gradients to x and the
+    row scales, zero gradient at masked tokens; an all-False mask gives 0."""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(8, 3, 4, generator=gen, dtype=F64)
+    s = torch.rand(8, 3, generator=gen, dtype=F64) + 0.2
+    mask = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1], dtype=torch.bool)
+    x_leaf, s_leaf = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got = spec.orthogonality_loss_from_gram(
+        spec._TokenGram.apply(x_leaf), 1e-3, normalize=normalize, scale=s_leaf, mask=mask
+    )
+    x_kept, s_kept = x[mask].clone().requires_grad_(True), s[mask].clone().requires_grad_(True)
+    want = spec.orthogonality_loss(x_kept, 1e-3, normalize=normalize, scale=s_kept)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(x_leaf.grad[mask], x_kept.grad, rtol=1e-10, atol=1e-15)
+    torch.testing.assert_close(s_leaf.grad[mask], s_kept.grad, rtol=1e-10, atol=1e-15)
+    assert float(x_leaf.grad[~mask].abs().max()) == 0.0
+    none = spec.orthogonality_loss_from_gram(
+        spec._TokenGram.apply(x), normalize=normalize, mask=torch.zeros(8, dtype=torch.bool)
+    )
+    assert float(none) == 0.0

@@ -392,3 +392,103 @@ def test_layout_cache_is_read_again_when_the_tensors_move(init_parallel):
     assert again is not bank and again.order == tuple(range(8))
     again.view[3].fill_(1.0)
     assert torch.equal(moved[3], torch.ones(6)) and not a.any()
+
+
+def test_token_major_layout_matches_megatrons_permutation(init_parallel):
+    """`token_major_layout` on megatron's own permutation of one forward (the dispatcher's
+    token-of-row mapping, top-k = 3) against plain loops over the routing map."""
+    cfg, _, model = _build(init_parallel, "model.moe_router_topk=3")
+    layer = vp2o_moe.moe_layers(model)[0]
+    tokens, pos = _inputs(cfg)
+    with torch.no_grad():
+        model(tokens, pos, None)
+    disp = layer.token_dispatcher
+    routing_map = disp.routing_map  # [T, E]
+    token_of_row = disp.reversed_local_input_permutation_mapping  # [T*k], megatron's rows
+    ids, order, dest = vp2o_moe.token_major_layout(token_of_row, routing_map.sum(0), 3)
+    want_ids = [[e for e in range(routing_map.shape[1]) if routing_map[t, e]]
+                for t in range(routing_map.shape[0])]
+    assert ids.tolist() == want_ids
+    assert torch.equal(order[dest], torch.arange(order.numel()))  # dest is the inverse
+    # Row r of megatron's layout is (token, expert) with experts ascending, tokens ascending
+    # within an expert; the p-th token-major entry is (token, expert) the other way round.
+    rows = [(t, e) for e in range(routing_map.shape[1]) for t in range(routing_map.shape[0])
+            if routing_map[t, e]]
+    walk = [(t, e) for t in range(routing_map.shape[0]) for e in range(routing_map.shape[1])
+            if routing_map[t, e]]
+    assert [rows[r] for r in order.tolist()] == walk
+    assert [t for t, _ in rows] == token_of_row.tolist()
+
+
+def test_specialisation_losses_with_padding_equal_the_losses_of_the_real_tokens(init_parallel):
+    """With a padding mask the orthogonality and routing-variance losses (masks, not selections)
+    equal those of a forward over the real tokens alone, and so do their gradients to the
+    layer's input; padding tokens get none."""
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    cfg, _, model = _build(init_parallel)
+    vp2o_moe.configure_losses(model, ortho_coeff=1.0, variance_coeff=1.0)
+    layer = vp2o_moe.moe_layers(model)[0]
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(S, B, cfg.model.hidden_size, generator=gen)  # [S, B, d]
+    pad = torch.zeros(B, S, dtype=torch.bool)  # [B, S], True = padding, as the model passes it
+    pad[0, -4:] = True
+    pad[1, :2] = True
+    real = ~pad.t().reshape(-1)  # [S*B], row s*B + b
+
+    def losses(x, padding_mask):
+        clear_aux_losses_tracker()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+        leaf = x.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out, _ = layer(leaf, padding_mask=padding_mask)
+            (out.sum() * 0.0).backward()  # only the attached losses give gradients
+        tracker = get_moe_layer_wise_logging_tracker()
+        names = ("expert_orthogonality_loss", "routing_variance_loss")
+        return [float(tracker[n]["values"][layer.layer_number - 1]) for n in names], leaf.grad
+
+    padded, grad_padded = losses(h, pad)
+    alone, grad_alone = losses(h.reshape(S * B, 1, -1)[real], None)  # real tokens only
+    assert padded == pytest.approx(alone, rel=1e-5)
+    grad_padded = grad_padded.reshape(S * B, -1)
+    torch.testing.assert_close(grad_padded[real], grad_alone.reshape(int(real.sum()), -1),
+                               rtol=1e-4, atol=1e-7)
+    assert float(grad_padded[~real].abs().max()) == 0.0
+    assert float(grad_alone.abs().max()) > 0
+
+
+def test_vp2o_layers_add_no_host_synchronising_ops(init_parallel):
+    """A training forward + backward with padding and both losses runs no more ops that wait
+    for the device (data-dependent shapes, scalar reads) than megatron's own MoE layers on the
+    same batch: counted on the CPU with the profiler (on GPUs each would stall the host)."""
+    from torch.profiler import profile
+
+    sync_ops = {"aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense",
+                "aten::item", "aten::unique", "aten::_unique2"}
+    tokens, pos = _inputs(_build(init_parallel)[0])
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, -3:] = True
+
+    def count(vp2o: bool) -> dict[str, int]:
+        cfg, _, model = _build(init_parallel)
+        if vp2o:
+            model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
+            vp2o_moe.configure_losses(model, ortho_coeff=1.0, variance_coeff=1.0)
+        else:
+            model = mdl.build_model(cfg)
+        model.train()
+        with profile() as prof:
+            nll = model(tokens, pos, None, labels=tokens, padding_mask=pad)
+            nll.sum().backward()
+        counts = {}
+        for event in prof.events():
+            if event.name in sync_ops:
+                counts[event.name] = counts.get(event.name, 0) + 1
+        return counts
+
+    plain, ours = count(False), count(True)
+    assert ours == plain, f"VP2O layers add host syncs: {ours} vs megatron's {plain}"

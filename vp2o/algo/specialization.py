@@ -20,8 +20,10 @@ from torch import Tensor
 
 __all__ = [
     "orthogonality_loss",
+    "orthogonality_loss_from_gram",
     "orthogonality_per_token",
     "routing_variance_loss",
+    "token_gram",
     "topk_scores",
 ]
 
@@ -43,6 +45,36 @@ class _TokenGram(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return torch.bmm(grad + grad.mT, x)
+
+
+class _GatheredTokenGram(torch.autograd.Function):
+    """`_TokenGram` of `X = rows[order].view(T, k, d)`, with `rows` [T·k, d] in any row order and
+    `dest` the inverse permutation of `order`; returns `∂/∂rows = ((dG + dGᵀ) X)[dest]`, a
+    gather by the known inverse instead of autograd's accumulating index_put (serial on the
+    CPU) for the backward of `rows[order]`."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
+        x = rows.index_select(0, order).view(-1, k, rows.shape[-1])  # [T, k, d]
+        ctx.save_for_backward(x, dest)
+        return torch.bmm(x, x.mT)  # [T, k, k]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, dest = ctx.saved_tensors
+        dx = torch.bmm(grad + grad.mT, x)  # [T, k, d] in token order
+        return dx.view(-1, x.shape[-1]).index_select(0, dest), None, None, None
+
+
+def token_gram(rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
+    """Per-token Gram matrices of rows held in another order (§9), [T·k, d] -> [T, k, k].
+
+    `G_t = X_t X_tᵀ` with `X = rows[order].view(T, k, d)`, i.e. `order[t·k + j]` is the row of
+    token t's j-th selected expert and `dest` its inverse (`order[dest] = arange`). The MoE
+    layer's rows come grouped by expert (vp2o/mcore/vp2o_moe.py).
+    """
+    return _GatheredTokenGram.apply(rows, order, dest, k)
 
 
 def orthogonality_per_token(
@@ -72,13 +104,20 @@ def orthogonality_per_token(
     Returns:
         ℓ, [T], float32 (float64 for float64 input).
     """
-    k = x.shape[-2]
-    dt = torch.promote_types(x.dtype, torch.float32)
-    gram = _TokenGram.apply(x).to(dt)  # [T, k, k]
+    return _per_token_terms(_TokenGram.apply(x), eps=eps, normalize=normalize, scale=scale)
+
+
+def _per_token_terms(
+    gram: Tensor, *, eps: float, normalize: bool, scale: Tensor | None
+) -> Tensor:
+    """`orthogonality_per_token` from the Gram matrices [T, k, k] -> [T]."""
+    k = gram.shape[-1]
+    dt = torch.promote_types(gram.dtype, torch.float32)
+    gram = gram.to(dt)  # [T, k, k]
     q = gram.diagonal(dim1=-2, dim2=-1)  # [T, k]
     s2 = None if scale is None else scale.to(dt).square()  # [T, k]
     eps_q = eps if s2 is None else eps * s2  # ε in the units of q
-    off = ~torch.eye(k, dtype=torch.bool, device=x.device)
+    off = ~torch.eye(k, dtype=torch.bool, device=gram.device)
     if normalize:
         inv = 1.0 / (q + eps_q)  # [T, k]
         terms = gram.square() * inv.unsqueeze(-1) * inv.unsqueeze(-2) * off  # [T, k, k]
@@ -107,50 +146,81 @@ def orthogonality_loss(
     Returns:
         0-dim tensor (float32, or float64 for float64 input).
     """
-    if normalize and x.shape[0] > 0:
-        return _ScaleFreeOrthogonality.apply(x, scale, eps)
-    per_token = orthogonality_per_token(x, eps=eps, normalize=normalize, scale=scale)  # [T]
-    return per_token.sum() / max(per_token.shape[0], 1)
+    return orthogonality_loss_from_gram(
+        _TokenGram.apply(x), eps, normalize=normalize, scale=scale
+    )
+
+
+def orthogonality_loss_from_gram(
+    gram: Tensor,
+    eps: float = 1e-6,
+    *,
+    normalize: bool = False,
+    scale: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`orthogonality_loss` from the per-token Gram matrices `G_t = X_t X_tᵀ`, [T, k, k]
+    (`token_gram` for rows held in another order). Same arguments otherwise, and ``mask``:
+    optional bool [T], the tokens that count (the mean is over them; padding tokens), without
+    a data-dependent shape (no host sync on accelerators)."""
+    if normalize and gram.shape[0] > 0:
+        return _ScaleFreeOrthogonality.apply(gram, scale, mask, eps)
+    per_token = _per_token_terms(gram, eps=eps, normalize=normalize, scale=scale)  # [T]
+    if mask is None:
+        return per_token.sum() / max(per_token.shape[0], 1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
 class _ScaleFreeOrthogonality(torch.autograd.Function):
-    """The token-averaged scale-free loss `(1/(T·k)) Σ_t Σ_{j≠l} G_jl² / (e_j e_l)` in one node.
+    """The token-averaged scale-free loss `(1/(T·k)) Σ_t Σ_{j≠l} G_jl² / (e_j e_l)` in one node,
+    from the Gram matrices G [T, k, k] (with a token mask: T counts the masked tokens, the sum
+    runs over them).
 
-    `e_j = q_j + ε s_j²` (s = 1 without ``scale``). Backward in closed form, one batched product:
-    with `c = 2·grad/(T·k)` and `W_jl = G_jl/(e_j e_l)` off the diagonal, `∂/∂G_jl = c W_jl`,
-    `∂/∂e_j = h_j = −c (1/e_j) Σ_l W_jl G_jl`, so `dX = (D + Dᵀ) X` with `D = cW + diag(h)`, and
-    `ds_j = 2 ε s_j h_j`. This runs in every MoE layer of every micro-batch; autograd of the
-    per-token form takes ~25 small kernels.
+    `e_j = q_j + ε s_j²` (s = 1 without ``scale``). Backward in closed form: with
+    `c = 2·grad/(T·k)` (0 at masked-out tokens) and `W_jl = G_jl/(e_j e_l)` off the diagonal,
+    `∂/∂G_jl = c W_jl` and `∂/∂e_j = h_j = −c (1/e_j) Σ_l W_jl G_jl`, so `dG = c W + diag(h)`
+    (symmetric; the Gram node turns it into `dX = (dG + dGᵀ) X`), and `ds_j = 2 ε s_j h_j`. This
+    runs in every MoE layer of every micro-batch; autograd of `_per_token_terms` takes ~20 small
+    kernels.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor | None, eps: float) -> Tensor:
-        t, k = x.shape[0], x.shape[1]
-        dt = torch.promote_types(x.dtype, torch.float32)
-        gram = torch.bmm(x, x.mT).to(dt)  # [T, k, k]
-        e = gram.diagonal(dim1=-2, dim2=-1) + (  # [T, k]
+    def forward(
+        ctx, gram: Tensor, scale: Tensor | None, mask: Tensor | None, eps: float
+    ) -> Tensor:
+        t, k = gram.shape[0], gram.shape[1]
+        dt = torch.promote_types(gram.dtype, torch.float32)
+        g = gram.to(dt)  # [T, k, k]
+        e = g.diagonal(dim1=-2, dim2=-1) + (  # [T, k]
             eps if scale is None else eps * scale.to(dt).square()
         )
         inv = 1.0 / e
-        w = gram * inv.unsqueeze(-1) * inv.unsqueeze(-2)  # [T, k, k]
+        w = g * inv.unsqueeze(-1) * inv.unsqueeze(-2)  # [T, k, k]
         w.diagonal(dim1=-2, dim2=-1).zero_()  # pairs j != l only
-        ctx.save_for_backward(x, gram, inv, w, scale)
+        # Token weights [T, 1, 1] / (T·k): the mask's tokens only, averaged over their count.
+        if mask is None:
+            weight = g.new_full((1, 1, 1), 1.0 / (t * k))
+        else:
+            m = mask.to(dt)
+            weight = (m / (m.sum().clamp_min(1.0) * k)).view(t, 1, 1)
+        row = (w * g).sum(-1)  # [T, k]: Σ_l W_jl G_jl
+        ctx.save_for_backward(inv, w, row, scale, weight)
         ctx.eps = eps
-        return (w * gram).sum() / (t * k)
+        ctx.gram_dtype = gram.dtype
+        return (row * weight.view(-1, 1)).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, gram, inv, w, scale = ctx.saved_tensors
-        t, k = x.shape[0], x.shape[1]
-        c = grad * (2.0 / (t * k))
-        h = -c * inv * (w * gram).sum(-1)  # [T, k]: dL/de
-        d = c * w + torch.diag_embed(h)  # [T, k, k], symmetric
-        dx = torch.bmm((d + d.mT).to(x.dtype), x)  # [T, k, d]
+        inv, w, row, scale, weight = ctx.saved_tensors
+        c = (2.0 * grad) * weight  # [T or 1, 1, 1]
+        h = -c.squeeze(-1) * inv * row  # [T, k]: dL/de
+        dgram = (c * w + torch.diag_embed(h)).to(ctx.gram_dtype)  # [T, k, k]
         dscale = None
         if scale is not None and ctx.needs_input_grad[1]:
             dscale = (h * (2.0 * ctx.eps) * scale.to(h.dtype)).to(scale.dtype)
-        return dx, dscale, None
+        return dgram, dscale, None, None
 
 
 def topk_scores(probs: Tensor, routing_map: Tensor) -> Tensor:
@@ -172,37 +242,46 @@ def topk_scores(probs: Tensor, routing_map: Tensor) -> Tensor:
 class _RoutingVariance(torch.autograd.Function):
     """`−mean((s − s̄)²)` of row-renormalised scores `s = p / Σ_j p`, with a closed-form backward.
 
-    Since `Σ_t (s_t − s̄) = 0`, `∂L/∂s = −2 (s − s̄) / (T·E)`; through the row renormalisation
+    Since `Σ_t (s_t − s̄) = 0`, `∂L/∂s = −2 (s − s̄) / (T·E)` (with a row mask m: T = Σ m, s̄ the
+    masked mean, and the gradient times m); through the row renormalisation
     `∂L/∂p = (∂L/∂s − Σ_j s_j ∂L/∂s_j) / Σ_j p_j`. A handful of [T, E] kernels each way instead of
     autograd's ~15 (this runs in every MoE layer of every micro-batch).
     """
 
     @staticmethod
-    def forward(ctx, probs: Tensor, renormalize: bool) -> Tensor:
+    def forward(ctx, probs: Tensor, renormalize: bool, mask: Tensor | None) -> Tensor:
         s = probs.to(torch.promote_types(probs.dtype, torch.float32))
         row_sum = None
         if renormalize:
             row_sum = s.sum(-1, keepdim=True)  # [T, 1]
             s = s / row_sum.clamp_min(1e-20)
-        centred = s - s.mean(0, keepdim=True)  # [T, E]
-        ctx.save_for_backward(centred, s, row_sum)
+        if mask is None:
+            centred = s - s.mean(0, keepdim=True)  # [T, E]
+            count = centred.new_full((), s.shape[0])
+        else:  # statistics over the rows kept by the mask; other rows contribute 0
+            m = mask.to(s.dtype).unsqueeze(-1)  # [T, 1]
+            count = m.sum().clamp_min(1.0)
+            centred = (s - (s * m).sum(0, keepdim=True) / count) * m  # [T, E]
+        ctx.save_for_backward(centred, s, row_sum, count)
         ctx.renormalize = renormalize
         ctx.probs_dtype = probs.dtype
-        return -centred.square().mean()
+        return -centred.square().sum() / (count * s.shape[-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        centred, s, row_sum = ctx.saved_tensors
-        ds = centred * (grad * (-2.0 / centred.numel()))  # [T, E]
+        centred, s, row_sum, count = ctx.saved_tensors
+        ds = centred * (grad * -2.0 / (count * centred.shape[-1]))  # [T, E]
         if ctx.renormalize:
             clamped = row_sum <= 1e-20  # the clamp's derivative is 0 there
             through_sum = (ds * s).sum(-1, keepdim=True).masked_fill(clamped, 0.0)
             ds = (ds - through_sum) / row_sum.clamp_min(1e-20)
-        return ds.to(ctx.probs_dtype), None
+        return ds.to(ctx.probs_dtype), None, None
 
 
-def routing_variance_loss(scores: Tensor, *, renormalize: bool = False) -> Tensor:
+def routing_variance_loss(
+    scores: Tensor, *, renormalize: bool = False, mask: Tensor | None = None
+) -> Tensor:
     """Routing-variance (diversification) loss `L_v` (§9, Guo et al. eq 7), to be minimised.
 
     `L_v = −(1/(T·E)) Σ_j Σ_t (s_tj − s̄_j)²`, `s̄_j = (1/T) Σ_t s_tj`: minus the mean over experts of
@@ -214,10 +293,12 @@ def routing_variance_loss(scores: Tensor, *, renormalize: bool = False) -> Tenso
             post-top-k probabilities `p` (zero outside the top-k) that are divided by their row
             sums here, inside the same fused backward.
         renormalize: Divide each row by its sum first (`s = p / Σ_j p_j`).
+        mask: Optional bool [T]: only these rows count (T = their number; padding tokens), as
+            if the others were not there, without a data-dependent shape (no host sync).
 
     Returns:
         0-dim tensor, ≤ 0.
     """
     if scores.shape[0] == 0:
         return scores.sum()
-    return _RoutingVariance.apply(scores, renormalize)
+    return _RoutingVariance.apply(scores, renormalize, mask)

@@ -7,7 +7,7 @@
   gates at generation), and adds the routing-variance loss (§9) the way megatron adds its
   load-balancing loss (``MoEAuxLossAutoScaler`` + the aux-loss tracker).
 - :class:`VP2OMoELayer` (a ``MoELayer``) adds the expert orthogonality loss (§9) on the experts'
-  raw outputs, rebuilt in token order from the combined rows before megatron sums them.
+  raw outputs, from each token's Gram matrix of the combined rows before megatron sums them.
 
 Installed with :func:`vp2o_layer_spec_hook` as ``build_model(cfg, layer_spec_hook=...)``; no
 megatron-core file is edited. Process groups come from the modules megatron built
@@ -88,9 +88,11 @@ class VP2ORouter(TopKRouter):
             with torch.no_grad():
                 self._accumulate_statistics(flat_logits, routing_map, padding_mask)
             if self.training and self.variance_coeff > 0:
-                # Post-top-k scores renormalised to sum to 1 per token (method §9).
-                p = probs if self.valid_rows is None else probs[self.valid_rows]  # [T, E]
-                loss = specialization.routing_variance_loss(p, renormalize=True)
+                # Post-top-k scores renormalised to sum to 1 per token (method §9), over the
+                # real tokens (a mask, not a selection: no host sync).
+                loss = specialization.routing_variance_loss(
+                    probs, renormalize=True, mask=self.valid_rows
+                )
                 probs = self.attach_and_log_load_balancing_loss(
                     probs,
                     self.variance_coeff,
@@ -139,9 +141,11 @@ class VP2OMoELayer(MoELayer):
     all-to-all and before megatron's unpermute sums them: one row per (token, selected expert),
     grouped by expert, tokens ascending within an expert. The rows are gate-weighted (megatron
     multiplies by the gate inside the expert MLP): y = g x~. The loss of the raw outputs x~ is
-    computed from y and g with the gates folded into [T, k] scalars
-    (``specialization.orthogonality_loss(..., scale=g)``), as a function of the expert weights;
-    y and g share the graph, so the gate's two paths cancel and no gradient reaches the router.
+    computed from each token's Gram matrix of its y rows (``specialization.token_gram``: rows
+    read in token order, never stored in it) and the gates folded into [T, k] scalars
+    (``specialization.orthogonality_loss_from_gram(..., scale=g)``), as a function of the expert
+    weights; y and g share the graph, so the gate's two paths cancel and no gradient reaches the
+    router.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -152,12 +156,11 @@ class VP2OMoELayer(MoELayer):
     def postprocess(self, output: torch.Tensor, shared_expert_output: torch.Tensor | None):
         """Attach the orthogonality loss, then megatron's unpermute + shared-expert add."""
         if self.ortho_coeff > 0 and self.training and torch.is_grad_enabled():
-            y, gates = self._outputs_in_token_order(output)  # [T, k, d], [T, k]
-            if self.router.valid_rows is not None:
-                y, gates = y[self.router.valid_rows], gates[self.router.valid_rows]  # no pads
-            # The loss of the raw outputs x~ = y / g, without dividing [T, k, d] (§9).
-            loss = specialization.orthogonality_loss(
-                y, normalize=self.ortho_normalize, scale=gates
+            gram, gates = self._token_grams(output)  # [T, k, k], [T, k]
+            # The loss of the raw outputs x~ = y / g, without dividing [T, k, d] (§9), over the
+            # real tokens (a mask, not a selection: no host sync).
+            loss = specialization.orthogonality_loss_from_gram(
+                gram, normalize=self.ortho_normalize, scale=gates, mask=self.router.valid_rows
             )
             num_layers = self.config.num_layers
             save_to_aux_losses_tracker(
@@ -170,8 +173,9 @@ class VP2OMoELayer(MoELayer):
             output = MoEAuxLossAutoScaler.apply(output, self.ortho_coeff * loss)
         return super().postprocess(output, shared_expert_output)
 
-    def _outputs_in_token_order(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T*k, d] combined rows (expert-grouped) -> ([T, k, d] rows, [T, k] gates), by token."""
+    def _token_grams(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T*k, d] combined rows (expert-grouped) -> (per-token Gram matrices of the rows
+        [T, k, k], gates [T, k]), experts ascending within a token."""
         disp = self.token_dispatcher
         if not isinstance(disp, MoEAlltoAllTokenDispatcher):
             raise RuntimeError(
@@ -182,32 +186,49 @@ class VP2OMoELayer(MoELayer):
         probs = disp.probs  # [T, E] gates (zero outside top-k)
         num_tokens = routing_map.shape[0]
         k = self.router.topk
-        token_of_row = disp.reversed_local_input_permutation_mapping  # [T*k]
-        # Stable sort by token keeps ascending expert ids within each token.
-        order = torch.argsort(token_of_row, stable=True)
-        # The same token-major, expert-ascending order as a row-major mask read. The gates stay
-        # in the graph: y = g x~ depends on g, and the loss of y / g does not, so the two gate
-        # paths cancel and no gradient reaches the router.
-        gates = probs.masked_select(routing_map).to(rows.dtype)  # [T*k]
-        y = _PermuteRows.apply(rows, order).view(num_tokens, k, rows.shape[-1])
-        return y, gates.view(num_tokens, k)
+        if rows.shape[0] != num_tokens * k:
+            raise RuntimeError(
+                f"vp2o.ortho_coeff > 0 needs every token routed to exactly top-k = {k} experts; "
+                f"got {rows.shape[0]} expert rows for {num_tokens} tokens (token dropping, "
+                "moe_expert_capacity_factor, is not supported with the orthogonality loss)"
+            )
+        ids, order, dest = token_major_layout(
+            disp.reversed_local_input_permutation_mapping, routing_map.sum(0), k
+        )
+        # The gates in the same order. They stay in the graph: y = g x~ depends on g, and the
+        # loss of y / g does not, so the two gate paths cancel and no gradient reaches the router.
+        gates = probs.gather(1, ids).to(rows.dtype)  # [T, k]
+        return specialization.token_gram(rows, order, dest, k), gates
 
 
-class _PermuteRows(torch.autograd.Function):
-    """``x[order]`` for a permutation ``order``, with the backward as a gather by the inverse
-    permutation instead of autograd's accumulating index_put (serial on the CPU)."""
+def token_major_layout(
+    token_of_row: torch.Tensor, rows_per_expert: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's experts, and where megatron's expert-grouped rows sit in token order.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(order)
-        return x.index_select(0, order)
+    megatron's permutation (no token dropping) emits the rows grouped by expert, experts
+    ascending, tokens ascending within an expert; its dispatcher keeps each row's token
+    (``reversed_local_input_permutation_mapping``). A stable sort by token therefore gives the
+    token-major order with each token's experts ascending. No data-dependent shapes:
+    ``masked_select``/``nonzero`` would wait for the device on accelerators.
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return grad.index_select(0, inverse), None
+    Args:
+        token_of_row: [T*k] the token of each row (megatron's mapping).
+        rows_per_expert: [E] rows of each expert (``routing_map.sum(0)``).
+        k: top-k.
+
+    Returns:
+        ``ids`` [T, k] each token's experts, ascending; ``order`` [T*k]: the row of token t's
+        j-th expert at ``t*k + j`` (``rows[order]`` is token-major); ``dest`` [T*k]: the inverse
+        permutation (the token-major position of row r).
+    """
+    n = token_of_row.numel()
+    order = torch.argsort(token_of_row, stable=True)  # [T*k]
+    dest = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+    experts = torch.arange(rows_per_expert.numel(), device=order.device)
+    expert_of_row = torch.repeat_interleave(experts, rows_per_expert, output_size=n)  # [T*k]
+    ids = expert_of_row[order].view(-1, k)  # [T, k]
+    return ids, order, dest
 
 
 def vp2o_layer_spec_hook(cfg: Config):
