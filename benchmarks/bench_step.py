@@ -14,6 +14,13 @@ over rounds x instances) and, last:
 
     step time ratio vp2o/grpo: X.XXX
 
+The GRPO baseline is megatron's own MoE layers: the whole of VP2O's machinery (routing
+statistics, prototypes, losses, transform) counts as its overhead. ``--with-diagnostics`` adds a
+third model, GRPO as ``vp2o train algorithm=grpo`` runs it: VP2O's layers without the losses,
+the statistics reduced and the prototypes refreshed every step for the routing diagnostics
+(§12), no transport. It gets its own column and a line ``step time ratio vp2o/grpo+diagnostics``
+before the last one.
+
 With ``--rollout`` (issue 9) each round also times the rest of an RL step as the trainer runs it:
 generation of a rollout batch with the KV cache (``--prompts`` x ``--group`` rows, ``--new-tokens``
 new tokens after a ``--prompt-len`` prompt; VP2O records every token's routing for §10, GRPO does
@@ -49,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--with-diagnostics", action="store_true",
+                    help="also time GRPO with the trainer's routing diagnostics (see below)")
     ap.add_argument("--rollout", action="store_true",
                     help="also time generation, reward and VP2O's post-update check")
     ap.add_argument("--prompts", type=int, default=4)
@@ -82,19 +91,23 @@ def main() -> None:
     groups = parallel.initialize(grpo_cfg)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-    def setup(cfg, vp2o: bool):
+    def setup(cfg, mode: str):
+        """mode: "grpo" (megatron's layers), "grpo+diag" (VP2O's layers, statistics and
+        prototypes, no losses or transport: the trainer's GRPO), "vp2o"."""
         torch.manual_seed(0)
-        hook = vp2o_moe.vp2o_layer_spec_hook(cfg) if vp2o else None
+        hook = None if mode == "grpo" else vp2o_moe.vp2o_layer_spec_hook(cfg)
         model = mdl.build_model(cfg, layer_spec_hook=hook)
         ddp = training.wrap_ddp(model, cfg)
         opt = training.build_optimizer(ddp, cfg)
         transform = None
-        if vp2o:
+        if mode == "vp2o":
             vp2o_moe.configure_losses(
                 model, ortho_coeff=cfg.vp2o.ortho_coeff, variance_coeff=cfg.vp2o.variance_coeff
             )
+        if mode != "grpo":
             transform = SteinTransform(
-                model, cfg.vp2o, groups, num_experts=cfg.model.num_experts, seed=0
+                model, cfg.vp2o, groups, num_experts=cfg.model.num_experts, seed=0,
+                transport=mode == "vp2o",
             )
         return model, ddp, opt, transform
 
@@ -102,11 +115,11 @@ def main() -> None:
     # than another of the same shape for the whole process (where its buffers landed in memory),
     # which is as large as the effect measured; stepping each of K instances per round and
     # pooling their times averages that out.
-    runs = {
-        (name, i): setup(cfg, name == "vp2o")
-        for i in range(args.instances)
-        for name, cfg in (("grpo", grpo_cfg), ("vp2o", vp2o_cfg))
-    }
+    modes = [("grpo", grpo_cfg), ("vp2o", vp2o_cfg)]
+    if args.with_diagnostics:
+        modes.append(("grpo+diag", grpo_cfg))
+    names = [name for name, _ in modes]
+    runs = {(name, i): setup(cfg, name) for i in range(args.instances) for name, cfg in modes}
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=gen).to(device)
     advantages = torch.randn(args.batch, generator=gen).to(device)
@@ -178,7 +191,7 @@ def main() -> None:
     def rollout(key, times):
         """Generate, reward and (VP2O) the post-update check, as ``vp2o.train`` runs them."""
         model, _, _, transform = runs[key]
-        vp2o = transform is not None
+        vp2o = key[0] == "vp2o"
         params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens,
                                 group_size=args.group, record_routing=vp2o)
         sync()
@@ -214,7 +227,7 @@ def main() -> None:
         times["trust_check"] = time.perf_counter() - t2
         return sum(rewards)
 
-    records = {"grpo": [], "vp2o": []}
+    records = {name: [] for name in names}
     for r in range(args.rounds + 1):
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]  # alternating modes
         for key in order:
@@ -225,38 +238,35 @@ def main() -> None:
                 t["rl_total"] = t["total"] + sum(
                     t[k] for k in ("generate", "reward", "trust_check") if k in t
                 )
-            if r > 0:  # round 0 warms up both
+            if r > 0:  # round 0 warms up all
                 records[name].append(t)
 
-    phases = ["forward_backward", "transform", "optimizer", "prototypes", "total"]
+    def table(phases):
+        print(f"{'phase (s)':<18}" + "".join(f"{n:>11}" for n in names))
+        for ph in phases:
+            row = {n: statistics.median(t.get(ph, 0.0) for t in records[n]) for n in names}
+            medians[ph] = row
+            print(f"{ph:<18}" + "".join(f"{row[n]:>11.4f}" for n in names))
+
     dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {dev}; torch threads {torch.get_num_threads()}; "
           f"{args.layers} layers, d={args.hidden}, {args.experts} experts top-{args.topk}, "
           f"f={args.expert_ffn}, seq {args.seq}, batch {args.batch} ({n_mb} micro-batches), "
           f"{args.dtype}; median of {args.rounds} rounds x {args.instances} instances")
-    print(f"{'phase (s)':<18}{'grpo':>10}{'vp2o':>10}")
-    medians = {}
-    for ph in phases:
-        g = statistics.median(t.get(ph, 0.0) for t in records["grpo"])
-        v = statistics.median(t.get(ph, 0.0) for t in records["vp2o"])
-        medians[ph] = (g, v)
-        print(f"{ph:<18}{g:>10.4f}{v:>10.4f}")
+    medians: dict[str, dict[str, float]] = {}
+    table(["forward_backward", "transform", "optimizer", "prototypes", "total"])
     if args.rollout:
         print(f"\nRL step with rollout ({args.prompts} prompts x {args.group} samples, "
               f"{args.prompt_len} prompt + {args.new_tokens} new tokens; the training step above)")
-        print(f"{'phase (s)':<18}{'grpo':>10}{'vp2o':>10}")
-        rl_phases = ["generate", "reward", "forward_backward", "transform", "optimizer",
-                     "prototypes", "trust_check", "rl_total"]
-        for ph in rl_phases:
-            g = statistics.median(t.get(ph, 0.0) for t in records["grpo"])
-            v = statistics.median(t.get(ph, 0.0) for t in records["vp2o"])
-            medians[ph] = (g, v)
-            print(f"{ph:<18}{g:>10.4f}{v:>10.4f}")
-        g, v = medians["rl_total"]
-        print(f"rl step time ratio vp2o/grpo (with rollout): {v / g:.3f}\n")
+        table(["generate", "reward", "forward_backward", "transform", "optimizer",
+               "prototypes", "trust_check", "rl_total"])
+        rl = medians["rl_total"]
+        print(f"rl step time ratio vp2o/grpo (with rollout): {rl['vp2o'] / rl['grpo']:.3f}\n")
     parallel.destroy()
-    g, v = medians["total"]
-    print(f"step time ratio vp2o/grpo: {v / g:.3f}")
+    total = medians["total"]
+    if args.with_diagnostics:
+        print(f"step time ratio vp2o/grpo+diagnostics: {total['vp2o'] / total['grpo+diag']:.3f}")
+    print(f"step time ratio vp2o/grpo: {total['vp2o'] / total['grpo']:.3f}")
 
 
 if __name__ == "__main__":
