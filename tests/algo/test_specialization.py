@@ -312,3 +312,14 @@ def test_orthogonality_with_a_token_mask_equals_the_loss_of_the_kept_tokens(norm
         spec._TokenGram.apply(x), normalize=normalize, mask=torch.zeros(8, dtype=torch.bool)
     )
     assert float(none) == 0.0
+    # A masked-out token with zero rows and zero scales (a degenerate pad) changes nothing.
+    x_pad, s_pad = x.clone(), s.clone()
+    x_pad[2], s_pad[2] = 0.0, 0.0
+    leaf = x_pad.clone().requires_grad_(True)
+    padded = spec.orthogonality_loss_from_gram(
+        spec._TokenGram.apply(leaf), 0.0, normalize=normalize, scale=s_pad, mask=mask
+    )
+    assert torch.isfinite(padded)
+    if normalize:  # the fused node's gradient is finite too
+        padded.backward()
+        assert bool(torch.isfinite(leaf.grad).all())

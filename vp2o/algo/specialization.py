@@ -168,8 +168,8 @@ def orthogonality_loss_from_gram(
     per_token = _per_token_terms(gram, eps=eps, normalize=normalize, scale=scale)  # [T]
     if mask is None:
         return per_token.sum() / max(per_token.shape[0], 1)
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+    kept = torch.where(mask, per_token, 0.0)  # not per_token * mask: 0 * NaN at a degenerate pad
+    return kept.sum() / mask.sum().clamp_min(1).to(per_token.dtype)
 
 
 class _ScaleFreeOrthogonality(torch.autograd.Function):
@@ -196,6 +196,8 @@ class _ScaleFreeOrthogonality(torch.autograd.Function):
             eps if scale is None else eps * scale.to(dt).square()
         )
         inv = 1.0 / e
+        if mask is not None:  # a masked-out token may be degenerate (e = 0): no 0 * inf there
+            inv = torch.where(mask.unsqueeze(-1), inv, 0.0)
         w = g * inv.unsqueeze(-1) * inv.unsqueeze(-2)  # [T, k, k]
         w.diagonal(dim1=-2, dim2=-1).zero_()  # pairs j != l only
         # Token weights [T, 1, 1] / (T·k): the mask's tokens only, averaged over their count.

@@ -141,8 +141,8 @@ class VP2OMoELayer(MoELayer):
     all-to-all and before megatron's unpermute sums them: one row per (token, selected expert),
     grouped by expert, tokens ascending within an expert. The rows are gate-weighted (megatron
     multiplies by the gate inside the expert MLP): y = g x~. The loss of the raw outputs x~ is
-    computed from each token's Gram matrix of its y rows (``specialization.token_gram``: rows
-    read in token order, never stored in it) and the gates folded into [T, k] scalars
+    computed from each token's Gram matrix of its y rows (``specialization.token_gram``, the rows
+    read through the token-major layout) and the gates folded into [T, k] scalars
     (``specialization.orthogonality_loss_from_gram(..., scale=g)``), as a function of the expert
     weights; y and g share the graph, so the gate's two paths cancel and no gradient reaches the
     router.
