@@ -257,15 +257,20 @@ class Learner:
         """Copies of the parameters, the optimizers' main params and their state (§10 rollback).
 
         Keyed by the live tensors themselves, so state that the step creates (Adam's moments
-        appear at the first step) is told apart and dropped on restore.
+        appear at the first step) is told apart and dropped on restore. A parameter whose memory
+        is exactly an optimizer parameter's (fp32 parameters: megatron's FP32Optimizer steps the
+        parameters themselves, the distributed optimizer at data-parallel size 1 steps views of
+        the whole buffer) is restored with it and not copied twice.
         """
-        params = {p: p.data.clone() for p in self.s.model.parameters()}
-        optimizers = []
+        optimizers, stepped = [], set()
         for opt in _inner_optimizers(self.s.optimizer):
             main = {p: p.data.clone() for g in opt.param_groups for p in g["params"]}
+            stepped.update(_memory(p) for p in main)
             state = {p: {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
                          for k, v in st.items()} for p, st in opt.state.items()}
             optimizers.append((opt, main, state))
+        params = {p: p.data.clone() for p in self.s.model.parameters()
+                  if _memory(p) not in stepped}
         return {"params": params, "optimizers": optimizers}
 
     def restore(self, saved: dict) -> None:
@@ -338,6 +343,12 @@ def specialisation_losses(num_microbatches: int) -> dict:
             out[key] = values.sum() / layers / max(num_microbatches, 1)
     clear_aux_losses_tracker()
     return out
+
+
+def _memory(t: torch.Tensor) -> tuple:
+    """Where a tensor's elements live: (storage address, offset, count, dtype, contiguous)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype,
+            t.is_contiguous())
 
 
 def _inner_optimizers(optimizer) -> list:
