@@ -10,7 +10,9 @@ after the other in each round, so they see the same machine state; the first rou
 ``--instances`` models are built per mode (default 3) and each is stepped once per round: one
 instance can run a few % faster or slower than another of the same shape for the whole process,
 so the times of all instances are pooled. Prints the phase breakdown (median seconds per phase
-over rounds x instances) and, last:
+over rounds x instances), the median and quartiles of the paired ratios (each instance's VP2O
+step over its GRPO step of the same round, taken next to each other: what load on the machine
+does to both cancels), and, last, the ratio of the median totals:
 
     step time ratio vp2o/grpo: X.XXX
 
@@ -228,7 +230,9 @@ def main() -> None:
         return sum(rewards)
 
     records = {name: [] for name in names}
+    paired = []  # vp2o / grpo of the same instance index in the same round (adjacent in time)
     for r in range(args.rounds + 1):
+        this_round = {}
         order = list(runs) if r % 2 == 0 else list(runs)[::-1]  # alternating modes
         for key in order:
             name = key[0]
@@ -240,6 +244,9 @@ def main() -> None:
                 )
             if r > 0:  # round 0 warms up all
                 records[name].append(t)
+                this_round[key] = t["total"]
+        paired += [this_round[("vp2o", i)] / this_round[("grpo", i)]
+                   for i in range(args.instances) if ("vp2o", i) in this_round]
 
     def table(phases):
         print(f"{'phase (s)':<18}" + "".join(f"{n:>11}" for n in names))
@@ -264,6 +271,9 @@ def main() -> None:
         print(f"rl step time ratio vp2o/grpo (with rollout): {rl['vp2o'] / rl['grpo']:.3f}\n")
     parallel.destroy()
     total = medians["total"]
+    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    print(f"paired vp2o/grpo (same instance, same round): median {q[1]:.3f}, "
+          f"quartiles {q[0]:.3f}-{q[2]:.3f} over {len(paired)} pairs")
     if args.with_diagnostics:
         print(f"step time ratio vp2o/grpo+diagnostics: {total['vp2o'] / total['grpo+diag']:.3f}")
     print(f"step time ratio vp2o/grpo: {total['vp2o'] / total['grpo']:.3f}")
