@@ -9,6 +9,9 @@ Checks, in fp32 and with bf16 parameters (fp32 main grads):
   3. The transformed expert gradients equal ``A.G + alpha*phi_rep`` computed independently by
      ``vp2o.algo`` on the CPU in float64 from the same untransformed gradients and weights.
   4. Prototypes equal ``torch.linalg.svd`` of each expert's fc2 weight (planted spectral gap).
+  5. (fp32 only) A training forward + backward with padding and both specialisation losses runs
+     no more host-synchronising ops (nonzero, masked_select, item, ...: profiler-counted) in
+     VP2O's layers than in megatron's own.
 Prints one line per check (``PASS``/``FAIL`` and the measured error) and exits non-zero on a
 failure.
 """
@@ -140,9 +143,37 @@ def main() -> int:
                 u = tr.prototypes[li, j].double().cpu()
                 err = max(err, float((u - torch.sign(u @ top) * top).abs().max()))
         report(f"prototypes vs SVD ({dtype})", err < 1e-4, f"max abs error {err:.2e}")
+
+        # --- 5. no host syncs added by the VP2O layers ---
+        if dtype == "fp32":
+            plain_n = _sync_ops(build(cfg_plain, False)[0], tokens, pos)
+            vp2o_model = build(cfg, True)[0]
+            vp2o_moe.configure_losses(vp2o_model, ortho_coeff=1.0, variance_coeff=1.0)
+            ours_n = _sync_ops(vp2o_model, tokens, pos)
+            report("VP2O layers add no host-synchronising ops", ours_n == plain_n,
+                   f"VP2O {ours_n}, megatron {plain_n}")
     parallel.destroy()
     print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
     return 0 if all(results) else 1
+
+
+def _sync_ops(model, tokens, pos) -> dict:
+    """Counts of host-synchronising ops in one padded training forward + backward."""
+    from torch.profiler import profile
+
+    names = {"aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "aten::item",
+             "aten::unique", "aten::_unique2"}
+    t = tokens[:2, :-1]
+    pad = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+    pad[0, -5:] = True
+    model.train()
+    with profile() as prof:
+        model(t, pos, None, labels=tokens[:2, 1:], padding_mask=pad).float().sum().backward()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name in names:
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":
