@@ -339,8 +339,8 @@ def test_expert_bank_view_layouts():
     flat = torch.arange(40.0)
     tensors = [flat[30 - 10 * i : 36 - 10 * i].view(2, 3) for i in range(4)]  # reverse order
     view, order = expert_bank_view(tensors)
-    assert order.tolist() == [3, 2, 1, 0]
-    for k, i in enumerate(order.tolist()):
+    assert order == (3, 2, 1, 0)
+    for k, i in enumerate(order):
         assert torch.equal(view[k], tensors[i])
     view[0].fill_(-1.0)  # writes reach the tensors
     assert torch.equal(tensors[3], torch.full((2, 3), -1.0))
@@ -385,10 +385,13 @@ def test_layout_cache_is_read_again_when_the_tensors_move(init_parallel):
     a, b = torch.zeros(8 * 6), torch.zeros(8 * 6)
     first = [a[6 * (7 - i) : 6 * (8 - i)] for i in range(8)]  # reverse order, like megatron's
     moved = [b[6 * i : 6 * (i + 1)] for i in range(8)]
-    bank = transform._bank(0, "fc1.grad", first)
-    assert transform._bank(0, "fc1.grad", first) is bank
+    def same(t):
+        return t
+
+    bank = transform._bank(0, "fc1.grad", first, same)
+    assert transform._bank(0, "fc1.grad", first, same) is bank
     assert bank.order == tuple(range(7, -1, -1))
-    again = transform._bank(0, "fc1.grad", moved)
+    again = transform._bank(0, "fc1.grad", moved, same)
     assert again is not bank and again.order == tuple(range(8))
     again.view[3].fill_(1.0)
     assert torch.equal(moved[3], torch.ones(6)) and not a.any()

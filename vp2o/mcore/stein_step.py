@@ -34,6 +34,10 @@ from vp2o.mcore.parallel import ParallelGroups
 from vp2o.mcore.vp2o_moe import VP2OMoELayer, moe_layers
 
 
+def _main_grad(param: torch.Tensor) -> torch.Tensor:
+    return param.main_grad
+
+
 def local_expert_weights(layer: VP2OMoELayer) -> tuple[list, list]:
     """(fc1 weights [2f, d] or [f, d], fc2 weights [d, f]) of this rank's experts, local order."""
     experts = layer.experts
@@ -52,7 +56,7 @@ def local_expert_weights(layer: VP2OMoELayer) -> tuple[list, list]:
     )
 
 
-def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...]] | None:
     """One strided [e, *shape] view of e same-shaped tensors that sit at a uniform stride.
 
     megatron's DDP keeps every gradient in one flat buffer (and, with the distributed optimizer,
@@ -63,8 +67,8 @@ def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     overhead, docs/benchmarks.md).
 
     Returns:
-        (view with rows in address order, order: long [e], row k is ``tensors[order[k]]``), or
-        None when the tensors are not laid out that way (then callers stack them).
+        (view with rows in address order, order: row k is ``tensors[order[k]]``), or None when
+        the tensors are not laid out that way (then callers stack them).
     """
     first = tensors[0]
     shape, numel = first.shape, first.numel()
@@ -85,7 +89,7 @@ def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.T
     if step < numel or any(offsets[i] - base != k * step for k, i in enumerate(order)):
         return None
     view = first.as_strided((len(tensors), *shape), (step, *first.stride()), base)
-    return view, torch.tensor(order, dtype=torch.long)
+    return view, tuple(order)
 
 
 @dataclass
@@ -93,9 +97,11 @@ class _ExpertBank:
     """One layer's local expert tensors of one kind (e.g. the fc2 grads) as rows in one order.
 
     Read once per layer and kind (megatron's buffers do not move) and reused every step;
-    ``address`` (the first tensor's data pointer when read) revalidates it.
+    ``address`` (the first tensor's data pointer when read) revalidates it, so a step reads one
+    attribute per layer and kind, not every expert's.
     """
 
+    tensors: list[torch.Tensor]  # the local experts' tensors, local order
     view: torch.Tensor | None  # [E_loc, *shape] strided view, row k = local expert order[k]
     order: tuple[int, ...]  # row k holds local expert order[k] (identity when stacked)
     index: torch.Tensor  # the same as a long tensor on the tensors' device
@@ -152,8 +158,11 @@ class SteinTransform:
         self.seed = seed
         self._workspace: dict[str, torch.Tensor] = {}
         self._banks: dict[tuple[int, str], _ExpertBank] = {}
+        # (fc1, fc2) parameter lists per layer: the modules' parameters are fixed objects (loads
+        # copy into them), so the per-step code does not walk every layer's experts again.
+        self._expert_params = [local_expert_weights(layer) for layer in self.layers]
         self.prototypes = self._gather_prototypes(
-            [self._initial_prototypes(i, layer) for i, layer in enumerate(self.layers)]
+            [self._initial_prototypes(i) for i in range(len(self.layers))]
         )  # [L, E, d] fp32, identical on every rank
         self.anchor = self.prototypes.clone()
         self.last_geometry: list[LayerGeometry] = []
@@ -234,20 +243,17 @@ class SteinTransform:
                           active=every.active[i], tau=every.tau[i] if per_layer_tau else every.tau)
             for i in range(len(self.layers))
         ]
-        for index, layer in enumerate(self.layers):
-            geo = self.last_geometry[index]
-            fc1, fc2 = local_expert_weights(layer)
-            g1 = [w.main_grad for w in fc1]
-            g2 = [w.main_grad for w in fc2]
-            att_sq += self._attract(g1, self._bank(index, "fc1.grad", g1), geo.A)
-            bank2 = self._bank(index, "fc2.grad", g2)
+        for index, geo in enumerate(self.last_geometry):
+            fc1, fc2 = self._expert_params[index]
+            att_sq += self._attract(self._bank(index, "fc1.grad", fc1, _main_grad), geo.A)
+            bank2 = self._bank(index, "fc2.grad", fc2, _main_grad)
             low_rank = None
             if self.cfg.alpha > 0:
-                L, R = self._repulsion_factors(index, fc2, geo, bank2)  # rows: bank2.order
+                L, R = self._repulsion_factors(index, geo, bank2)  # rows: bank2.order
                 # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
                 rep_sq += (self.cfg.alpha**2) * ((L.mT @ L) * (R @ R.mT)).sum().float()
                 low_rank = (L * (self.cfg.alpha * repulsion_scale), R)
-            att_sq += self._attract(g2, bank2, geo.A, low_rank=low_rank)
+            att_sq += self._attract(bank2, geo.A, low_rank=low_rank)
         return {
             "C": stats["C"],
             "router/entropy": stats["router_entropy"].mean(),
@@ -255,11 +261,9 @@ class SteinTransform:
             "stein/repulsion_norm": self._sum_over_ep(rep_sq).sqrt(),
         }
 
-    def _attract(
-        self, grads: list, bank: _ExpertBank, A: torch.Tensor, low_rank=None
-    ) -> torch.Tensor:
-        """``grads`` (local experts' main_grads) <- rows of A.G (+ L R); one EP reduce-scatter
-        when EP > 1.
+    def _attract(self, bank: _ExpertBank, A: torch.Tensor, low_rank=None) -> torch.Tensor:
+        """``bank.tensors`` (local experts' main_grads) <- rows of A.G (+ L R); one EP
+        reduce-scatter when EP > 1.
 
         G is read in column chunks of at most ``vp2o.transform_chunk_elems / E`` columns, A.G of a
         chunk goes to a persistent workspace (no allocation per step: fresh multi-MB buffers cost
@@ -274,6 +278,7 @@ class SteinTransform:
         Returns:
             The squared norm of this rank's attraction output (before the low-rank term).
         """
+        grads = bank.tensors
         numel = grads[0].numel()
         E, e = self.num_experts, self.num_local
         dtype = grads[0].dtype
@@ -325,11 +330,11 @@ class SteinTransform:
             self._workspace[name] = buf
         return buf[:numel]
 
-    def _repulsion_factors(self, index: int, fc2: list, geo: LayerGeometry, rows: _ExpertBank):
+    def _repulsion_factors(self, index: int, geo: LayerGeometry, rows: _ExpertBank):
         """phi_rep = L R for this rank's experts (§7): L [E_loc, d, 2n], R [E_loc, 2n, f], rows
         in ``rows``' order (the fc2 gradients' bank, which the low-rank term is added to)."""
         u_all = self.prototypes[index]
-        w2, _ = self._fc2_weights(index, fc2, rows)  # [E_loc, d, f]
+        w2, _ = self._fc2_weights(index, rows)  # [E_loc, d, f]
         return stein.repulsion_factors(
             w2,
             u_all[self.local].index_select(0, rows.index),
@@ -362,18 +367,20 @@ class SteinTransform:
         return 1.0 / (s * edp)
 
     # ---------------------------------------------------------------- prototypes (§4)
-    def _bank(self, index: int, kind: str, tensors: list[torch.Tensor]) -> _ExpertBank:
-        """The cached layout of layer ``index``'s tensors of one ``kind`` (``expert_bank_view``)."""
-        address = tensors[0].data_ptr()
+    def _bank(self, index: int, kind: str, params: list, read) -> _ExpertBank:
+        """The cached layout of ``read(p)`` for layer ``index``'s expert parameters ``params``
+        (``expert_bank_view``); one ``read`` per call while the tensors stay where they were."""
+        address = read(params[0]).data_ptr()
         bank = self._banks.get((index, kind))
         if bank is not None and bank.address == address:
             return bank
+        tensors = [read(p) for p in params]
         found = expert_bank_view(tensors)
-        device = tensors[0].device
-        order = tuple(range(len(tensors))) if found is None else tuple(found[1].tolist())
-        index_t = torch.tensor(order, dtype=torch.long, device=device)
+        order = tuple(range(len(tensors))) if found is None else found[1]
+        index_t = torch.tensor(order, dtype=torch.long, device=tensors[0].device)
         e = len(tensors)
         bank = _ExpertBank(
+            tensors=tensors,
             view=None if found is None else found[0],
             order=order,
             index=index_t,
@@ -385,21 +392,20 @@ class SteinTransform:
         return bank
 
     def _fc2_weights(
-        self, index: int, fc2: list, rows: _ExpertBank | None = None
+        self, index: int, rows: _ExpertBank | None = None
     ) -> tuple[torch.Tensor, _ExpertBank]:
-        """This rank's fc2 weights as [E_loc, d, f], row k = local expert ``rows.order[k]``
-        (default: the weights' own order), and that ``rows``.
+        """This rank's fc2 weights of layer ``index`` as [E_loc, d, f], row k = local expert
+        ``rows.order[k]`` (default: the weights' own order), and that ``rows``.
 
         A strided view of megatron's param buffer where it holds them at a uniform stride in
         that order (the distributed optimizer's layout: the grad buffer's order), else a stacked
         copy.
         """
-        weights = [w.detach() for w in fc2]
-        bank = self._bank(index, "fc2.weight", weights)
+        bank = self._bank(index, "fc2.weight", self._expert_params[index][1], torch.Tensor.detach)
         rows = bank if rows is None else rows
         if bank.view is not None and bank.order == rows.order:
             return bank.view, rows
-        return torch.stack([weights[i] for i in rows.order]), rows
+        return torch.stack([bank.tensors[i] for i in rows.order]), rows
 
     def _gather_prototypes(self, local: list[torch.Tensor]) -> torch.Tensor:
         """[L] x [E_loc, d] local rows -> [L, E, d] on every rank (one EP all-gather)."""
@@ -414,13 +420,13 @@ class SteinTransform:
         out = out.view(self.ep_size, L, e, d)
         return out.permute(1, 0, 2, 3).reshape(L, self.ep_size * e, d)  # [L, E, d]
 
-    def _initial_prototypes(self, index: int, layer: VP2OMoELayer) -> torch.Tensor:
+    def _initial_prototypes(self, index: int) -> torch.Tensor:
         """20 power-iteration steps from a fixed-seed random start (§4).
 
         The start is drawn for all E experts and sliced, so expert j starts from the same vector
         whatever the EP size (and so converges to the same prototype, sign included).
         """
-        w2 = torch.stack([w.detach() for w in local_expert_weights(layer)[1]])  # [E_loc, d, f]
+        w2 = torch.stack([w.detach() for w in self._expert_params[index][1]])  # [E_loc, d, f]
         gen = torch.Generator().manual_seed(self.seed + index)
         start = torch.randn(self.num_experts, w2.shape[1], generator=gen)[self.local]
         return stein.refresh_prototypes(w2, start.to(w2.device), iters=20)
@@ -429,8 +435,8 @@ class SteinTransform:
     def after_optimizer_step(self) -> None:
         """Refresh the prototypes from the updated fc2 weights (warm-started, §4); reset C."""
         local = []
-        for i, layer in enumerate(self.layers):
-            w2, rows = self._fc2_weights(i, local_expert_weights(layer)[1])
+        for i in range(len(self.layers)):
+            w2, rows = self._fc2_weights(i)
             fresh = stein.refresh_prototypes(  # row k: local expert rows.order[k]
                 w2, self.prototypes[i, self.local].index_select(0, rows.index),
                 iters=self.cfg.power_iters,
