@@ -206,8 +206,8 @@ def _rows_in_expert_order(t_count: int, k: int, d: int, seed: int, dtype=torch.f
 
 
 def test_token_gram_of_rows_in_another_order_equals_gram_of_the_gathered_rows():
-    """`token_gram` (rows read through ``order``, never stored in token order) against the Gram
-    of the explicitly gathered [T, k, d] rows: values, gradients, and gradcheck."""
+    """`token_gram` (rows read through ``order``, backward through the known inverse ``dest``)
+    against the Gram of the explicitly gathered [T, k, d] rows: values, gradients, gradcheck."""
     rows, order, dest = _rows_in_expert_order(5, 3, 4, seed=1)
     weights = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     leaf = rows.clone().requires_grad_(True)

@@ -47,24 +47,20 @@ class _TokenGram(torch.autograd.Function):
         return torch.bmm(grad + grad.mT, x)
 
 
-class _GatheredTokenGram(torch.autograd.Function):
-    """`_TokenGram` of `X = rows[order].view(T, k, d)`, with `rows` [T·k, d] in any row order and
-    `dest` the inverse permutation of `order`; returns `∂/∂rows = ((dG + dGᵀ) X)[dest]`, a
-    gather by the known inverse instead of autograd's accumulating index_put (serial on the
-    CPU) for the backward of `rows[order]`."""
+class _PermuteRows(torch.autograd.Function):
+    """`rows[order]` for a permutation whose inverse `dest` is known: the backward is a gather by
+    `dest` instead of autograd's accumulating index_put (serial on the CPU)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
-        x = rows.index_select(0, order).view(-1, k, rows.shape[-1])  # [T, k, d]
-        ctx.save_for_backward(x, dest)
-        return torch.bmm(x, x.mT)  # [T, k, k]
+    def forward(ctx, rows: Tensor, order: Tensor, dest: Tensor) -> Tensor:
+        ctx.save_for_backward(dest)
+        return rows.index_select(0, order)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, dest = ctx.saved_tensors
-        dx = torch.bmm(grad + grad.mT, x)  # [T, k, d] in token order
-        return dx.view(-1, x.shape[-1]).index_select(0, dest), None, None, None
+        (dest,) = ctx.saved_tensors
+        return grad.index_select(0, dest), None, None
 
 
 def token_gram(rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
@@ -74,7 +70,8 @@ def token_gram(rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
     token t's j-th selected expert and `dest` its inverse (`order[dest] = arange`). The MoE
     layer's rows come grouped by expert (vp2o/mcore/vp2o_moe.py).
     """
-    return _GatheredTokenGram.apply(rows, order, dest, k)
+    x = _PermuteRows.apply(rows, order, dest).view(-1, k, rows.shape[-1])  # [T, k, d]
+    return _TokenGram.apply(x)
 
 
 def orthogonality_per_token(
