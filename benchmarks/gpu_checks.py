@@ -159,21 +159,14 @@ def main() -> int:
 
 def _sync_ops(model, tokens, pos) -> dict:
     """Counts of host-synchronising ops in one padded training forward + backward."""
-    from torch.profiler import profile
+    from vp2o.syncs import host_sync_ops
 
-    names = {"aten::nonzero", "aten::masked_select", "aten::_local_scalar_dense", "aten::item",
-             "aten::unique", "aten::_unique2"}
     t = tokens[:2, :-1]
     pad = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
     pad[0, -5:] = True
     model.train()
-    with profile() as prof:
-        model(t, pos, None, labels=tokens[:2, 1:], padding_mask=pad).float().sum().backward()
-    counts: dict[str, int] = {}
-    for event in prof.events():
-        if event.name in names:
-            counts[event.name] = counts.get(event.name, 0) + 1
-    return counts
+    return host_sync_ops(lambda: model(
+        t, pos, None, labels=tokens[:2, 1:], padding_mask=pad).float().sum().backward())
 
 
 if __name__ == "__main__":
