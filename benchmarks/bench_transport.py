@@ -32,19 +32,17 @@ from vp2o.algo import stein
 
 
 def bench_one(
-    num_experts: int, d: int, f: int, repeats: int, top_k: int
+    num_experts: int, d: int, f: int, repeats: int, top_k: int, device: torch.device
 ) -> tuple[list[float], list[float]]:
-    """Seconds per run of (plain A @ G, full transport) for one layer of `num_experts` experts."""
+    """Seconds per run of (plain A @ G, full transport) for one layer of `num_experts` experts.
+
+    The inputs are drawn on the CPU (same numbers on every device) and then moved to `device`;
+    on CUDA each timed call is bracketed by synchronisations, so the times are the kernels'.
+    """
     e = num_experts
     gen = torch.Generator().manual_seed(0)
     p = 3 * d * f
     grads = torch.randn(e, p, generator=gen)  # [E, P], fc1 then fc2 per expert row
-    g1 = grads[:, : 2 * f * d].view(e, 2 * f, d)  # [E, 2f, d]
-    g2 = grads[:, 2 * f * d :].view(e, d, f)  # [E, d, f]
-    out = torch.empty_like(grads)  # [E, P]
-    o1 = out[:, : 2 * f * d].view(e, 2 * f, d)
-    o2 = out[:, 2 * f * d :].view(e, d, f)
-    plain_out = torch.empty_like(grads)
     w2 = torch.randn(e, d, f, generator=gen) / f**0.5  # [E, d, f]
     u_prev = stein.init_prototypes(w2)  # [E, d]
 
@@ -55,6 +53,14 @@ def bench_one(
     coact = stein.coactivation(routing_map)  # [E, E]
     a = torch.softmax(torch.randn(e, e, generator=gen), -1)  # any row-stochastic [E, E]
     tau = stein.temperature(e)
+    grads, w2, u_prev, coact, a = (t.to(device) for t in (grads, w2, u_prev, coact, a))
+    g1 = grads[:, : 2 * f * d].view(e, 2 * f, d)  # [E, 2f, d]
+    g2 = grads[:, 2 * f * d :].view(e, d, f)  # [E, d, f]
+    out = torch.empty_like(grads)  # [E, P]
+    o1 = out[:, : 2 * f * d].view(e, 2 * f, d)
+    o2 = out[:, 2 * f * d :].view(e, d, f)
+    plain_out = torch.empty_like(grads)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def plain() -> None:
         torch.mm(a, grads, out=plain_out)
@@ -77,12 +83,14 @@ def bench_one(
 
     plain()
     transport()
+    sync()
     t_plain: list[float] = []
     t_transport: list[float] = []
     for _ in range(repeats):
         for fn, times in ((plain, t_plain), (transport, t_transport)):
             start = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - start)
     return t_plain, t_transport
 
@@ -95,15 +103,19 @@ def main() -> None:
     parser.add_argument("--f", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 on either)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"d={args.d} f={args.f} float32 CPU, {torch.get_num_threads()} threads, "
+        f"d={args.d} f={args.f} float32 {where}, {torch.get_num_threads()} threads, "
         f"{args.repeats} alternating runs each; times in ms, median (min)"
     )
     print(f"{'E':>5} {'A@G':>16} {'transport':>16} {'ratio':>6} {'ratio(min)':>11}")
     for e in args.experts:
-        t_plain, t_transport = bench_one(e, args.d, args.f, args.repeats, top_k=min(8, e // 4))
+        t_plain, t_transport = bench_one(e, args.d, args.f, args.repeats, top_k=min(8, e // 4),
+                                      device=device)
         med_p, med_t = statistics.median(t_plain), statistics.median(t_transport)
         min_p, min_t = min(t_plain), min(t_transport)
         print(

@@ -6,8 +6,12 @@
 # 1. installs the carried wheels into /tmp/site (the GPU image has torch but no megatron-core);
 # 2. single-GPU correctness checks in fp32 and bf16 (benchmarks/gpu_checks.py);
 # 3. the GRPO-vs-VP2O step benchmark at a size that fills a good part of an H100
-#    (benchmarks/bench_step.py), then a short table. Stays well under 8 minutes.
-set -euo pipefail
+#    (benchmarks/bench_step.py), with the diagnostics-only GRPO as a third column;
+# 4. the Stein transport of one layer against a plain A @ G (benchmarks/bench_transport.py);
+# 5. the demo pipeline (SFT, GRPO, VP2O, report) at a short budget, end to end on the GPU;
+# then a short table. Each stage has its own time limit; all together stay under 8 minutes.
+set -uo pipefail
+failed=0  # stages run on after a failure; the exit status says whether any failed
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -22,17 +26,28 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, megatron.core as m; print('torch', torch.__version__, 'megatron-core', m.__version__)"
 
 echo "== correctness (fp32, bf16)"
-timeout 240 python3 benchmarks/gpu_checks.py 2>&1 | grep -v -i warn | tee "$OUT/checks.txt"
+timeout 150 python3 benchmarks/gpu_checks.py 2>&1 | grep -v -i -E "warn|USDT" | tee "$OUT/checks.txt" || failed=1
 
 echo "== step benchmark"
 # One model per mode: three instances of this size (~12 GB each with the distributed optimizer's
 # state) plus activations would not fit an 80 GB card; the CPU default of 3 is for the CPU's
 # per-instance layout effects.
-timeout 300 python3 benchmarks/bench_step.py --rounds 10 --instances 1 --layers 4 --hidden 1024 \
-  --experts 64 --topk 8 --expert-ffn 768 --seq 4096 --batch 8 --micro-batch 4 --dtype bf16 2>&1 \
-  | grep -v -i warn | tee "$OUT/bench_step.txt"
+timeout 210 python3 benchmarks/bench_step.py --rounds 10 --instances 1 --layers 4 --hidden 1024 \
+  --experts 64 --topk 8 --expert-ffn 768 --seq 4096 --batch 8 --micro-batch 4 --dtype bf16 \
+  --with-diagnostics 2>&1 | grep -v -i warn | tee "$OUT/bench_step.txt" || failed=1
+
+echo "== transport of one layer vs A @ G (fp32)"
+timeout 60 python3 benchmarks/bench_transport.py --device cuda --experts 8 64 128 --repeats 20 \
+  2>&1 | grep -v -i warn | tee "$OUT/bench_transport.txt" || failed=1
+
+echo "== demo pipeline, short budget"
+timeout 100 python3 -m vp2o.cli demo --out /tmp/demo sft.steps=40 train.steps=12 \
+  data.num_eval_prompts=64 2>&1 | grep -v -i -E "warn|^wandb" | tail -n 20 | tee "$OUT/demo.txt" || failed=1
+cp /tmp/demo/report.md "$OUT/demo_report.md" 2>/dev/null || true
 
 echo "== summary"
 printf '%-44s %s\n' "GPU" "$(cat "$OUT/gpu.txt")"
 printf '%-44s %s\n' "correctness checks" "$(tail -n 1 "$OUT/checks.txt")"
 printf '%-44s %s\n' "step time ratio (bench_step, bf16)" "$(tail -n 1 "$OUT/bench_step.txt")"
+printf '%-44s %s\n' "demo pipeline" "$(tail -n 3 "$OUT/demo.txt" | tr '\n' ' ')"
+exit $failed
