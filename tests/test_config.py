@@ -78,6 +78,11 @@ def test_yaml_and_overrides(tmp_path):
         ),
         (["model.moe_layer_freq=[0,0,0,0]"], None, "expected at least one MoE layer"),
         (["optimizer.name=sgd"], None, "parallel.use_distributed_optimizer = True: expected false"),
+        (
+            ["parallel.overlap_param_gather=true"],
+            None,
+            "parallel.overlap_param_gather = True: expected false (the RL loop reads",
+        ),
         (["model.moe_aux_loss_coeff=0.01"], None, "model.moe_router_load_balancing_type = 'none'"),
         (["model"], None, "override 'model': expected key.sub=value"),
         (["seed.x=1"], None, "seed = {'x': 1}: expected an integer"),

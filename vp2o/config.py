@@ -177,7 +177,12 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False
     """Overlap the gradient reduction with backward."""
     overlap_param_gather: bool = False
-    """Overlap the distributed optimizer's parameter all-gather with the next forward."""
+    """Must stay false. megatron's option defers the distributed optimizer's parameter all-gather
+    to the next forward's pre-hooks, so until then each rank's weights are updated only in the
+    shard it owns. The RL loop reads the weights outside a forward right after the step (the
+    prototype refresh, checkpoints, rollback), and every forward that follows the step needs
+    them all (the post-update check, generation): there is no forward to hide the gather behind,
+    only stale weights to read."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     timeout_minutes: int = 30
@@ -584,6 +589,14 @@ class Config:
                 True,
                 "false with optimizer.name=sgd (megatron's DistributedOptimizer is Adam-only)",
             )
+        _check(
+            not p.overlap_param_gather,
+            "parallel.overlap_param_gather",
+            True,
+            "false (the RL loop reads the updated weights outside a forward right after the "
+            "optimizer step: prototype refresh, checkpoints, rollback; with the overlap they are "
+            "stale outside each rank's shard until the next forward)",
+        )
         for key in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
             value = getattr(p, key)
             _check(value >= 1, f"parallel.{key}", value, "an integer >= 1")
