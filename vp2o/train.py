@@ -307,22 +307,40 @@ class Learner:
         if batch.routing_ids.numel():
             # [Lm, N, S]: response tokens (§10) where the actors logged their routing
             mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
-            D = trust_region.anchor_distance(
+            parts = trust_region.anchor_distance_partials(
                 torch.cat(ids, 1).cpu(), torch.cat(gates, 1).cpu(),
                 self.transform.prototypes.unsqueeze(1).cpu(),
                 batch.routing_ids.clamp_min(0), batch.routing_gates,
                 self.transform.anchor.unsqueeze(1).cpu(), mask=mask,
             )
-            out["trust/anchor_distance"] = D
+            D = trust_region.anchor_distance_from_partials(self._over_data_ranks(parts))
+            out["trust/anchor_distance"] = D.float()
         return out
 
     def behaviour(self, logp: torch.Tensor, batch: RolloutBatch) -> dict:
-        """Drift and ESS of the learner against the actors on this batch (§11)."""
+        """Drift and ESS of the learner against the actors on the whole batch (§11): every
+        data-parallel rank's share combined, so all ranks see (and decide on) the same values."""
         b = self.cfg.vp2o.behavior
-        drift, ess = trust_region.behavior_stats(
+        parts = trust_region.behavior_partials(
             logp, batch.behavior_logprobs, batch.response_mask, lam=b.lam, ess_level=b.ess_level
         )
-        return {"behavior/drift": drift, "behavior/ess": ess}
+        drift, ess = trust_region.behavior_from_partials(self._over_data_ranks(parts))
+        return {"behavior/drift": drift.float(), "behavior/ess": ess.float()}
+
+    def _over_data_ranks(self, row: torch.Tensor) -> torch.Tensor:
+        """[R, n]: this rank's statistics row and those of the other data-parallel ranks (which
+        hold the batch's other sequences), gathered in rank order; [1, n] without data
+        parallelism. A few numbers per step: the decisions taken on them (accept, roll back,
+        refresh) must agree across ranks, or the replicas diverge."""
+        group = self.s.groups.dp_cp
+        size = dist.get_world_size(group)
+        if size == 1:
+            return row.unsqueeze(0)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")  # nccl gathers CUDA tensors only
+        rows = [torch.empty_like(row, device=device) for _ in range(size)]
+        dist.all_gather(rows, row.to(device), group=group)
+        return torch.stack(rows).cpu()
 
 
 def specialisation_losses(num_microbatches: int) -> dict:

@@ -122,7 +122,8 @@ def _ess_reference(log_ratio: np.ndarray, mask: np.ndarray, lam: float, level: s
         s = [lam * log_ratio[i][mask[i]].sum() for i in range(len(mask)) if mask[i].any()]
     else:
         s = list(lam * log_ratio[mask])
-    w = np.exp(np.array(s, dtype=np.float64))
+    s = np.array(s, dtype=np.float64)
+    w = np.exp(s - s.max())  # the ratio is unchanged by a common factor
     return float(w.sum() ** 2 / (len(w) * (w**2).sum()))
 
 
@@ -179,3 +180,56 @@ def test_behavior_stats_empty_mask_and_unknown_level() -> None:
     with pytest.raises(ValueError, match="sequence, token"):
         tr.behavior_stats(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), ess_level="x")
     assert math.isfinite(float(ess))
+
+
+def test_anchor_distance_of_shares_combines_to_the_whole_batch() -> None:
+    """Data-parallel ranks each hold some sequences: their partials give the whole batch's D
+    (the masked mean of the per-token loop over all of it), an empty share included."""
+    per_layer = [_routing(12, 6, 2, seed=s) for s in range(4)]
+    ids = torch.stack([per_layer[0][0], per_layer[1][0]]).view(2, 3, 4, 2)  # [layers, B, T, k]
+    gates = torch.stack([per_layer[0][1], per_layer[1][1]]).view(2, 3, 4, 2)
+    ids_a = torch.stack([per_layer[2][0], per_layer[3][0]]).view(2, 3, 4, 2)
+    gates_a = torch.stack([per_layer[2][1], per_layer[3][1]]).view(2, 3, 4, 2)
+    gen = torch.Generator().manual_seed(9)
+    u = _unit(torch.randn(2, 1, 6, 5, generator=gen))
+    u_a = _unit(torch.randn(2, 1, 6, 5, generator=gen))
+    mask = torch.rand(1, 3, 4, generator=gen) > 0.4  # [1, B, T]: the same tokens in each layer
+    want = []
+    for layer in range(2):
+        d = _anchor_loop(ids[layer].reshape(12, 2), gates[layer].reshape(12, 2), u[layer, 0],
+                         ids_a[layer].reshape(12, 2), gates_a[layer].reshape(12, 2), u_a[layer, 0])
+        want += [x for x, keep in zip(d, mask.reshape(12).tolist(), strict=True) if keep]
+    shares = [slice(0, 2), slice(2, 3), slice(3, 3)]  # sequences per rank; the last holds none
+    parts = torch.stack([
+        tr.anchor_distance_partials(ids[:, sl], gates[:, sl], u, ids_a[:, sl], gates_a[:, sl],
+                                    u_a, mask=mask[:, sl])
+        for sl in shares
+    ])
+    assert parts[2].tolist() == [0.0, 0.0]
+    got = tr.anchor_distance_from_partials(parts)
+    assert float(got) == pytest.approx(sum(want) / len(want), rel=1e-6)
+    whole = tr.anchor_distance(ids, gates, u, ids_a, gates_a, u_a, mask=mask)
+    assert float(whole) == pytest.approx(float(got), rel=1e-6)
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_behavior_stats_of_shares_combine_to_the_whole_batch(level: str) -> None:
+    gen = torch.Generator().manual_seed(10)
+    logp = -torch.rand(7, 9, generator=gen) * 3
+    logp_old = logp + 0.5 * torch.randn(7, 9, generator=gen)
+    logp_old[0, :3] -= 400.0  # a dominant sample in one share: the LSE combination must hold it
+    mask = torch.rand(7, 9, generator=gen) > 0.3
+    mask[4] = False
+    lr = (logp.double() - logp_old.double()).numpy()
+    m = mask.numpy()
+    shares = [slice(0, 3), slice(3, 5), slice(5, 5), slice(5, 7)]  # one empty share
+    parts = torch.stack([tr.behavior_partials(logp[sl], logp_old[sl], mask[sl], 0.7,
+                                              ess_level=level) for sl in shares])
+    drift, ess = tr.behavior_from_partials(parts)
+    assert float(drift) == pytest.approx(np.abs(lr[m]).mean(), rel=1e-9)
+    assert float(ess) == pytest.approx(_ess_reference(lr, m, 0.7, level), rel=1e-9)
+    whole = tr.behavior_stats(logp, logp_old, mask, 0.7, ess_level=level)
+    assert [float(x) for x in whole] == pytest.approx([float(drift), float(ess)], rel=1e-6)
+    # no samples in any share: drift 0, ESS 1 (as for an empty batch)
+    empty = tr.behavior_partials(logp, logp_old, torch.zeros_like(mask), 0.7, ess_level=level)
+    assert [float(x) for x in tr.behavior_from_partials(empty.expand(2, 5))] == [0.0, 1.0]

@@ -85,13 +85,18 @@ def _rows(pendings: list[dict]) -> list[tuple]:
     return out
 
 
-@pytest.mark.slow
-def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path):
-    # The same starting weights under every layout (a fresh init depends on the EP layout):
-    # a 2-step SFT checkpoint, which loads under any layout.
-    sft = tmp_path / "sft"
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory) -> Path:
+    """The same starting weights under every layout (a fresh init depends on the EP layout):
+    a 2-step SFT checkpoint, which loads under any layout."""
+    run_dir = tmp_path_factory.mktemp("scaleout") / "sft"
     _run([sys.executable, "-m", "vp2o.cli", "sft", *TINY, "sft.steps=2", "sft.batch_size=8",
-          f"train.run_dir={sft}"])
+          f"train.run_dir={run_dir}"])
+    return run_dir
+
+
+@pytest.mark.slow
+def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path, sft):
     common = [*TINY, "algorithm=grpo", "train.steps=1", "grpo.updates_per_rollout=2",
               f"train.init_checkpoint={sft / 'checkpoints'}",
               f"data.tokenizer_path={sft / 'tokenizer.model'}"]
@@ -115,6 +120,31 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     assert single_loss == pytest.approx(_first_step_loss(four), rel=1e-4, abs=1e-6)
     assert rank0_loss == pytest.approx(_first_step_loss(four[:1]), rel=1e-4, abs=1e-6)
     assert _first_step_loss(four) != pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_trust_region_statistics_are_the_whole_batch_s_on_every_rank(tmp_path, sft):
+    """VP2O's accept / roll back / refresh decisions (§10-§11) are taken on the whole batch's D,
+    drift and ESS, which the data-parallel ranks combine from their shares: with 2 ranks
+    (EP=2, dense DP=2) the values rank 0 logs equal the single process's, which sees the whole
+    batch (rank 0's own share would give other values: it holds half the sequences).
+    seq_mean_token_mean makes the update itself layout-independent."""
+    common = [*TINY, "algorithm=vp2o", "train.steps=1", "grpo.aggregation=seq_mean_token_mean",
+              f"train.init_checkpoint={sft / 'checkpoints'}",
+              f"data.tokenizer_path={sft / 'tokenizer.model'}"]
+    _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=2",
+          f"train.run_dir={tmp_path / 'single'}"])
+    _run([*launcher(2), "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=1",
+          "parallel.expert_parallel=2", f"train.run_dir={tmp_path / 'two'}"])
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert single[0]["behavior/drift"] > 1e-3  # the step moved the policy: a real comparison
+    for key in ("behavior/drift", "behavior/ess"):  # smooth in the weights: rounding only
+        assert two[0][key] == pytest.approx(single[0][key], rel=1e-4), key
+    # D also counts which experts each token picks after the update: a near-tie that rounds the
+    # other way under the other layout moves it by ~1/(tokens x layers) of a distance.
+    assert two[0]["trust/anchor_distance"] == pytest.approx(
+        single[0]["trust/anchor_distance"], rel=3e-3)
 
 
 @pytest.mark.slow

@@ -12,6 +12,12 @@ Choices, said plainly:
 - `behavior_stats` works in float64 and in log space: `ESS = exp(2 LSE(s) − LSE(2s) − log N)`
   with `s` the per-sample log-weights shifted by their maximum; clamped to ≤ 1. Sequences without
   response tokens are not samples. No response tokens at all gives drift 0 and ESS 1.
+- Both budgets are statistics of the whole batch, and under data parallelism each rank holds a
+  share of it. `anchor_distance_partials` and `behavior_partials` give a share's sufficient
+  statistics (sums, counts and log-sum-exps) as one float64 vector; the `*_from_partials`
+  functions combine the rows of any number of shares into exactly the whole batch's value. The
+  trainer all-gathers these few numbers so every rank takes the same accept/refresh decision
+  (the single-share path is the same code: `anchor_distance` and `behavior_stats` call both).
 """
 
 from __future__ import annotations
@@ -27,8 +33,12 @@ __all__ = [
     "ESS_LEVELS",
     "align_signs",
     "anchor_distance",
+    "anchor_distance_from_partials",
+    "anchor_distance_partials",
     "anchor_distance_per_token",
     "barycenters",
+    "behavior_from_partials",
+    "behavior_partials",
     "behavior_stats",
 ]
 
@@ -123,13 +133,42 @@ def anchor_distance(
         mask: Response tokens, bool broadcastable to [..., T]; None: all tokens.
 
     Returns:
-        D, 0-dim tensor.
+        D, 0-dim tensor (U's dtype, float32 at least); 0 when no token counts.
     """
     per_token = anchor_distance_per_token(ids, gates, U, ids_anc, gates_anc, U_anc)  # [..., T]
+    parts = _anchor_partials(per_token, mask)
+    return anchor_distance_from_partials(parts.unsqueeze(0)).to(per_token.dtype)
+
+
+def anchor_distance_partials(
+    ids: Tensor,
+    gates: Tensor,
+    U: Tensor,
+    ids_anc: Tensor,
+    gates_anc: Tensor,
+    U_anc: Tensor,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """One share's sufficient statistics for `D`: float64 `[Σ distances, number of distances]`
+    over the counted (layer, token) pairs. Arguments as in `anchor_distance`."""
+    per_token = anchor_distance_per_token(ids, gates, U, ids_anc, gates_anc, U_anc)  # [..., T]
+    return _anchor_partials(per_token, mask)
+
+
+def _anchor_partials(per_token: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
-        return per_token.mean() if per_token.numel() else per_token.sum()
-    m = mask.to(per_token.dtype).expand_as(per_token)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
+        m = torch.ones_like(per_token, dtype=torch.float64)
+    else:
+        m = mask.to(torch.float64).expand_as(per_token)
+    return torch.stack([(per_token.double() * m).sum(), m.sum()])  # [2]
+
+
+def anchor_distance_from_partials(partials: Tensor) -> Tensor:
+    """`D` of the union of the shares whose `anchor_distance_partials` are the rows of
+    `partials` [R, 2]: total distance over total count (0 when nothing counts), float64."""
+    total = partials.double().sum(0)
+    return total[0] / total[1].clamp_min(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,16 +214,47 @@ def behavior_stats(
     Returns:
         (drift, ess), 0-dim tensors in logp's dtype (float32 at least).
     """
-    weights_fn = ESS_LEVELS.get(ess_level)
     out_dtype = torch.promote_types(logp.dtype, torch.float32)
+    parts = behavior_partials(logp, logp_old, mask, lam, ess_level=ess_level)
+    drift, ess = behavior_from_partials(parts.unsqueeze(0))
+    return drift.to(out_dtype), ess.to(out_dtype)
+
+
+def behavior_partials(
+    logp: Tensor,
+    logp_old: Tensor,
+    mask: Tensor,
+    lam: float = 0.5,
+    *,
+    ess_level: str = "sequence",
+) -> Tensor:
+    """One share's sufficient statistics for `behavior_stats` (arguments as there): float64
+    `[Σ|log ρ|, response tokens, LSE(s), LSE(2s), N]`, `s` the samples' log-weights (an empty
+    share has LSEs of −inf and contributes nothing when combined)."""
+    weights_fn = ESS_LEVELS.get(ess_level)
     m = mask.bool()
     log_ratio = torch.where(m, logp.double() - logp_old.double(), 0.0)  # [B, L]
-    drift = log_ratio.abs().sum() / m.sum().clamp_min(1)
     s, valid = weights_fn(log_ratio, m, lam)
-    n = valid.sum()
-    s = s.masked_fill(~valid, float("-inf"))
-    s = s - s.max().clamp_min(torch.finfo(torch.float64).min).detach()  # max finite when n > 0
-    log_ess = 2 * torch.logsumexp(s.flatten(), 0) - torch.logsumexp(2 * s.flatten(), 0)
-    log_ess = log_ess - torch.log(n.clamp_min(1).double())
+    s = s.masked_fill(~valid, float("-inf")).flatten()
+    return torch.stack([
+        log_ratio.abs().sum(),
+        m.sum().double(),
+        torch.logsumexp(s, 0),
+        torch.logsumexp(2 * s, 0),
+        valid.sum().double(),
+    ]).detach()  # [5]
+
+
+def behavior_from_partials(partials: Tensor) -> tuple[Tensor, Tensor]:
+    """(drift, ESS) of the union of the shares whose `behavior_partials` are the rows of
+    `partials` [R, 5], float64: the sums add, the log-sum-exps combine by log-sum-exp."""
+    p = partials.double()
+    drift = p[:, 0].sum() / p[:, 1].sum().clamp_min(1)
+    n = p[:, 4].sum()
+    # LSE over shares of each share's LSE is the LSE over all samples; torch.logsumexp shifts by
+    # the maximum, so weights of exp(±1000) stay finite. No sample anywhere: -inf - -inf = nan,
+    # replaced by ESS 1 below.
+    log_ess = (2 * torch.logsumexp(p[:, 2], 0) - torch.logsumexp(p[:, 3], 0)
+               - torch.log(n.clamp_min(1)))
     ess = torch.where(n > 0, log_ess.exp().clamp(max=1.0), torch.ones_like(log_ess))
-    return drift.detach().to(out_dtype), ess.detach().to(out_dtype)
+    return drift, ess
