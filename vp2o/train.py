@@ -194,15 +194,20 @@ def drop_flat_groups(p: PendingBatch, group_size: int) -> PendingBatch:
     )
 
 
-def micro_batches(p: PendingBatch, size: int, device: torch.device) -> list[dict]:
-    """Split the pending batch into learner micro-batches of ``size`` sequences on ``device``."""
+def micro_batches(p: PendingBatch, size: int, device: torch.device,
+                  denominator: torch.Tensor | float = 1.0) -> list[dict]:
+    """Split the pending batch into learner micro-batches of ``size`` sequences on ``device``.
+
+    ``denominator`` is the loss normaliser every micro-batch divides by
+    (``Learner.loss_normaliser``); the forward-only callers leave it at 1.
+    """
     n = p.batch.num_sequences
-    denominator = p.batch.response_mask.sum().clamp_min(1).float().to(device)  # token_mean
+    denominator = torch.as_tensor(denominator, dtype=torch.float32).to(device)
     out = []
     for start in range(0, n, size):
         idx = torch.arange(start, min(start + size, n))
         out.append({"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
-                    "denominator": denominator, "max_len": p.batch.tokens.shape[1]})
+                    "denominator": denominator})
     return out
 
 
@@ -242,7 +247,7 @@ class Learner:
             clip_low=clip[0], clip_high=clip[1], aggregation=cfg.grpo.aggregation,
             pg_estimator=estimator, clip_ratio_c=cfg.grpo.clip_ratio_c, logp_ref=logp_ref,
             kl_coeff=cfg.grpo.kl_coeff, kl_estimator=cfg.grpo.kl_estimator,
-            max_len=mb["max_len"], denominator=mb["denominator"],
+            denominator=mb["denominator"],
         )
         stats = {k: v.detach() for k, v in stats.items()}
         stats["loss/policy"] = loss.detach()
@@ -251,6 +256,19 @@ class Learner:
         stats["_entropy_sum"] = -(logp.detach() * mask).sum()
         stats["_tokens"] = mask.sum()
         return loss, stats
+
+    def loss_normaliser(self, p: PendingBatch) -> torch.Tensor:
+        """What each micro-batch's aggregated loss divides by (``grpo.batch_normaliser``): the
+        whole global batch's token count, non-empty sequence count or ``B * L_max`` (L_max the
+        generation limit), summed over the data-parallel ranks and divided by their number.
+        megatron averages gradients over those ranks, so the step follows the gradient of the
+        global batch's loss under any layout (a rank-local normaliser would weight the tokens
+        of a rank with short responses more)."""
+        cfg = self.cfg
+        local = grpo.batch_normaliser(p.batch.response_mask, aggregation=cfg.grpo.aggregation,
+                                      max_len=cfg.rollout.max_new_tokens)
+        shares = self._over_data_ranks(local.reshape(1))  # [R, 1]
+        return shares.sum() / shares.shape[0]
 
     # --------------------------------------------------------------- rollback state (§10)
     def snapshot(self) -> dict:
@@ -504,7 +522,8 @@ def _train(s: Session) -> dict:
 
             t0 = time.perf_counter()
             outs = training.forward_backward(
-                s.ddp, micro_batches(pending, cfg.rollout.micro_batch_size, s.device),
+                s.ddp, micro_batches(pending, cfg.rollout.micro_batch_size, s.device,
+                                     learner.loss_normaliser(pending)),
                 learner.loss_fn,
                 before_grad_reduction=before_reduction,
             )

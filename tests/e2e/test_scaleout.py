@@ -6,11 +6,11 @@
   prompt samples from a generator seeded by (seed, step, global index)), so the union over
   ranks of the first batch is the single-process batch.
   What is compared for the loss: at the first step the learner is the actor, so the ratio is 1
-  and the token_mean loss is ``-sum_i A_i |y_i| / sum_i |y_i|`` over the rank's sequences. The
-  single process's logged loss must equal that formula over the *union* of the 4 ranks' batches
-  (read from the checkpoint, which holds every rank's pending batch), and rank 0's logged loss
-  the formula over rank 0's batch (per-rank token_mean denominators differ, so the plain mean
-  of per-rank losses is not the global loss).
+  and the token_mean loss is ``-sum_i A_i |y_i| / sum_i |y_i|``. The single process's logged
+  loss must equal that formula over the *union* of the 4 ranks' batches (read from the
+  checkpoint, which holds every rank's pending batch), and rank 0's logged loss its own share of
+  it: the numerator over rank 0's sequences, the denominator the global token count / 4 (every
+  rank divides by the same normaliser, so the gradient averaged over ranks is the global one).
 - TP=2 x EP=2 is not run: megatron-core does not allow it on the CPU (MoE with TP > 1 needs
   sequence parallelism, which its torch norms refuse; tests/mcore/test_model.py checks both the
   megatron assertion and our named error), and the rollout loop refuses TP > 1 (docs/scaling.md).
@@ -73,6 +73,10 @@ def _first_step_loss(pendings: list[dict]) -> float:
     return -num / den
 
 
+def _tokens(pendings: list[dict]) -> float:
+    return sum(float(p["batch"]["response_mask"].sum()) for p in pendings)
+
+
 def _rows(pendings: list[dict]) -> list[tuple]:
     """(completion, response tokens, reward, advantage) per sequence, in global prompt order."""
     out = []
@@ -118,7 +122,8 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     single_loss = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]["loss/policy"]
     rank0_loss = read_metrics(tmp_path / "four" / "metrics.jsonl")[0]["loss/policy"]
     assert single_loss == pytest.approx(_first_step_loss(four), rel=1e-4, abs=1e-6)
-    assert rank0_loss == pytest.approx(_first_step_loss(four[:1]), rel=1e-4, abs=1e-6)
+    share = _first_step_loss(four[:1]) * _tokens(four[:1]) / (_tokens(four) / 4)
+    assert rank0_loss == pytest.approx(share, rel=1e-4, abs=1e-6)
     assert _first_step_loss(four) != pytest.approx(0.0, abs=1e-4)
 
 
@@ -127,9 +132,9 @@ def test_trust_region_statistics_are_the_whole_batch_s_on_every_rank(tmp_path, s
     """VP2O's accept / roll back / refresh decisions (§10-§11) are taken on the whole batch's D,
     drift and ESS, which the data-parallel ranks combine from their shares: with 2 ranks
     (EP=2, dense DP=2) the values rank 0 logs equal the single process's, which sees the whole
-    batch (rank 0's own share would give other values: it holds half the sequences).
-    seq_mean_token_mean makes the update itself layout-independent."""
-    common = [*TINY, "algorithm=vp2o", "train.steps=1", "grpo.aggregation=seq_mean_token_mean",
+    batch (rank 0's own share would give other values: it holds half the sequences). The
+    update itself is layout-independent (the loss normaliser is the global batch's)."""
+    common = [*TINY, "algorithm=vp2o", "train.steps=1",
               f"train.init_checkpoint={sft / 'checkpoints'}",
               f"data.tokenizer_path={sft / 'tokenizer.model'}"]
     _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=2",

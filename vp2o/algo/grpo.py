@@ -31,6 +31,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "aggregate",
+    "batch_normaliser",
     "group_advantages",
     "kl_k1",
     "kl_k2",
@@ -193,6 +194,41 @@ def _seq_mean_token_sum_norm(
         length = values.shape[-1] if max_len is None else max_len
         denominator = values.shape[0] * length
     return (values * m).sum() / denominator
+
+
+def batch_normaliser(
+    mask: Tensor, *, aggregation: str, max_len: int | None = None
+) -> Tensor:
+    """The normaliser `aggregate` divides by on a whole batch, as a float64 0-dim tensor.
+
+    A batch split into micro-batches gives the whole batch's loss when every part is aggregated
+    with this as `denominator` and the parts are summed (each per-token or per-sequence term is
+    divided by the same number). Under data parallelism, sum it over the ranks' shares and divide
+    by the number of ranks: the gradient average over ranks then equals the gradient of the
+    union's loss, whatever the layout.
+
+    Args:
+        mask: Response-token mask of the whole batch (or one rank's share), [B, L].
+        aggregation: One of `AGGREGATIONS.names()`.
+        max_len: L_max of `seq_mean_token_sum_norm` (the generation length limit); default L.
+
+    Returns:
+        Response tokens (`token_mean`), non-empty sequences (`seq_mean_*`) or `B · L_max`
+        (`seq_mean_token_sum_norm`); the first two at least 1.
+    """
+    AGGREGATIONS.get(aggregation)  # a clear error for an unknown name
+    m = mask.bool()
+    if aggregation == "token_mean":
+        return m.sum().clamp_min(1).double()
+    if aggregation in ("seq_mean_token_mean", "seq_mean_token_sum"):
+        return _nonempty(m).double()
+    if aggregation == "seq_mean_token_sum_norm":
+        length = m.shape[-1] if max_len is None else max_len
+        return torch.tensor(float(m.shape[0] * length), dtype=torch.float64)
+    raise ValueError(
+        f"loss aggregation {aggregation!r} has no batch normaliser: add it to "
+        "grpo.batch_normaliser so micro-batches and data-parallel ranks share it"
+    )
 
 
 def aggregate(
