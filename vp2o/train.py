@@ -272,30 +272,41 @@ class Learner:
 
     # --------------------------------------------------------------- rollback state (§10)
     def snapshot(self) -> dict:
-        """Copies of the parameters, the optimizers' main params and their state (§10 rollback).
+        """Copies of the optimizers' main params and state, and of the parameters they do not
+        determine (§10 rollback).
 
         Keyed by the live tensors themselves, so state that the step creates (Adam's moments
-        appear at the first step) is told apart and dropped on restore. A parameter whose memory
-        is exactly an optimizer parameter's (fp32 parameters: megatron's FP32Optimizer steps the
-        parameters themselves, the distributed optimizer at data-parallel size 1 steps views of
-        the whole buffer) is restored with it and not copied twice.
+        appear at the first step) is told apart and dropped on restore. Not copied: parameters
+        whose memory is exactly an optimizer parameter's (megatron's FP32Optimizer steps the
+        parameters themselves; the distributed optimizer at data-parallel size 1 steps views of
+        the whole buffer), and parameters that megatron writes from the main params after each
+        step (bf16 params of the mixed-precision optimizers: their rounded main params; with the
+        distributed optimizer every parameter in its buffers: the owners' shards, all-gathered).
+        ``restore`` rebuilds those the same way, so a rollback costs the fp32 main params and
+        the optimizer state of the rank's shard, not a second copy of the model.
         """
-        optimizers, stepped = [], set()
-        for opt in _inner_optimizers(self.s.optimizer):
+        optimizers, stepped, derived = [], set(), set()
+        for part in _megatron_parts(self.s.optimizer):
+            opt = part.optimizer
             main = {p: p.data.clone() for g in opt.param_groups for p in g["params"]}
             stepped.update(_memory(p) for p in main)
             state = {p: {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
                          for k, v in st.items()} for p, st in opt.state.items()}
-            optimizers.append((opt, main, state))
+            optimizers.append((part, main, state))
+            derived.update(_memory(p) for p in _params_written_from_main(part))
         params = {p: p.data.clone() for p in self.s.model.parameters()
-                  if _memory(p) not in stepped}
+                  if _memory(p) not in stepped and _memory(p) not in derived}
         return {"params": params, "optimizers": optimizers}
 
     def restore(self, saved: dict) -> None:
-        """Undo a step: parameters, main params and optimizer state as in ``saved``."""
+        """Undo a step: main params and optimizer state as in ``saved``, then the parameters
+        from them as megatron's own step writes them (rounded copy; the distributed optimizer's
+        all-gather: a collective, which every rank reaches since the decision is global)."""
         for p, value in saved["params"].items():
             p.data.copy_(value)
-        for opt, main, state in saved["optimizers"]:
+        chunks = {}
+        for part, main, state in saved["optimizers"]:
+            opt = part.optimizer
             for p, value in main.items():
                 p.data.copy_(value)
             for p in list(opt.state.keys()):
@@ -303,6 +314,13 @@ class Learner:
                     del opt.state[p]  # created by the rejected step
             for p, st in state.items():
                 opt.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+            if _writes_model_params(part):
+                part._copy_main_params_to_model_params()
+            for chunk in getattr(part, "model_chunks", None) or []:
+                if _is_distributed(part):
+                    chunks[id(chunk)] = chunk
+        for chunk in chunks.values():
+            chunk.start_param_sync(force_sync=True)  # overlap_param_gather is off (config)
 
     # --------------------------------------------------------------- post-update check
     @torch.no_grad()
@@ -387,10 +405,42 @@ def _memory(t: torch.Tensor) -> tuple:
             t.is_contiguous())
 
 
+def _megatron_parts(optimizer) -> list:
+    """The megatron optimizers inside a (Chained) optimizer (dense and expert parts)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _inner_optimizers(optimizer) -> list:
     """The torch optimizers inside megatron's (Chained) optimizer."""
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [part.optimizer for part in parts]
+    return [part.optimizer for part in _megatron_parts(optimizer)]
+
+
+def _is_distributed(part) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(part, DistributedOptimizer)
+
+
+def _writes_model_params(part) -> bool:
+    """Whether megatron's step writes ``part``'s model params from its main params (the
+    mixed-precision optimizers: Float16OptimizerWithFloat16Params, DistributedOptimizer)."""
+    from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
+
+    return isinstance(part, MixedPrecisionOptimizer) and not getattr(
+        part, "is_stub_optimizer", False)
+
+
+def _params_written_from_main(part) -> list:
+    """Model params that ``part``'s step rewrites whole from main params (see ``snapshot``)."""
+    if _is_distributed(part):
+        # Every param of the DDP buffers: the local shard from this rank's main params, the rest
+        # by the all-gather from the other ranks' (megatron's step, and ``restore``).
+        return [p for chunk in part.model_chunks
+                for buffer in chunk.buffers + chunk.expert_parallel_buffers
+                for p in buffer.params]
+    if _writes_model_params(part):  # Float16OptimizerWithFloat16Params: rounded main params
+        return [p for group in part.float16_groups for p in group]
+    return []
 
 
 def _grads_finite(ddp) -> torch.Tensor:

@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.1)
     ap.add_argument("--ortho", type=float, default=1e-3)
     ap.add_argument("--identity", action="store_true", help="masks leave only the diagonal")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--rollback", action="store_true",
+                    help="after the steps: snapshot, one more step, restore (Learner)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = load_config(
@@ -47,6 +50,7 @@ def main() -> None:
             f"parallel.use_distributed_optimizer={bool(args.distributed_optimizer)}",
             f"model.moe_token_dispatcher_type={args.dispatcher}",
             f"algorithm={'vp2o' if args.vp2o else 'grpo'}",
+            f"model.params_dtype={args.dtype}",
             f"vp2o.alpha={args.alpha}",
             *(["vp2o.coactive_top_m=0", "vp2o.coactive_min_frac=2.0"] if args.identity else []),
         ],
@@ -87,7 +91,7 @@ def main() -> None:
             layer.router.register_forward_hook(
                 lambda mod, inp, out: record["maps"].append((mod.layer_number, out[1].clone()))
             )
-    for step in range(args.steps):
+    def forward_backward(step):
         training.zero_grads(ddp, opt)
         local = data[step, g.dp_rank * per_rank : (g.dp_rank + 1) * per_rank]
         mbs = [
@@ -98,7 +102,10 @@ def main() -> None:
             for i in range(mbs_per_rank)
         ]
         before = transform.before_grad_reduction if transform else None
-        out = training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=before)
+        return training.forward_backward(ddp, mbs, loss_fn, before_grad_reduction=before)
+
+    for step in range(args.steps):
+        out = forward_backward(step)
         loss = sum(o["loss"] for o in out).reshape(1)
         dist.all_reduce(loss, group=g.dp_cp)
         record["loss"].append(loss.item() / dp_size)
@@ -108,6 +115,8 @@ def main() -> None:
             record["C"].append(transform.coactivation.clone())
             transform.after_optimizer_step()
             record["prototypes"].append(transform.prototypes.clone())
+    if args.rollback:
+        record["rollback"] = _rollback_check(cfg, model, opt, lambda: forward_backward(0))
     for name, p in model.named_parameters():
         gname = mdl.global_param_name(name, ep_rank=g.ep_rank, num_local_experts=n_local)
         record["params"][gname] = p.detach().clone()
@@ -119,6 +128,36 @@ def main() -> None:
     if dist.get_rank() == 0:
         torch.save(gathered, args.out)
     parallel.destroy()
+
+
+def _rollback_check(cfg, model, opt, forward_backward) -> dict:
+    """Snapshot, step, restore: how far every parameter, main param and optimizer state tensor
+    is from its value before the step (0 when exact), and how far the step had moved them."""
+    from types import SimpleNamespace
+
+    from vp2o.train import Learner, _inner_optimizers
+
+    def state():
+        out = [p.detach().clone() for p in model.parameters()]
+        for inner in _inner_optimizers(opt):
+            for p in (q for group in inner.param_groups for q in group["params"]):
+                out.append(p.detach().clone())
+                out += [v.clone() for v in inner.state.get(p, {}).values() if torch.is_tensor(v)]
+        return out
+
+    def distance(a, b):
+        assert len(a) == len(b)
+        return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
+
+    learner = Learner(SimpleNamespace(cfg=cfg, model=model, optimizer=opt), None)
+    before = state()
+    saved = learner.snapshot()
+    forward_backward()
+    opt.step()
+    moved = distance(state(), before)
+    learner.restore(saved)
+    return {"moved": moved, "after_restore": distance(state(), before),
+            "copied_params": len(saved["params"])}
 
 
 def init_by_global_name(model, *, ep_rank, num_local_experts, std=0.02):
