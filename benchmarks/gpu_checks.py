@@ -12,6 +12,9 @@ Checks, in fp32 and with bf16 parameters (fp32 main grads):
   5. (fp32 only) A training forward + backward with padding and both specialisation losses runs
      no more host-synchronising ops (nonzero, masked_select, item, ...: profiler-counted) in
      VP2O's layers than in megatron's own.
+  6. The trust region's rollback (``Learner.snapshot``/``restore``, distributed optimizer, Adam)
+     puts every parameter, main param and optimizer state tensor back bit for bit, copying no
+     parameter (they are rebuilt from the main params by megatron's copy and all-gather).
 Prints one line per check (``PASS``/``FAIL`` and the measured error) and exits non-zero on a
 failure.
 """
@@ -144,6 +147,14 @@ def main() -> int:
                 err = max(err, float((u - torch.sign(u @ top) * top).abs().max()))
         report(f"prototypes vs SVD ({dtype})", err < 1e-4, f"max abs error {err:.2e}")
 
+        # --- 6. rollback restores exactly, copying no parameter ---
+        moved, after, copied = _rollback(load_config(None, [
+            *size, f"model.params_dtype={dtype}", "algorithm=vp2o", "optimizer.name=adam",
+            "optimizer.lr=0.01", "parallel.use_distributed_optimizer=true"]), build, mbs, loss_fn)
+        report(f"rollback restores exactly ({dtype}, distributed optimizer)",
+               moved > 0 and after == 0.0 and copied == 0,
+               f"step moved {moved:.2e}, after restore {after:.2e}, parameters copied {copied}")
+
         # --- 5. no host syncs added by the VP2O layers ---
         if dtype == "fp32":
             plain_n = _sync_ops(build(cfg_plain, False)[0], tokens, pos)
@@ -155,6 +166,44 @@ def main() -> int:
     parallel.destroy()
     print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
     return 0 if all(results) else 1
+
+
+def _rollback(cfg, build, mbs, loss_fn) -> tuple[float, float, int]:
+    """(how far a step moved the parameters, how far from its state before the step the restore
+    left parameters, main params and optimizer state, parameters copied)."""
+    from types import SimpleNamespace
+
+    from vp2o.mcore import training
+    from vp2o.train import Learner, _inner_optimizers
+
+    model, ddp, _ = build(cfg, True)
+    opt = training.build_optimizer(ddp, cfg)
+    learner = Learner(SimpleNamespace(cfg=cfg, model=model, optimizer=opt), None)
+
+    def step():
+        training.zero_grads(ddp, opt)
+        training.forward_backward(ddp, mbs, loss_fn)
+        opt.step()
+
+    def state():
+        out = [p.detach().clone() for p in model.parameters()]
+        for inner in _inner_optimizers(opt):
+            for p in (q for group in inner.param_groups for q in group["params"]):
+                out.append(p.detach().clone())
+                out += [v.clone() for v in inner.state.get(p, {}).values() if torch.is_tensor(v)]
+        return out
+
+    def distance(a, b):
+        return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
+
+    step()  # Adam's state exists from here on
+    before = state()
+    saved = learner.snapshot()
+    step()
+    n = len(list(model.parameters()))
+    moved = distance(state()[:n], before[:n])
+    learner.restore(saved)
+    return moved, distance(state(), before), len(saved["params"])
 
 
 def _sync_ops(model, tokens, pos) -> dict:
