@@ -210,7 +210,8 @@ def _masks_loop(c: torch.Tensor, top_m: int, min_frac: float) -> tuple[list, lis
         order = sorted((i for i in range(e) if i != j), key=lambda i: -float(c[j, i]))
         top = set(order[:top_m])
         for i in range(e):
-            frac_ok = float(c[j, i]) >= min_frac * float(c[j, j]) and min_frac * float(c[j, j]) > 0
+            thr = min_frac * float(c[j, j])
+            frac_ok = float(c[j, i]) >= thr * (1 - 1e-6) and thr > 0  # ties within rounding
             co[j][i] = i == j or (i in top and float(c[j, i]) > 0) or frac_ok
     inn = [[(not co[j][i]) and i != j for i in range(e)] for j in range(e)]
     return co, inn
@@ -227,6 +228,29 @@ def test_neighbour_masks_against_loop(top_m: int, min_frac: float) -> None:
     assert m_co.diagonal().all() and not m_in.diagonal().any()
     assert m_co[6].tolist() == [False] * 6 + [True]  # inactive: only itself
     assert not m_co[:6, 6].any()  # and nobody's co-active neighbour
+
+
+def test_neighbour_mask_ties_go_to_the_lower_index() -> None:
+    """C is a matrix of token counts, so equal entries are common: the top-m takes the lower
+    index among equals (the loop's stable sort), on any device (tests/algo/test_cuda.py)."""
+    c = torch.tensor([[4, 1, 2, 2, 2, 1],
+                      [1, 4, 1, 1, 1, 1],
+                      [2, 1, 4, 2, 0, 2],
+                      [2, 1, 2, 4, 2, 2],
+                      [2, 1, 0, 2, 4, 2],
+                      [1, 1, 2, 2, 2, 4]], dtype=torch.float32) / 10
+    for top_m in (1, 2, 3):
+        m_co, m_in = stein.neighbour_masks(c, top_m=top_m, min_frac=0.0)
+        co, inn = _masks_loop(c, top_m, 0.0)
+        assert m_co.tolist() == co and m_in.tolist() == inn, top_m
+    m_co, _ = stein.neighbour_masks(c, top_m=2, min_frac=0.0)
+    assert m_co[1].nonzero().flatten().tolist() == [0, 1, 2]  # five-way tie: experts 0 and 2
+    # the c_min criterion at an exact tie, C_ji = c_min C_jj (2 of 20 tokens), with C rounded the
+    # way each device divides by T: counted on both sides
+    counts = torch.tensor([[20.0, 2.0, 1.0], [2.0, 5.0, 0.0], [1.0, 0.0, 3.0]])
+    for c in (counts / 200, counts * (1 / 200), counts.double() / 200):
+        m_co, _ = stein.neighbour_masks(c, top_m=0, min_frac=0.1)
+        assert m_co[0].tolist() == [True, True, False], c.dtype
 
 
 # ------------------------------------------------------------------ §6 attraction

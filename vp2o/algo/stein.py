@@ -310,13 +310,18 @@ def coactivation(routing_map: Tensor) -> Tensor:
     return coactivation_counts(routing_map) / max(t, 1)
 
 
+_TIE_TOL = 1e-6
+
+
 def neighbour_masks(C: Tensor, top_m: int, min_frac: float) -> tuple[Tensor, Tensor]:
     """Co-active and inactive neighbour masks (§3.2). Row j is expert j's neighbourhood.
 
     `M_co[j,i] = 1` iff `i = j`, or i is among the `top_m` largest off-diagonal entries of row j
-    with `C_ji > 0`, or `C_ji ≥ min_frac·C_jj` with `min_frac·C_jj > 0`.
-    `M_in[j,i] = 1 − M_co[j,i]` for `i ≠ j`, `M_in[j,j] = 0`. Ties among the top-m are broken by
-    `torch.topk`.
+    with `C_ji > 0`, or `C_ji ≥ min_frac·C_jj` (to a relative 1e-6: exact ties are common, and
+    rounding must not decide them) with `min_frac·C_jj > 0`.
+    `M_in[j,i] = 1 − M_co[j,i]` for `i ≠ j`, `M_in[j,j] = 0`. Ties among the top-m go to the
+    lower index (a stable sort; `torch.topk` breaks them differently on CPU and CUDA, and C holds
+    exact ties often: it is a matrix of token counts).
 
     Args:
         C: Co-activation matrix, [..., E, E].
@@ -334,10 +339,14 @@ def neighbour_masks(C: Tensor, top_m: int, min_frac: float) -> tuple[Tensor, Ten
     m = min(top_m, e - 1)
     if m > 0:
         off = C.masked_fill(eye, float("-inf"))
-        vals, idx = off.topk(m, dim=-1)  # [..., E, m]
+        vals, idx = off.sort(dim=-1, descending=True, stable=True)
+        vals, idx = vals[..., :m], idx[..., :m]  # [..., E, m]
         m_co.scatter_(-1, idx, vals > 0)
     thr = min_frac * C.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [..., E, 1]
-    m_co |= (C >= thr) & (thr > 0)
+    # C holds token counts (over T): C_ji = c_min C_jj exactly is common (2 of 20 tokens at
+    # c_min = 0.1), and then rounding would decide, differently on CPU and CUDA (which divides by
+    # T through a reciprocal). Equality up to a relative _TIE_TOL counts as >=.
+    m_co |= (C >= thr * (1 - _TIE_TOL)) & (thr > 0)
     m_in = ~m_co & ~eye
     return m_co, m_in
 
