@@ -174,7 +174,7 @@ def _rollback(cfg, build, mbs, loss_fn) -> tuple[float, float, int]:
     from types import SimpleNamespace
 
     from vp2o.mcore import training
-    from vp2o.train import Learner, _inner_optimizers
+    from vp2o.train import Learner, step_state
 
     model, ddp, _ = build(cfg, True)
     opt = training.build_optimizer(ddp, cfg)
@@ -185,25 +185,18 @@ def _rollback(cfg, build, mbs, loss_fn) -> tuple[float, float, int]:
         training.forward_backward(ddp, mbs, loss_fn)
         opt.step()
 
-    def state():
-        out = [p.detach().clone() for p in model.parameters()]
-        for inner in _inner_optimizers(opt):
-            for p in (q for group in inner.param_groups for q in group["params"]):
-                out.append(p.detach().clone())
-                out += [v.clone() for v in inner.state.get(p, {}).values() if torch.is_tensor(v)]
-        return out
-
-    def distance(a, b):
-        return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
+    def distance(before, n=None):
+        now = step_state(model, opt)[:n]
+        return max(float((x.float() - y.float()).abs().max())
+                   for x, y in zip(now, before[:n], strict=True))
 
     step()  # Adam's state exists from here on
-    before = state()
+    before = [t.clone() for t in step_state(model, opt)]
     saved = learner.snapshot()
     step()
-    n = len(list(model.parameters()))
-    moved = distance(state()[:n], before[:n])
+    moved = distance(before, len(list(model.parameters())))
     learner.restore(saved)
-    return moved, distance(state(), before), len(saved["params"])
+    return moved, distance(before), len(saved["params"])
 
 
 def _sync_ops(model, tokens, pos) -> dict:

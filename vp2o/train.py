@@ -343,12 +343,13 @@ class Learner:
         if batch.routing_ids.numel():
             # [Lm, N, S]: response tokens (§10) where the actors logged their routing
             mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
-            parts = trust_region.anchor_distance_partials(
+            per_token = trust_region.anchor_distance_per_token(  # [Lm, N, S]
                 torch.cat(ids, 1).cpu(), torch.cat(gates, 1).cpu(),
                 self.transform.prototypes.unsqueeze(1).cpu(),
                 batch.routing_ids.clamp_min(0), batch.routing_gates,
-                self.transform.anchor.unsqueeze(1).cpu(), mask=mask,
+                self.transform.anchor.unsqueeze(1).cpu(),
             )
+            parts = trust_region.anchor_distance_partials(per_token, mask)
             D = trust_region.anchor_distance_from_partials(self._over_data_ranks(parts))
             out["trust/anchor_distance"] = D.float()
         return out
@@ -413,6 +414,18 @@ def _megatron_parts(optimizer) -> list:
 def _inner_optimizers(optimizer) -> list:
     """The torch optimizers inside megatron's (Chained) optimizer."""
     return [part.optimizer for part in _megatron_parts(optimizer)]
+
+
+def step_state(model, optimizer) -> list[torch.Tensor]:
+    """Every tensor an optimizer step writes, live and in a fixed order: the model's parameters,
+    then per megatron optimizer part its main params, each followed by its state tensors. What a
+    rollback must put back (the rollback checks compare these bit for bit)."""
+    out = [p.detach() for p in model.parameters()]
+    for inner in _inner_optimizers(optimizer):
+        for p in (q for group in inner.param_groups for q in group["params"]):
+            out.append(p.detach())
+            out += [v for v in inner.state.get(p, {}).values() if torch.is_tensor(v)]
+    return out
 
 
 def _is_distributed(part) -> bool:

@@ -201,8 +201,10 @@ def test_anchor_distance_of_shares_combines_to_the_whole_batch() -> None:
         want += [x for x, keep in zip(d, mask.reshape(12).tolist(), strict=True) if keep]
     shares = [slice(0, 2), slice(2, 3), slice(3, 3)]  # sequences per rank; the last holds none
     parts = torch.stack([
-        tr.anchor_distance_partials(ids[:, sl], gates[:, sl], u, ids_a[:, sl], gates_a[:, sl],
-                                    u_a, mask=mask[:, sl])
+        tr.anchor_distance_partials(
+            tr.anchor_distance_per_token(ids[:, sl], gates[:, sl], u, ids_a[:, sl],
+                                         gates_a[:, sl], u_a),
+            mask[:, sl])
         for sl in shares
     ])
     assert parts[2].tolist() == [0.0, 0.0]

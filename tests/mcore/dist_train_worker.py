@@ -135,28 +135,21 @@ def _rollback_check(cfg, model, opt, forward_backward) -> dict:
     is from its value before the step (0 when exact), and how far the step had moved them."""
     from types import SimpleNamespace
 
-    from vp2o.train import Learner, _inner_optimizers
+    from vp2o.train import Learner, step_state
 
-    def state():
-        out = [p.detach().clone() for p in model.parameters()]
-        for inner in _inner_optimizers(opt):
-            for p in (q for group in inner.param_groups for q in group["params"]):
-                out.append(p.detach().clone())
-                out += [v.clone() for v in inner.state.get(p, {}).values() if torch.is_tensor(v)]
-        return out
-
-    def distance(a, b):
-        assert len(a) == len(b)
-        return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b, strict=True))
+    def distance(before):
+        now = step_state(model, opt)
+        return max(float((x.float() - y.float()).abs().max())
+                   for x, y in zip(now, before, strict=True))
 
     learner = Learner(SimpleNamespace(cfg=cfg, model=model, optimizer=opt), None)
-    before = state()
+    before = [t.clone() for t in step_state(model, opt)]
     saved = learner.snapshot()
     forward_backward()
     opt.step()
-    moved = distance(state(), before)
+    moved = distance(before)
     learner.restore(saved)
-    return {"moved": moved, "after_restore": distance(state(), before),
+    return {"moved": moved, "after_restore": distance(before),
             "copied_params": len(saved["params"])}
 
 

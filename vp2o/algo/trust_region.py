@@ -136,27 +136,17 @@ def anchor_distance(
         D, 0-dim tensor (U's dtype, float32 at least); 0 when no token counts.
     """
     per_token = anchor_distance_per_token(ids, gates, U, ids_anc, gates_anc, U_anc)  # [..., T]
-    parts = _anchor_partials(per_token, mask)
+    parts = anchor_distance_partials(per_token, mask)
     return anchor_distance_from_partials(parts.unsqueeze(0)).to(per_token.dtype)
 
 
-def anchor_distance_partials(
-    ids: Tensor,
-    gates: Tensor,
-    U: Tensor,
-    ids_anc: Tensor,
-    gates_anc: Tensor,
-    U_anc: Tensor,
-    *,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """One share's sufficient statistics for `D`: float64 `[Σ distances, number of distances]`
-    over the counted (layer, token) pairs. Arguments as in `anchor_distance`."""
-    per_token = anchor_distance_per_token(ids, gates, U, ids_anc, gates_anc, U_anc)  # [..., T]
-    return _anchor_partials(per_token, mask)
+def anchor_distance_partials(per_token: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One share's sufficient statistics for `D`: float64 `[Σ distances, number of distances]`.
 
-
-def _anchor_partials(per_token: Tensor, mask: Tensor | None) -> Tensor:
+    Args:
+        per_token: `anchor_distance_per_token` of the share, [..., T].
+        mask: Response tokens, bool broadcastable to [..., T]; None: all tokens.
+    """
     if mask is None:
         m = torch.ones_like(per_token, dtype=torch.float64)
     else:
