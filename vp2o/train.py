@@ -164,12 +164,18 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
     advantages = grpo.group_advantages(rewards, G, normalize_std=cfg.grpo.normalize_std)
     if cfg.grpo.overlong_filter and batch.truncated.numel():
         batch.response_mask &= ~batch.truncated.unsqueeze(1)
+    # The whole global batch's rewards and lengths (every data-parallel rank's, in rank order)
+    # and reward failures: what the logged batch statistics describe.
+    per_seq = gather_over_data_ranks(
+        torch.stack([rewards, batch.response_lengths.float()], 1), s.groups)  # [N_all, 2]
+    all_rewards, all_lengths = per_seq[:, 0], per_seq[:, 1]
+    failures = gather_over_data_ranks(torch.tensor([float(scores.failures)]), s.groups).sum()
     stats = {
-        "reward/mean": rewards.mean(),
-        "reward/std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
-        "accuracy": (rewards >= 1.0).float().mean(),
-        "response/length_mean": batch.response_lengths.float().mean(),
-        "reward/failures": float(scores.failures),
+        "reward/mean": all_rewards.mean(),
+        "reward/std": all_rewards.std() if all_rewards.numel() > 1 else all_rewards.new_zeros(()),
+        "accuracy": (all_rewards >= 1.0).float().mean(),
+        "response/length_mean": all_lengths.mean(),
+        "reward/failures": float(failures),
         "perf/generate_s": t_gen,
         "perf/reward_s": scores.seconds,
         "perf/generated_tokens": float(batch.response_lengths.sum()),
@@ -366,18 +372,56 @@ class Learner:
 
     def _over_data_ranks(self, row: torch.Tensor) -> torch.Tensor:
         """[R, n]: this rank's statistics row and those of the other data-parallel ranks (which
-        hold the batch's other sequences), gathered in rank order; [1, n] without data
-        parallelism. A few numbers per step: the decisions taken on them (accept, roll back,
-        refresh) must agree across ranks, or the replicas diverge."""
-        group = self.s.groups.dp_cp
-        size = dist.get_world_size(group)
-        if size == 1:
-            return row.unsqueeze(0)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")  # nccl gathers CUDA tensors only
-        rows = [torch.empty_like(row, device=device) for _ in range(size)]
-        dist.all_gather(rows, row.to(device), group=group)
-        return torch.stack(rows).cpu()
+        hold the batch's other sequences), in rank order; [1, n] without data parallelism. A
+        few numbers per step: the decisions taken on them (accept, roll back, refresh) must
+        agree across ranks, or the replicas diverge."""
+        return gather_over_data_ranks(row.unsqueeze(0), self.s.groups)
+
+
+_MEAN_OVER_RANKS = ("clip/low_frac", "clip/high_frac", "ratio/mean", "kl/k3", "kl")
+
+
+def learner_metrics(outs: list[dict], groups) -> dict:
+    """The step's loss statistics over the whole global batch (one gather over the
+    data-parallel ranks). ``loss/policy``: each rank's loss is its share of the global loss (the
+    normaliser is the global batch's, ``Learner.loss_normaliser``), so the global loss is their
+    mean; ``policy/entropy``: total entropy over total response tokens; the clip, ratio and KL
+    fractions: the mean of the ranks' micro-batch means."""
+    # [loss, entropy sum, tokens, *_MEAN_OVER_RANKS]; nan where a key is not logged (the same
+    # keys on every rank: they follow the config)
+    row = [float(sum(o["loss/policy"] for o in outs)),  # sync (the step's metrics, once)
+           float(sum(o["_entropy_sum"] for o in outs)), float(sum(o["_tokens"] for o in outs))]
+    for key in _MEAN_OVER_RANKS:
+        vals = [o[key] for o in outs if key in o]
+        row.append(float(torch.stack(vals).mean()) if vals else float("nan"))
+    ranks = gather_over_data_ranks(torch.tensor([row], dtype=torch.float64), groups)  # [R, n]
+    out = {"loss/policy": ranks[:, 0].mean(),
+           "policy/entropy": ranks[:, 1].sum() / ranks[:, 2].sum().clamp_min(1)}
+    for i, key in enumerate(_MEAN_OVER_RANKS):
+        if not torch.isnan(ranks[0, 3 + i]):
+            out[key] = ranks[:, 3 + i].mean()
+    return {k: v.float() for k, v in out.items()}
+
+
+def gather_over_data_ranks(t: torch.Tensor, groups) -> torch.Tensor:
+    """Every data-parallel rank's ``t`` concatenated along dim 0 in rank order (the ranks' dim 0
+    may differ); ``t`` itself without data parallelism. CPU in, CPU out (through the GPU where
+    the backend is nccl)."""
+    group = groups.dp_cp
+    size = dist.get_world_size(group)
+    if size == 1:
+        return t
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")  # nccl gathers CUDA tensors only
+    n = torch.tensor([t.shape[0]], device=device)
+    sizes = [torch.empty_like(n) for _ in range(size)]
+    dist.all_gather(sizes, n, group=group)
+    sizes = [int(k) for k in sizes]  # sync
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:k] for part, k in zip(parts, sizes, strict=True)]).cpu()
 
 
 def specialisation_losses(num_microbatches: int) -> dict:
@@ -644,13 +688,7 @@ def _train(s: Session) -> dict:
                     f"step {step} with a checkpoint of the last good state in {ckpt_root}"
                 )
             # ---- metrics ----
-            m["loss/policy"] = sum(o["loss/policy"] for o in outs)
-            for key in ("clip/low_frac", "clip/high_frac", "ratio/mean", "kl/k3", "kl"):
-                vals = [o[key] for o in outs if key in o]
-                if vals:
-                    m[key] = torch.stack(vals).mean()
-            tokens = sum(o["_tokens"] for o in outs)
-            m["policy/entropy"] = sum(o["_entropy_sum"] for o in outs) / tokens.clamp_min(1)
+            m.update(learner_metrics(outs, s.groups))
             m["router/entropy"] = transform_stats.get("router/entropy")
             if "C" in transform_stats:
                 m.update(routing_diagnostics(transform_stats["C"], transform.prototypes,

@@ -8,9 +8,10 @@
   What is compared for the loss: at the first step the learner is the actor, so the ratio is 1
   and the token_mean loss is ``-sum_i A_i |y_i| / sum_i |y_i|``. The single process's logged
   loss must equal that formula over the *union* of the 4 ranks' batches (read from the
-  checkpoint, which holds every rank's pending batch), and rank 0's logged loss its own share of
-  it: the numerator over rank 0's sequences, the denominator the global token count / 4 (every
-  rank divides by the same normaliser, so the gradient averaged over ranks is the global one).
+  checkpoint, which holds every rank's pending batch), and so must rank 0's: every rank
+  divides by the global token count / 4 (so the gradient averaged over ranks is the global one),
+  and the logged loss is the mean of the ranks' losses, with the batch statistics (reward,
+  accuracy, length, entropy) gathered over the ranks the same way.
 - TP=2 x EP=2 is not run: megatron-core does not allow it on the CPU (MoE with TP > 1 needs
   sequence parallelism, which its torch norms refuse; tests/mcore/test_model.py checks both the
   megatron assertion and our named error), and the rollout loop refuses TP > 1 (docs/scaling.md).
@@ -119,11 +120,16 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
         assert a1 == pytest.approx(a2, abs=1e-6)
         torch.testing.assert_close(lp1, lp2, rtol=1e-4, atol=1e-5)
     assert any(a != 0 for *_, a, _ in expected), "the reward should give non-zero advantages"
-    single_loss = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]["loss/policy"]
-    rank0_loss = read_metrics(tmp_path / "four" / "metrics.jsonl")[0]["loss/policy"]
-    assert single_loss == pytest.approx(_first_step_loss(four), rel=1e-4, abs=1e-6)
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]
+    rank0 = read_metrics(tmp_path / "four" / "metrics.jsonl")[0]
+    assert single["loss/policy"] == pytest.approx(_first_step_loss(four), rel=1e-4, abs=1e-6)
+    # Rank 0 logs the global batch's statistics (the ranks' shares gathered), not its own share
+    # (which differs here: the share's loss is shown for contrast).
     share = _first_step_loss(four[:1]) * _tokens(four[:1]) / (_tokens(four) / 4)
-    assert rank0_loss == pytest.approx(share, rel=1e-4, abs=1e-6)
+    assert share != pytest.approx(single["loss/policy"], rel=1e-3)
+    for key in ("loss/policy", "reward/mean", "reward/std", "accuracy", "response/length_mean",
+                "policy/entropy"):
+        assert rank0[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
     assert _first_step_loss(four) != pytest.approx(0.0, abs=1e-4)
 
 
