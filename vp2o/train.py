@@ -322,9 +322,8 @@ class Learner:
                 opt.state[p] = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
             if _writes_model_params(part):
                 part._copy_main_params_to_model_params()
-            for chunk in getattr(part, "model_chunks", None) or []:
-                if _is_distributed(part):
-                    chunks[id(chunk)] = chunk
+            if _is_distributed(part):  # a stub part (no shard here) still joins the all-gather
+                chunks.update((id(chunk), chunk) for chunk in part.model_chunks)
         for chunk in chunks.values():
             chunk.start_param_sync(force_sync=True)  # overlap_param_gather is off (config)
 
