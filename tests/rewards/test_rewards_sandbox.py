@@ -157,7 +157,33 @@ def test_concurrent_runs_get_distinct_uids(any_sandbox):
         t.start()
     for t in threads:
         t.join()
-    assert len({r.stdout for r in outputs}) == 3 and all(r.ok for r in outputs)
+    assert all(r.ok for r in outputs), outputs
+    assert len({r.stdout for r in outputs}) == 3, outputs
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids are probed only as root")
+def test_first_use_from_several_threads_resolves_the_backend_once(monkeypatch):
+    """Three threads starting runs on a fresh sandbox probe each candidate interpreter once
+    (the lazy resolution is locked): before, every thread probed, and a probe that failed under
+    load could switch the uids off under another thread's run."""
+    calls = []
+
+    def slow_probe(backend, python, uids):
+        calls.append(python)
+        time.sleep(0.2)  # long enough for the other threads to arrive
+        return True
+
+    monkeypatch.setattr(sandbox_module, "_probe", slow_probe)
+    box = Sandbox(LIMITS, backend="rlimit", uids=(DEFAULT_UIDS[0],))
+    seen = []
+    threads = [threading.Thread(target=lambda: seen.append(box.backend)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == ["rlimit"] * 3
+    candidates = 1 + len(sandbox_module._SYSTEM_PYTHONS)
+    assert len(calls) == candidates
 
 
 def test_detached_child_is_killed(any_sandbox):

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,6 +195,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+_RESOLVE_LOCK = threading.Lock()  # module-level: a Sandbox stays picklable
+
+
 class Sandbox:
     """Runs Python source under limits; see the module docstring for the two backends.
 
@@ -226,7 +230,17 @@ class Sandbox:
 
     @property
     def backend(self) -> str:
-        """The backend in use ("bwrap" or "rlimit"); resolving "auto" probes bwrap once."""
+        """The backend in use ("bwrap" or "rlimit"); resolving "auto" probes bwrap once.
+
+        Thread-safe: runs started at once from several threads on a fresh sandbox resolve it
+        once (before, each probed, and one could change ``python``/``uids`` under another's run).
+        """
+        if self._checked:
+            return self._backend
+        with _RESOLVE_LOCK:
+            return self._resolve_backend()
+
+    def _resolve_backend(self) -> str:
         if self._backend is None:
             bwrap = shutil.which("bwrap")
             usable = bwrap is not None and _probe("bwrap", self.python, self.uids)
