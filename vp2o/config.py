@@ -363,7 +363,8 @@ class SFTConfig:
     steps: int = 300
     """Optimizer steps."""
     batch_size: int = 64
-    """Sequences per step."""
+    """Sequences per step in all (split over the data-parallel ranks: a multiple of their
+    number)."""
     lr: float = 3e-3
     """Peak learning rate (AdamW, warmup then cosine)."""
 

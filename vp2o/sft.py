@@ -15,9 +15,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from vp2o.config import Config, to_dict
+from vp2o.config import Config, ConfigError, to_dict
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.mcore import training
+from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.checkpoint import save_checkpoint
 from vp2o.metrics import MetricsLogger
 from vp2o.rewards.pool import RewardPool
@@ -57,8 +58,18 @@ def sft(cfg: Config) -> dict:
 
 
 def _sft(s: Session) -> dict:
+    """``sft.batch_size`` sequences per step in all, drawn by one generator that every rank
+    replays (the same global batch under any layout); data-parallel rank r trains on the r-th
+    slice, and every rank divides its loss by the global answer-token count over the number of
+    ranks, so the averaged gradient, the step and the logged loss are the single process's."""
     cfg = s.cfg
-    rng = random.Random(cfg.seed + dist.get_rank())
+    dp = dist.get_world_size(s.groups.dp_cp)
+    if cfg.sft.batch_size % dp:
+        raise ConfigError(f"sft.batch_size = {cfg.sft.batch_size}: expected a multiple of the "
+                          f"data-parallel size ({dp})")
+    per_rank = cfg.sft.batch_size // dp
+    mine = slice(s.groups.dp_rank * per_rank, (s.groups.dp_rank + 1) * per_rank)
+    rng = random.Random(cfg.seed)
     logger = MetricsLogger(s.run_dir, config=to_dict(cfg), run_name=s.run_dir.name,
                            wandb_mode=cfg.train.wandb_mode, wandb_project=cfg.train.wandb_project,
                            is_main=s.is_main)
@@ -74,14 +85,16 @@ def _sft(s: Session) -> dict:
     try:
         for step in range(cfg.sft.steps):
             t0 = time.perf_counter()
-            rows = [rng.choice(s.task.train) for _ in range(cfg.sft.batch_size)]
+            rows = [rng.choice(s.task.train) for _ in range(cfg.sft.batch_size)][mine]
             batch = {k: v.to(s.device) for k, v in sft_batch(s, rows).items()}
-            batch["total"] = batch["mask"].sum().clamp_min(1)
+            tokens = gather_over_data_ranks(batch["mask"].sum().reshape(1).cpu(), s.groups)
+            batch["total"] = (tokens.sum() / dp).clamp_min(1).to(s.device)
             training.zero_grads(s.ddp, s.optimizer)
             outs = training.forward_backward(s.ddp, [batch], loss_fn)
             s.optimizer.step()
             s.scheduler.step(1)
-            logger.log(step, {"loss/sft": outs[0]["loss"], "perf/step_s": time.perf_counter() - t0,
+            loss = gather_over_data_ranks(outs[0]["loss"].reshape(1).cpu(), s.groups).mean()
+            logger.log(step, {"loss/sft": loss, "perf/step_s": time.perf_counter() - t0,
                               "lr": s.optimizer.param_groups[0]["lr"]})
         save_checkpoint(s.run_dir / "checkpoints", cfg.sft.steps, model=s.model,
                         optimizer=s.optimizer, scheduler=s.scheduler,

@@ -38,6 +38,7 @@ from vp2o.diagnostics import routing_diagnostics
 from vp2o.mcore import router_replay, training
 from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vp2o.mcore.model import build_model
+from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
 from vp2o.metrics import MetricsLogger
@@ -400,27 +401,6 @@ def learner_metrics(outs: list[dict], groups) -> dict:
         if not torch.isnan(ranks[0, 3 + i]):
             out[key] = ranks[:, 3 + i].mean()
     return {k: v.float() for k, v in out.items()}
-
-
-def gather_over_data_ranks(t: torch.Tensor, groups) -> torch.Tensor:
-    """Every data-parallel rank's ``t`` concatenated along dim 0 in rank order (the ranks' dim 0
-    may differ); ``t`` itself without data parallelism. CPU in, CPU out (through the GPU where
-    the backend is nccl)."""
-    group = groups.dp_cp
-    size = dist.get_world_size(group)
-    if size == 1:
-        return t
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")  # nccl gathers CUDA tensors only
-    n = torch.tensor([t.shape[0]], device=device)
-    sizes = [torch.empty_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(k) for k in sizes]  # sync
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=device)
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:k] for part, k in zip(parts, sizes, strict=True)]).cpu()
 
 
 def specialisation_losses(num_microbatches: int) -> dict:

@@ -134,6 +134,23 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
 
 
 @pytest.mark.slow
+def test_two_process_sft_is_the_single_process_sft(tmp_path):
+    """SFT's global batch (sft.batch_size sequences, drawn the same on every rank) split over 2
+    data-parallel ranks, each dividing by the global answer-token count / 2: the same loss at
+    every step as one process on the whole batch. (Before, each rank drew its own batch_size
+    rows from its own generator and divided by its own count.)"""
+    common = [sys.executable, "-m", "vp2o.cli", "sft", *TINY, "sft.steps=3", "sft.batch_size=8"]
+    _run([*common, f"train.run_dir={tmp_path / 'single'}"])
+    _run([*launcher(2), *common[1:], f"train.run_dir={tmp_path / 'two'}"])
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [0, 1, 2]
+    for a, b in zip(single, two, strict=True):
+        assert b["loss/sft"] == pytest.approx(a["loss/sft"], rel=1e-4), a["step"]
+    assert single[2]["loss/sft"] != pytest.approx(single[0]["loss/sft"], rel=1e-3)  # it learns
+
+
+@pytest.mark.slow
 def test_trust_region_statistics_are_the_whole_batch_s_on_every_rank(tmp_path, sft):
     """VP2O's accept / roll back / refresh decisions (§10-§11) are taken on the whole batch's D,
     drift and ESS, which the data-parallel ranks combine from their shares: with 2 ranks
