@@ -42,7 +42,8 @@ def test_micro_batches_sum_to_the_whole_batch_loss(init_parallel, aggregation):
     mask = torch.rand(N, S, generator=gen) > 0.5
     mask[2] = False  # a sequence without response tokens (e.g. filtered)
     batch = RolloutBatch(
-        tokens=torch.zeros(N, S, dtype=torch.long), position_ids=torch.zeros(N, S, dtype=torch.long),
+        tokens=torch.zeros(N, S, dtype=torch.long),
+        position_ids=torch.zeros(N, S, dtype=torch.long),
         valid=torch.ones(N, S, dtype=torch.bool), response_mask=mask,
         behavior_logprobs=torch.zeros(N, S), prompt_width=2,
         group_ids=torch.arange(N) // 4,
@@ -61,6 +62,16 @@ def test_micro_batches_sum_to_the_whole_batch_loss(init_parallel, aggregation):
                                     denominator=mb["denominator"].double()))
         start += part.shape[0]
     assert got == pytest.approx(_by_loop(values, mask, aggregation), rel=1e-6)
+
+
+def test_a_share_without_response_tokens_counts_zero():
+    """A rank whose responses were all filtered adds nothing to the global count (the trainer
+    clamps the total, not each share)."""
+    empty = torch.zeros(3, 4, dtype=torch.bool)
+    assert float(grpo.batch_normaliser(empty, aggregation="token_mean")) == 0.0
+    assert float(grpo.batch_normaliser(empty, aggregation="seq_mean_token_mean")) == 0.0
+    assert float(grpo.batch_normaliser(empty, aggregation="seq_mean_token_sum_norm",
+                                       max_len=5)) == 15.0
 
 
 def test_an_aggregation_without_a_normaliser_is_named():

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from vp2o.config import Config, ConfigError, to_dict
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.mcore import training
-from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.checkpoint import save_checkpoint
+from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.metrics import MetricsLogger
 from vp2o.rewards.pool import RewardPool
 from vp2o.session import Session, session
@@ -88,7 +88,7 @@ def _sft(s: Session) -> dict:
             rows = [rng.choice(s.task.train) for _ in range(cfg.sft.batch_size)][mine]
             batch = {k: v.to(s.device) for k, v in sft_batch(s, rows).items()}
             tokens = gather_over_data_ranks(batch["mask"].sum().reshape(1).cpu(), s.groups)
-            batch["total"] = (tokens.sum() / dp).clamp_min(1).to(s.device)
+            batch["total"] = (tokens.sum().clamp_min(1) / dp).to(s.device)
             training.zero_grads(s.ddp, s.optimizer)
             outs = training.forward_backward(s.ddp, [batch], loss_fn)
             s.optimizer.step()

@@ -275,7 +275,7 @@ class Learner:
         local = grpo.batch_normaliser(p.batch.response_mask, aggregation=cfg.grpo.aggregation,
                                       max_len=cfg.rollout.max_new_tokens)
         shares = self._over_data_ranks(local.reshape(1))  # [R, 1]
-        return shares.sum() / shares.shape[0]
+        return shares.sum().clamp_min(1) / shares.shape[0]
 
     # --------------------------------------------------------------- rollback state (§10)
     def snapshot(self) -> dict:

@@ -214,14 +214,15 @@ def batch_normaliser(
 
     Returns:
         Response tokens (`token_mean`), non-empty sequences (`seq_mean_*`) or `B · L_max`
-        (`seq_mean_token_sum_norm`); the first two at least 1.
+        (`seq_mean_token_sum_norm`). 0 for a share without response tokens: clamp the total
+        (over shares) to at least 1, as `aggregate` does for one batch.
     """
     AGGREGATIONS.get(aggregation)  # a clear error for an unknown name
     m = mask.bool()
     if aggregation == "token_mean":
-        return m.sum().clamp_min(1).double()
+        return m.sum().double()
     if aggregation in ("seq_mean_token_mean", "seq_mean_token_sum"):
-        return _nonempty(m).double()
+        return m.any(-1).sum().double()
     if aggregation == "seq_mean_token_sum_norm":
         length = m.shape[-1] if max_len is None else max_len
         return torch.tensor(float(m.shape[0] * length), dtype=torch.float64)
