@@ -87,13 +87,13 @@ def _sft(s: Session) -> dict:
             t0 = time.perf_counter()
             rows = [rng.choice(s.task.train) for _ in range(cfg.sft.batch_size)][mine]
             batch = {k: v.to(s.device) for k, v in sft_batch(s, rows).items()}
-            tokens = gather_over_data_ranks(batch["mask"].sum().reshape(1).cpu(), s.groups)
+            tokens = gather_over_data_ranks(batch["mask"].sum(), s.groups)
             batch["total"] = (tokens.sum().clamp_min(1) / dp).to(s.device)
             training.zero_grads(s.ddp, s.optimizer)
             outs = training.forward_backward(s.ddp, [batch], loss_fn)
             s.optimizer.step()
             s.scheduler.step(1)
-            loss = gather_over_data_ranks(outs[0]["loss"].reshape(1).cpu(), s.groups).mean()
+            loss = gather_over_data_ranks(outs[0]["loss"], s.groups).mean()
             logger.log(step, {"loss/sft": loss, "perf/step_s": time.perf_counter() - t0,
                               "lr": s.optimizer.param_groups[0]["lr"]})
         save_checkpoint(s.run_dir / "checkpoints", cfg.sft.steps, model=s.model,

@@ -165,18 +165,23 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
     advantages = grpo.group_advantages(rewards, G, normalize_std=cfg.grpo.normalize_std)
     if cfg.grpo.overlong_filter and batch.truncated.numel():
         batch.response_mask &= ~batch.truncated.unsqueeze(1)
-    # The whole global batch's rewards and lengths (every data-parallel rank's, in rank order)
-    # and reward failures: what the logged batch statistics describe.
-    per_seq = gather_over_data_ranks(
-        torch.stack([rewards, batch.response_lengths.float()], 1), s.groups)  # [N_all, 2]
-    all_rewards, all_lengths = per_seq[:, 0], per_seq[:, 1]
-    failures = gather_over_data_ranks(torch.tensor([float(scores.failures)]), s.groups).sum()
+    # The logged batch statistics are the whole global batch's: every data-parallel rank's sums
+    # [Σr, Σr², correct, Σ length, sequences, reward failures], added up.
+    r = rewards.double()
+    total = gather_over_data_ranks(torch.stack([
+        r.sum(), r.square().sum(), (r >= 1.0).sum().double(),
+        batch.response_lengths.double().sum(), torch.tensor(float(r.numel()), dtype=torch.float64),
+        torch.tensor(float(scores.failures), dtype=torch.float64),
+    ]), s.groups).sum(0)  # [6]
+    n = total[4].clamp_min(1)
+    mean = total[0] / n
+    var = (total[1] - n * mean.square()) / (n - 1).clamp_min(1)  # sample variance (n - 1)
     stats = {
-        "reward/mean": all_rewards.mean(),
-        "reward/std": all_rewards.std() if all_rewards.numel() > 1 else all_rewards.new_zeros(()),
-        "accuracy": (all_rewards >= 1.0).float().mean(),
-        "response/length_mean": all_lengths.mean(),
-        "reward/failures": float(failures),
+        "reward/mean": mean.float(),
+        "reward/std": var.clamp_min(0).sqrt().float(),
+        "accuracy": (total[2] / n).float(),
+        "response/length_mean": (total[3] / n).float(),
+        "reward/failures": float(total[5]),
         "perf/generate_s": t_gen,
         "perf/reward_s": scores.seconds,
         "perf/generated_tokens": float(batch.response_lengths.sum()),
@@ -274,7 +279,7 @@ class Learner:
         cfg = self.cfg
         local = grpo.batch_normaliser(p.batch.response_mask, aggregation=cfg.grpo.aggregation,
                                       max_len=cfg.rollout.max_new_tokens)
-        shares = self._over_data_ranks(local.reshape(1))  # [R, 1]
+        shares = gather_over_data_ranks(local, self.s.groups)  # [R]
         return shares.sum().clamp_min(1) / shares.shape[0]
 
     # --------------------------------------------------------------- rollback state (§10)
@@ -356,7 +361,8 @@ class Learner:
                 self.transform.anchor.unsqueeze(1).cpu(),
             )
             parts = trust_region.anchor_distance_partials(per_token, mask)
-            D = trust_region.anchor_distance_from_partials(self._over_data_ranks(parts))
+            D = trust_region.anchor_distance_from_partials(  # the same D on every rank
+                gather_over_data_ranks(parts, self.s.groups))
             out["trust/anchor_distance"] = D.float()
         return out
 
@@ -367,15 +373,9 @@ class Learner:
         parts = trust_region.behavior_partials(
             logp, batch.behavior_logprobs, batch.response_mask, lam=b.lam, ess_level=b.ess_level
         )
-        drift, ess = trust_region.behavior_from_partials(self._over_data_ranks(parts))
+        drift, ess = trust_region.behavior_from_partials(
+            gather_over_data_ranks(parts, self.s.groups))
         return {"behavior/drift": drift.float(), "behavior/ess": ess.float()}
-
-    def _over_data_ranks(self, row: torch.Tensor) -> torch.Tensor:
-        """[R, n]: this rank's statistics row and those of the other data-parallel ranks (which
-        hold the batch's other sequences), in rank order; [1, n] without data parallelism. A
-        few numbers per step: the decisions taken on them (accept, roll back, refresh) must
-        agree across ranks, or the replicas diverge."""
-        return gather_over_data_ranks(row.unsqueeze(0), self.s.groups)
 
 
 _MEAN_OVER_RANKS = ("clip/low_frac", "clip/high_frac", "ratio/mean", "kl/k3", "kl")
@@ -383,23 +383,21 @@ _MEAN_OVER_RANKS = ("clip/low_frac", "clip/high_frac", "ratio/mean", "kl/k3", "k
 
 def learner_metrics(outs: list[dict], groups) -> dict:
     """The step's loss statistics over the whole global batch (one gather over the
-    data-parallel ranks). ``loss/policy``: each rank's loss is its share of the global loss (the
-    normaliser is the global batch's, ``Learner.loss_normaliser``), so the global loss is their
-    mean; ``policy/entropy``: total entropy over total response tokens; the clip, ratio and KL
-    fractions: the mean of the ranks' micro-batch means."""
-    # [loss, entropy sum, tokens, *_MEAN_OVER_RANKS]; nan where a key is not logged (the same
-    # keys on every rank: they follow the config)
-    row = [float(sum(o["loss/policy"] for o in outs)),  # sync (the step's metrics, once)
-           float(sum(o["_entropy_sum"] for o in outs)), float(sum(o["_tokens"] for o in outs))]
-    for key in _MEAN_OVER_RANKS:
-        vals = [o[key] for o in outs if key in o]
-        row.append(float(torch.stack(vals).mean()) if vals else float("nan"))
-    ranks = gather_over_data_ranks(torch.tensor([row], dtype=torch.float64), groups)  # [R, n]
+    data-parallel ranks, one transfer to the host). ``loss/policy``: each rank's loss is its
+    share of the global loss (the normaliser is the global batch's,
+    ``Learner.loss_normaliser``), so the global loss is their mean; ``policy/entropy``: total
+    entropy over total response tokens; the clip, ratio and KL fractions: the mean of the ranks'
+    micro-batch means."""
+    keys = [k for k in _MEAN_OVER_RANKS if k in outs[0]]  # the config's: the same on every rank
+    row = torch.stack([
+        sum(o["loss/policy"] for o in outs), sum(o["_entropy_sum"] for o in outs),
+        sum(o["_tokens"] for o in outs),
+        *(torch.stack([o[k] for o in outs]).mean() for k in keys),
+    ]).double()  # [3 + len(keys)]
+    ranks = gather_over_data_ranks(row, groups)  # [R, 3 + len(keys)]
     out = {"loss/policy": ranks[:, 0].mean(),
            "policy/entropy": ranks[:, 1].sum() / ranks[:, 2].sum().clamp_min(1)}
-    for i, key in enumerate(_MEAN_OVER_RANKS):
-        if not torch.isnan(ranks[0, 3 + i]):
-            out[key] = ranks[:, 3 + i].mean()
+    out.update({k: ranks[:, 3 + i].mean() for i, k in enumerate(keys)})
     return {k: v.float() for k, v in out.items()}
 
 

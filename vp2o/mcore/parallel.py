@@ -211,22 +211,17 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def gather_over_data_ranks(t: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
-    """Every data-parallel rank's ``t`` concatenated along dim 0 in rank order (the ranks' dim 0
-    may differ); ``t`` itself without data parallelism. CPU in, CPU out (through the GPU where
-    the backend is nccl)."""
+def gather_over_data_ranks(row: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """[R, *row.shape]: every data-parallel rank's ``row`` (the same shape on each: sums, counts,
+    a few statistics) in rank order, on the CPU; [1, ...] without data parallelism. One
+    all-gather (through the GPU where the backend is nccl)."""
     group = groups.dp_cp
     size = dist.get_world_size(group)
     if size == 1:
-        return t
+        return row.unsqueeze(0).cpu()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")  # nccl gathers CUDA tensors only
-    n = torch.tensor([t.shape[0]], device=device)
-    sizes = [torch.empty_like(n) for _ in range(size)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(k) for k in sizes]  # sync
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=device)
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:k] for part, k in zip(parts, sizes, strict=True)]).cpu()
+    row = row.to(device)
+    parts = [torch.empty_like(row) for _ in range(size)]
+    dist.all_gather(parts, row, group=group)
+    return torch.stack(parts).cpu()
