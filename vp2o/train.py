@@ -235,6 +235,7 @@ class Learner:
         self.s, self.transform, self.ref_model = s, transform, ref_model
         self.cfg = s.cfg
         self.vp2o = s.cfg.algorithm == "vp2o"
+        self._uncovered: list | None = None  # parameters a snapshot copies (see snapshot)
 
     # --------------------------------------------------------------- loss (method §1, §2)
     def loss_fn(self, model, mb: dict):
@@ -297,18 +298,30 @@ class Learner:
         ``restore`` rebuilds those the same way, so a rollback costs the fp32 main params and
         the optimizer state of the rank's shard, not a second copy of the model.
         """
-        optimizers, stepped, derived = [], set(), set()
+        optimizers = []
         for part in _megatron_parts(self.s.optimizer):
             opt = part.optimizer
             main = {p: p.data.clone() for g in opt.param_groups for p in g["params"]}
-            stepped.update(_memory(p) for p in main)
             state = {p: {k: (v.clone() if torch.is_tensor(v) else copy.deepcopy(v))
                          for k, v in st.items()} for p, st in opt.state.items()}
             optimizers.append((part, main, state))
-            derived.update(_memory(p) for p in _params_written_from_main(part))
-        params = {p: p.data.clone() for p in self.s.model.parameters()
-                  if _memory(p) not in stepped and _memory(p) not in derived}
+        params = {p: p.data.clone() for p in self._params_to_copy()}
         return {"params": params, "optimizers": optimizers}
+
+    def _params_to_copy(self) -> list:
+        """The parameters neither stepped in place nor rebuilt from main params (``snapshot``).
+        Found once, at the first snapshot (after any checkpoint load): parameters, main params
+        and megatron's buffers keep their memory for the rest of the run, so the per-step
+        snapshot does not walk every parameter's storage again."""
+        if self._uncovered is None:
+            covered = set()
+            for part in _megatron_parts(self.s.optimizer):
+                covered.update(_memory(p) for g in part.optimizer.param_groups
+                               for p in g["params"])
+                covered.update(_memory(p) for p in _params_written_from_main(part))
+            self._uncovered = [p for p in self.s.model.parameters()
+                               if _memory(p) not in covered]
+        return self._uncovered
 
     def restore(self, saved: dict) -> None:
         """Undo a step: main params and optimizer state as in ``saved``, then the parameters
