@@ -165,7 +165,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """Pipeline-parallel size (PP); must divide model.num_layers."""
     context_parallel: int = 1
-    """Context-parallel size (CP) for long sequences."""
+    """Context-parallel size (CP). vp2o sft/train/eval need 1 (``Config.check_loop_layout``)."""
     expert_parallel: int = 1
     """Expert-parallel size (EP); must divide model.num_experts."""
     expert_tensor_parallel: int | None = 1
@@ -710,6 +710,28 @@ class Config:
                 f"EP x ETP ({p.expert_parallel} x {p.etp}) dividing world size / PP "
                 f"({world_size} / {p.pipeline_parallel} = {per_stage})",
             )
+        return self
+
+    def check_loop_layout(self) -> Config:
+        """Refuse parallel layouts that ``vp2o sft``, ``train`` and ``eval`` cannot run correctly.
+
+        Context parallelism: megatron-core expects the caller to hand each CP rank its own
+        slices of every sequence (and to combine the per-token losses across the CP group);
+        vp2o's loops hand every rank whole sequences. Under CP > 1 with transformer-engine
+        attention that would run, and train on wrong attention, without an error, so it is
+        refused here. ``Config.validate`` accepts CP > 1: ``vp2o launch`` plans and the parallel
+        setup itself are layout-generic (docs/scaling.md).
+
+        Raises:
+            ConfigError: naming ``parallel.context_parallel``.
+        """
+        _check(
+            self.parallel.context_parallel == 1,
+            "parallel.context_parallel",
+            self.parallel.context_parallel,
+            "1 for vp2o sft/train/eval (the loops give every rank whole sequences; splitting "
+            "them over context-parallel ranks is not implemented, docs/scaling.md)",
+        )
         return self
 
 

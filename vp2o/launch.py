@@ -61,9 +61,10 @@ def resolve_layout(cfg: Config, world: int) -> Layout:
     """The layout of ``cfg`` on ``world`` ranks.
 
     Raises:
-        ConfigError: the layout does not divide ``world`` (from ``Config.validate``).
+        ConfigError: the layout does not divide ``world`` (from ``Config.validate``) or is one
+            the loops refuse (``Config.check_loop_layout``).
     """
-    cfg.validate(world_size=world)
+    cfg.validate(world_size=world).check_loop_layout()  # fail here, not on every node
     p = cfg.parallel
     dp = p.data_parallel(world)
     expert_dp = world // (p.pipeline_parallel * p.expert_parallel * p.etp)

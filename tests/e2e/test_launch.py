@@ -114,6 +114,30 @@ def test_dry_run_rejects_a_layout_that_does_not_divide():
         args.func(args)
 
 
+def test_dry_run_rejects_context_parallelism():
+    """The loops give every rank whole sequences: CP > 1 would train on wrong attention under
+    transformer-engine without an error, so the plan is refused before any node starts."""
+    with pytest.raises(ConfigError, match="parallel.context_parallel = 2: expected 1"):
+        _dry_run("--dry-run", str(CONFIGS / "small_1node_vp2o.yaml"), "--nodes", "1",
+                 "--gpus-per-node", "4", "parallel.context_parallel=2")
+    # The same layout with CP = 1 plans (the refusal is about CP, not the world size).
+    assert _dry_run("--dry-run", str(CONFIGS / "small_1node_vp2o.yaml"), "--nodes", "1",
+                    "--gpus-per-node", "4").startswith("layout: world=4 ")
+
+
+def test_sessions_refuse_context_parallelism_before_starting(monkeypatch):
+    """sft/train/eval open a session; it refuses CP > 1 before any process group exists."""
+    from vp2o import session as session_module
+    from vp2o.config import load_config
+
+    started = []
+    monkeypatch.setattr(session_module.parallel, "initialize", lambda cfg: started.append(cfg))
+    cfg = load_config(None, ["parallel.context_parallel=2"])
+    with pytest.raises(ConfigError, match="parallel.context_parallel = 2: expected 1"):
+        session_module.open_session(cfg, with_optimizer=False)
+    assert started == []
+
+
 @pytest.mark.parametrize(("tp", "pp", "cp", "ep", "world"),
                          [(2, 1, 1, 4, 16), (2, 2, 2, 2, 16), (1, 2, 1, 8, 16), (4, 1, 2, 2, 32)])
 def test_rank_coordinates_follow_megatron_rank_generator(tp, pp, cp, ep, world):
