@@ -7,9 +7,12 @@
 # 2. single-GPU correctness checks in fp32 and bf16 (benchmarks/gpu_checks.py);
 # 3. the GRPO-vs-VP2O step benchmark at a size that fills a good part of an H100
 #    (benchmarks/bench_step.py), with the diagnostics-only GRPO as a third column;
-# 4. the Stein transport of one layer against a plain A @ G (benchmarks/bench_transport.py);
-# 5. the demo pipeline (SFT, GRPO, VP2O, report) at a short budget, end to end on the GPU;
-# then a short table. Each stage has its own time limit; all together stay under 8 minutes.
+# 4. an operator profile of one forward + backward, megatron's layers against VP2O's
+#    (benchmarks/profile_step.py: host and device time, kernel launches);
+# 5. the Stein transport of one layer against a plain A @ G (benchmarks/bench_transport.py);
+# 6. the demo pipeline (SFT, GRPO, VP2O, report) at a short budget, end to end on the GPU;
+# then a short table. Each stage has its own time limit; the limits add up to under 10 minutes
+# (one device call); on a warm H200 the whole script took about 3.
 set -uo pipefail
 failed=0  # stages run on after a failure; the exit status says whether any failed
 export PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
@@ -32,9 +35,14 @@ echo "== step benchmark"
 # One model per mode: three instances of this size (~12 GB each with the distributed optimizer's
 # state) plus activations would not fit an 80 GB card; the CPU default of 3 is for the CPU's
 # per-instance layout effects.
-timeout 210 python3 benchmarks/bench_step.py --rounds 10 --instances 1 --layers 4 --hidden 1024 \
+timeout 180 python3 benchmarks/bench_step.py --rounds 10 --instances 1 --layers 4 --hidden 1024 \
   --experts 64 --topk 8 --expert-ffn 768 --seq 4096 --batch 8 --micro-batch 4 --dtype bf16 \
   --with-diagnostics 2>&1 | grep -v -i warn | tee "$OUT/bench_step.txt" || failed=1
+
+echo "== where VP2O's forward + backward time goes (operator profile, bf16)"
+timeout 100 python3 benchmarks/profile_step.py --layers 4 --hidden 1024 --experts 64 --topk 8 \
+  --expert-ffn 768 --seq 4096 --dtype bf16 --repeats 8 --profiled 2 --rows 30 2>&1 \
+  | grep -v -i -E "warn|USDT" | tee "$OUT/profile_step.txt" || failed=1
 
 echo "== transport of one layer vs A @ G (fp32)"
 timeout 60 python3 benchmarks/bench_transport.py --device cuda --experts 8 64 128 --repeats 20 \
