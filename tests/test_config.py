@@ -84,6 +84,16 @@ def test_yaml_and_overrides(tmp_path):
             "parallel.overlap_param_gather = True: expected false (the RL loop reads",
         ),
         (["model.moe_aux_loss_coeff=0.01"], None, "model.moe_router_load_balancing_type = 'none'"),
+        (
+            ["algorithm=vp2o", "model.moe_token_dispatcher_type=allgather"],
+            None,
+            "model.moe_token_dispatcher_type = 'allgather': expected alltoall when algorithm=vp2o",
+        ),
+        (
+            ["algorithm=vp2o", "model.moe_token_dispatcher_type=flex"],
+            None,
+            "model.moe_token_dispatcher_type = 'flex': expected alltoall when algorithm=vp2o",
+        ),
         (["model"], None, "override 'model': expected key.sub=value"),
         (["seed.x=1"], None, "seed = {'x': 1}: expected an integer"),
         (["model.num_layers.x=1"], None, "model.num_layers = {'x': 1}: expected an integer"),
@@ -112,3 +122,14 @@ def test_missing_file_and_wrong_top_level(tmp_path):
     path.write_text("model: 3\n")
     with pytest.raises(ConfigError, match="model: expected a mapping, got int"):
         load_config(path)
+
+
+@pytest.mark.parametrize("dispatcher", ["allgather", "flex"])
+def test_other_dispatchers_load_where_no_orthogonality_loss_needs_them(dispatcher):
+    """The dispatcher check is about the orthogonality loss (it reads each token's expert outputs
+    before megatron sums them, which only alltoall hands over): GRPO, and VP2O with the loss
+    off, accept the others."""
+    key = f"model.moe_token_dispatcher_type={dispatcher}"
+    assert load_config(None, ["algorithm=grpo", key]).model.moe_token_dispatcher_type == dispatcher
+    cfg = load_config(None, ["algorithm=vp2o", "vp2o.ortho_coeff=0", key])
+    assert cfg.model.moe_token_dispatcher_type == dispatcher

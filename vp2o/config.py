@@ -115,7 +115,8 @@ class ModelConfig:
     moe_grouped_gemm: bool = False
     """Grouped-GEMM experts (GPU: TEGroupedMLP / GroupedMLP). False = SequentialMLP (CPU)."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
-    """Token dispatcher. alltoall is megatron's recommendation with EP > 1; flex needs DeepEP."""
+    """Token dispatcher. alltoall is megatron's recommendation with EP > 1 and what VP2O's
+    orthogonality loss needs (``vp2o.ortho_coeff > 0``); flex needs DeepEP."""
     moe_aux_loss_coeff: float = 0.0
     """megatron's load-balancing loss coefficient (0 = off; RL usually keeps it off)."""
     moe_router_load_balancing_type: Literal[
@@ -687,13 +688,17 @@ class Config:
                 "false with algorithm=vp2o: the Stein transform mixes expert gradients before "
                 "they are reduced, so the reduction cannot start during backward",
             )
-            if v.ortho_coeff > 0 and m.moe_token_dispatcher_type == "allgather":
+            if v.ortho_coeff > 0:
+                # The orthogonality loss reads each token's k expert outputs before megatron sums
+                # them (VP2OMoELayer.postprocess): only the alltoall dispatcher hands them over
+                # there; allgather (any EP x TP) sums them inside its combine_preprocess.
                 _check(
-                    p.expert_parallel * tp == 1,
+                    m.moe_token_dispatcher_type == "alltoall",
                     "model.moe_token_dispatcher_type",
-                    "allgather",
-                    "alltoall when vp2o.ortho_coeff > 0 and EP x TP > 1 (the orthogonality "
-                    "loss needs each token's expert outputs back in token order)",
+                    m.moe_token_dispatcher_type,
+                    "alltoall when algorithm=vp2o and vp2o.ortho_coeff > 0 (the orthogonality "
+                    "loss needs each token's expert outputs before they are summed; or set "
+                    "vp2o.ortho_coeff=0)",
                 )
         if world_size is not None:
             _check(
