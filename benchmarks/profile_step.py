@@ -8,8 +8,9 @@ backward of megatron's own MoE layers (GRPO) and of VP2O's layers, same shapes a
 After a warm-up it times ``--repeats`` forward + backward passes of each model, alternating
 (median wall time), then profiles ``--profiled`` more of each (alternating) and prints, per
 operator, the mean self time on the host (and on the device where there is one) and the call
-count in both models, largest difference first. On a GPU the host column is what matters when the step is launch-bound (the
-device idles between small kernels); the call counts show how many launches VP2O adds.
+count in both models, largest difference first. On a GPU the host column is what matters when
+the step is launch-bound (the device idles between small kernels); the call counts show how many
+launches VP2O adds.
 """
 
 from __future__ import annotations
