@@ -717,26 +717,39 @@ class Config:
             )
         return self
 
-    def check_loop_layout(self) -> Config:
-        """Refuse parallel layouts that ``vp2o sft``, ``train`` and ``eval`` cannot run correctly.
+    def check_loop_layout(self, *, generates: bool = False) -> Config:
+        """Refuse parallel layouts that vp2o's loops cannot run correctly (call before any
+        process group exists, so a bad layout fails at once, not after the model is built).
 
-        Context parallelism: megatron-core expects the caller to hand each CP rank its own
-        slices of every sequence (and to combine the per-token losses across the CP group);
-        vp2o's loops hand every rank whole sequences. Under CP > 1 with transformer-engine
-        attention that would run, and train on wrong attention, without an error, so it is
-        refused here. ``Config.validate`` accepts CP > 1: ``vp2o launch`` plans and the parallel
-        setup itself are layout-generic (docs/scaling.md).
+        Context parallelism, every loop: megatron-core expects the caller to hand each CP rank
+        its own slices of every sequence (and to combine the per-token losses across the CP
+        group); vp2o's loops hand every rank whole sequences. Under CP > 1 with
+        transformer-engine attention that would run, and train on wrong attention, without an
+        error. ``generates`` (``vp2o train`` and ``vp2o eval``): the rollout loop runs TP = PP =
+        1 (docs/rollout.md); without this check it would stop at the first rollout.
+        ``Config.validate`` accepts all of these: ``vp2o launch`` plans any layout megatron
+        accepts (docs/scaling.md).
 
         Raises:
-            ConfigError: naming ``parallel.context_parallel``.
+            ConfigError: naming the ``parallel`` key, its value and what was expected.
         """
+        p = self.parallel
         _check(
-            self.parallel.context_parallel == 1,
+            p.context_parallel == 1,
             "parallel.context_parallel",
-            self.parallel.context_parallel,
+            p.context_parallel,
             "1 for vp2o sft/train/eval (the loops give every rank whole sequences; splitting "
             "them over context-parallel ranks is not implemented, docs/scaling.md)",
         )
+        if generates:
+            for key in ("tensor_parallel", "pipeline_parallel"):
+                _check(
+                    getattr(p, key) == 1,
+                    f"parallel.{key}",
+                    getattr(p, key),
+                    "1 for vp2o train/eval (their rollout generation runs TP = PP = 1, "
+                    "docs/rollout.md)",
+                )
         return self
 
 

@@ -534,6 +534,7 @@ class StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics (python floats)."""
+    cfg.check_loop_layout(generates=True)
     with session(cfg, with_optimizer=True, total_steps=cfg.train.steps) as s:
         return _train(s)
 

@@ -138,6 +138,30 @@ def test_sessions_refuse_context_parallelism_before_starting(monkeypatch):
     assert started == []
 
 
+@pytest.mark.parametrize("override", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+@pytest.mark.parametrize("verb", ["train", "eval"])
+def test_generating_loops_refuse_tp_and_pp_before_starting(monkeypatch, verb, override):
+    """train and eval generate, and generation runs TP = PP = 1: they refuse the layout before any
+    process group or model exists (it used to stop at the first rollout), naming the key."""
+    from vp2o import evaluate as evaluate_module
+    from vp2o import session as session_module
+    from vp2o import train as train_module
+    from vp2o.config import load_config
+
+    started = []
+    monkeypatch.setattr(session_module.parallel, "initialize", lambda cfg: started.append(cfg))
+    cfg = load_config(None, [override, "parallel.sequence_parallel=true"])
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key} = 2: expected 1 for vp2o train/eval"):
+        if verb == "train":
+            train_module.train(cfg)
+        else:
+            evaluate_module.run_eval(cfg)
+    assert started == []
+    # SFT does not generate: the same layout gets past the check (to the process groups).
+    cfg.check_loop_layout(generates=False)
+
+
 @pytest.mark.parametrize(("tp", "pp", "cp", "ep", "world"),
                          [(2, 1, 1, 4, 16), (2, 2, 2, 2, 16), (1, 2, 1, 8, 16), (4, 1, 2, 2, 32)])
 def test_rank_coordinates_follow_megatron_rank_generator(tp, pp, cp, ep, world):
