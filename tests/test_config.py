@@ -94,6 +94,18 @@ def test_yaml_and_overrides(tmp_path):
             None,
             "model.moe_token_dispatcher_type = 'flex': expected alltoall when algorithm=vp2o",
         ),
+        (["train.keep_last=0"], None, "train.keep_last = 0: expected >= 1"),
+        (["reward.workers=-1"], None, "reward.workers = -1: expected >= 0"),
+        (["reward.timeout_s=0"], None, "reward.timeout_s = 0.0: expected > 0"),
+        (["reward.name=exakt"], None, "reward.name = 'exakt': expected one of choice, code, exact"),
+        (["grpo.aggregation=tokenmean"], None,
+         "grpo.aggregation = 'tokenmean': expected one of seq_mean_token_mean"),
+        (["grpo.kl_estimator=k9"], None, "grpo.kl_estimator = 'k9': expected one of k1, k2, k3"),
+        (["data.task=jsonl", "data.train_path=t.jsonl"], None,
+         "data.eval_path = None: expected a JSONL file of held-out rows when data.task=jsonl"),
+        (["data.eval_path=e.jsonl"], None,
+         "data.eval_path = 'e.jsonl': expected null with the built-in task"),
+        (["data.num_eval_prompts=0"], None, "data.num_eval_prompts = 0: expected >= 1"),
         (["model"], None, "override 'model': expected key.sub=value"),
         (["seed.x=1"], None, "seed = {'x': 1}: expected an integer"),
         (["model.num_layers.x=1"], None, "model.num_layers = {'x': 1}: expected an integer"),
@@ -133,3 +145,23 @@ def test_other_dispatchers_load_where_no_orthogonality_loss_needs_them(dispatche
     assert load_config(None, ["algorithm=grpo", key]).model.moe_token_dispatcher_type == dispatcher
     cfg = load_config(None, ["algorithm=vp2o", "vp2o.ortho_coeff=0", key])
     assert cfg.model.moe_token_dispatcher_type == dispatcher
+
+
+def test_a_dotted_reward_path_is_left_to_run_time():
+    """Only registered names are checked at load; a dotted path is imported when scoring starts
+    (importing user code while validating a config would run it on a login node too)."""
+    assert load_config(None, ["reward.name=mypkg.rewards:score"]).reward.name == \
+        "mypkg.rewards:score"
+
+
+def test_the_built_in_task_refuses_more_prompts_than_it_has():
+    """12,000 distinct prompts: asking for more used to loop forever while drawing them."""
+    from vp2o.data.tasks import ARITH_PROMPTS, DatasetError, load_task
+
+    cfg = load_config(None, [f"data.num_train_prompts={ARITH_PROMPTS}", "data.num_eval_prompts=1"])
+    with pytest.raises(DatasetError, match=r"num_eval_prompts = 12001: expected at most 12000"):
+        load_task(cfg.data, seed=0)
+    fits = load_config(None, [f"data.num_train_prompts={ARITH_PROMPTS - 5}",
+                              "data.num_eval_prompts=5"])
+    split = load_task(fits.data, seed=0)
+    assert len({r["prompt"] for r in split.train + split.eval}) == ARITH_PROMPTS

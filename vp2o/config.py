@@ -344,7 +344,7 @@ class TrainConfig:
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
-    """Checkpoints kept."""
+    """Complete checkpoints kept in run_dir/checkpoints (>= 1; older ones are deleted)."""
     eval_every: int = 0
     """Evaluate held-out accuracy every N steps (0 = only at the end)."""
     eval_samples: int = 1
@@ -576,14 +576,26 @@ class Config:
                 False,
                 "true when grpo.router_replay is on (routers are built with RouterReplay)",
             )
-        if self.data.task == "jsonl":
-            _check(
-                self.data.train_path is not None,
-                "data.train_path",
-                None,
-                "a JSONL file when data.task=jsonl",
-            )
+        d = self.data
+        if d.task == "jsonl":
+            _check(d.train_path is not None, "data.train_path", None,
+                   "a JSONL file when data.task=jsonl")
+            _check(d.eval_path is not None, "data.eval_path", None,
+                   "a JSONL file of held-out rows when data.task=jsonl (vp2o sft, train and eval "
+                   "score them)")
+        else:  # the built-in task generates its rows: a given file would be ignored
+            for key in ("train_path", "eval_path"):
+                _check(getattr(d, key) is None, f"data.{key}", getattr(d, key),
+                       "null with the built-in task (set data.task=jsonl to read files)")
+        _check(d.num_eval_prompts >= 1, "data.num_eval_prompts", d.num_eval_prompts, ">= 1")
+        _check(d.num_train_prompts >= 1, "data.num_train_prompts", d.num_train_prompts, ">= 1")
         _check(self.train.steps >= 1, "train.steps", self.train.steps, ">= 1")
+        _check(self.train.keep_last >= 1, "train.keep_last", self.train.keep_last,
+               ">= 1 (checkpoints kept in train.run_dir/checkpoints)")
+        _check(self.reward.workers >= 0, "reward.workers", self.reward.workers,
+               ">= 0 (0 scores in the trainer's process)")
+        _check(self.reward.timeout_s > 0, "reward.timeout_s", self.reward.timeout_s, "> 0")
+        self._check_registered_names()
         if self.optimizer.name == "sgd":
             _check(
                 not p.use_distributed_optimizer,
@@ -716,6 +728,20 @@ class Config:
                 f"({world_size} / {p.pipeline_parallel} = {per_stage})",
             )
         return self
+
+    def _check_registered_names(self) -> None:
+        """Names looked up in registries at run time, checked at load (a typo would otherwise
+        surface after the model is built, or in the first training step)."""
+        from vp2o.algo.grpo import AGGREGATIONS, KL_ESTIMATORS
+        from vp2o.rewards.registry import available
+
+        for key, registry in (("aggregation", AGGREGATIONS), ("kl_estimator", KL_ESTIMATORS)):
+            value = getattr(self.grpo, key)
+            _check(value in registry, f"grpo.{key}", value,
+                   f"one of {', '.join(registry.names())}")
+        name = self.reward.name
+        _check(name in available() or "." in name or ":" in name, "reward.name", name,
+               f"one of {', '.join(available())}, or a dotted path 'pkg.module:fn'")
 
     def check_loop_layout(self, *, generates: bool = False) -> Config:
         """Refuse parallel layouts that vp2o's loops cannot run correctly (call before any

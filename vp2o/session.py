@@ -18,6 +18,7 @@ from vp2o.data.tasks import TaskSplit, arith_corpus, check_prompt_lengths, load_
 from vp2o.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from vp2o.mcore import model as mdl
 from vp2o.mcore import parallel, training, vp2o_moe
+from vp2o.mcore.checkpoint import checkpoints_of_other_kinds
 from vp2o.mcore.parallel import ParallelGroups
 
 
@@ -111,6 +112,31 @@ def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> 
         session.optimizer = training.build_optimizer(session.ddp, cfg)
         session.scheduler = training.build_scheduler(session.optimizer, cfg, total_steps)
     return session
+
+
+def claim_run_dir(cfg: Config, kind: str) -> None:
+    """Refuse a ``train.run_dir`` whose checkpoints another loop wrote (call before starting).
+
+    ``vp2o sft`` keeps only its newest checkpoint and ``vp2o train`` prunes to
+    ``train.keep_last`` and resumes from the newest one: run in another loop's folder, the first
+    would delete that loop's checkpoints and the second resume from a checkpoint it cannot use.
+
+    Raises:
+        ConfigError: naming ``train.run_dir``, the other loop and its newest checkpoint.
+    """
+    others = checkpoints_of_other_kinds(Path(cfg.train.run_dir) / "checkpoints", kind)
+    if not others:
+        return
+    newest, other = others[-1]
+    writer = f"vp2o {other}" if other else "another loop"
+    hint = (f" (to start RL from it: train.init_checkpoint={newest} with a new train.run_dir)"
+            if kind == "train" and other == "sft" else "")
+    raise ConfigError(
+        f"train.run_dir = {cfg.train.run_dir!r}: expected a new folder or one of an earlier "
+        f"vp2o {kind}; its checkpoints/ holds {len(others)} checkpoint(s) written by {writer} "
+        f"(newest {newest.name}), which vp2o {kind} would prune or resume from: choose another "
+        f"train.run_dir{hint}"
+    )
 
 
 def load_initial_weights(s: Session, path: str | Path) -> Path:

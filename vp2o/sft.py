@@ -22,7 +22,7 @@ from vp2o.mcore.checkpoint import save_checkpoint
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.metrics import MetricsLogger
 from vp2o.rewards.pool import RewardPool
-from vp2o.session import Session, session
+from vp2o.session import Session, claim_run_dir, session
 
 
 def encode_example(s: Session, row: dict) -> tuple[list[int], int]:
@@ -53,6 +53,7 @@ def sft(cfg: Config) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg.optimizer.lr = cfg.sft.lr
     cfg.optimizer.warmup_steps = max(cfg.optimizer.warmup_steps, cfg.sft.steps // 20)
+    claim_run_dir(cfg, "sft")
     with session(cfg, with_optimizer=True, total_steps=cfg.sft.steps) as s:
         return _sft(s)
 

@@ -36,7 +36,13 @@ from vp2o.algo import grpo, trust_region
 from vp2o.config import Config, to_dict
 from vp2o.diagnostics import routing_diagnostics
 from vp2o.mcore import router_replay, training
-from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vp2o.mcore.checkpoint import (
+    CheckpointError,
+    checkpoint_kind,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from vp2o.mcore.model import build_model
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.stein_step import SteinTransform
@@ -50,7 +56,7 @@ from vp2o.rollout import (
     replay_indices,
     sequence_logprobs,
 )
-from vp2o.session import Session, load_initial_weights, session
+from vp2o.session import Session, claim_run_dir, load_initial_weights, session
 
 
 @dataclass
@@ -535,6 +541,7 @@ class StopRequest:
 def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics (python floats)."""
     cfg.check_loop_layout(generates=True)
+    claim_run_dir(cfg, "train")
     with session(cfg, with_optimizer=True, total_steps=cfg.train.steps) as s:
         return _train(s)
 
@@ -732,9 +739,14 @@ def _scalar(v):
 def _resume_path(cfg: Config, root: Path) -> Path | None:
     if cfg.train.resume == "never":
         return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(root)
-    return Path(cfg.train.resume)
+    path = latest_checkpoint(root) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if path is not None and (kind := checkpoint_kind(path)) != "train":
+        raise CheckpointError(
+            f"train.resume = {cfg.train.resume!r}: checkpoint {path} was written by "
+            f"{f'vp2o {kind}' if kind else 'another loop'}, not vp2o train (it has no trainer "
+            f"state to resume); to start from its weights: train.init_checkpoint={path}"
+        )
+    return path
 
 
 def _save(s: Session, root, step, stream, transform, pending, skips) -> None:
@@ -742,6 +754,7 @@ def _save(s: Session, root, step, stream, transform, pending, skips) -> None:
     state = None if pending is None else pending.state_dict()
     dist.all_gather_object(gathered, state)  # each rank's batch, so any rank can resume
     extra = {
+        "kind": "train",
         "step": step,
         "data_position": stream.position,
         "transform": transform.state_dict(),

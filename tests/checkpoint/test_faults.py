@@ -66,6 +66,47 @@ def test_keep_last_prunes_to_the_newest(fresh, tmp_path):
     assert ck.read_marker(tmp_path / "step_00000005")["world_size"] == 1
 
 
+def test_pruning_keeps_checkpoints_another_loop_wrote(fresh, tmp_path):
+    """With extra["kind"], keep_last counts and deletes that kind only: vp2o sft (keep_last=1)
+    saved into a folder of vp2o train checkpoints used to delete them all."""
+    cfg, run = fresh
+
+    def save_kind(step, kind, keep_last):
+        return ck.save_checkpoint(tmp_path, step, model=run.ddp, optimizer=run.opt,
+                                  scheduler=run.sched, extra={"step": step, "kind": kind},
+                                  keep_last=keep_last)
+
+    for step in (1, 2, 3):
+        save_kind(step, "train", keep_last=2)
+    assert entries(tmp_path) == ["step_00000002", "step_00000003"]
+    save_kind(10, "sft", keep_last=1)
+    assert entries(tmp_path) == ["step_00000002", "step_00000003", "step_00000010"]
+    save_kind(4, "train", keep_last=2)
+    assert entries(tmp_path) == ["step_00000003", "step_00000004", "step_00000010"]
+    assert [ck.checkpoint_kind(tmp_path / e) for e in entries(tmp_path)] == ["train", "train", "sft"]
+    assert ck.read_marker(tmp_path / "step_00000010")["kind"] == "sft"
+    others = ck.checkpoints_of_other_kinds(tmp_path, "train")
+    assert others == [(tmp_path / "step_00000010", "sft")]
+
+
+def test_kind_of_a_checkpoint_saved_before_markers_carried_it(fresh, tmp_path):
+    """Older markers have no "kind": it is read from the trainer state (vp2o train's extra has
+    data_position, vp2o sft's has kind), and unknown stays None (never pruned by a kind)."""
+    cfg, run = fresh
+    for step, extra in ((1, {"step": 1, "data_position": 7}), (2, {"step": 2, "kind": "sft"}),
+                        (3, {"step": 3})):
+        path = ck.save_checkpoint(tmp_path, step, model=run.ddp, optimizer=run.opt,
+                                  scheduler=run.sched, extra=extra)
+        marker = json.loads((path / ck.MARKER).read_text())
+        marker.pop("kind")
+        (path / ck.MARKER).write_text(json.dumps(marker))
+    kinds = [ck.checkpoint_kind(tmp_path / e) for e in entries(tmp_path)]
+    assert kinds == ["train", "sft", None]
+    ck.save_checkpoint(tmp_path, 4, model=run.ddp, optimizer=run.opt, scheduler=run.sched,
+                       extra={"step": 4, "kind": "train"}, keep_last=1)
+    assert entries(tmp_path) == ["step_00000002", "step_00000003", "step_00000004"]
+
+
 def test_latest_ignores_half_written_and_markerless_dirs(trained, tmp_path):
     cfg, run = trained
     good = save(run, tmp_path, 1)

@@ -82,7 +82,9 @@ def data(tmp_path):
 
 
 def _jsonl_args(tmp_path, train_path, tokenizer, *extra):
-    return [*TINY, "data.task=jsonl", f"data.train_path={train_path}", "data.tokenizer=char",
+    # The same file as held-out rows: the training file is read (and fails) first.
+    return [*TINY, "data.task=jsonl", f"data.train_path={train_path}",
+            f"data.eval_path={train_path}", "data.tokenizer=char",
             f"data.tokenizer_path={tokenizer}", f"train.run_dir={tmp_path / 'run'}",
             "train.steps=1", *extra]
 

@@ -33,13 +33,24 @@ class TaskSplit:
     eval: list[dict]
 
 
-ARITH_MAX = 20  # a, b in [0, ARITH_MAX), c in [0, 10): 12,000 distinct prompts
+ARITH_MAX = 20  # a, b in [0, ARITH_MAX), c in [0, 10), 3 operator pairs
+ARITH_PROMPTS = ARITH_MAX * ARITH_MAX * 10 * 3  # 12,000 distinct prompts
 
 
 def arith_rows(count: int, *, seed: int, exclude: set[str] | None = None) -> list[dict]:
-    """``count`` distinct rows "a+b-c=" (a, b in [0, 20), c in [0, 10)) with their answers."""
+    """``count`` distinct rows "a+b-c=" (a, b in [0, 20), c in [0, 10)) with their answers.
+
+    Raises:
+        DatasetError: more rows asked for than there are distinct prompts besides ``exclude``
+            (the held-out rows), which would never finish.
+    """
     rng = random.Random(seed)
     rows, seen = [], set(exclude or ())
+    if count + len(seen) > ARITH_PROMPTS:
+        raise DatasetError(
+            f"data.num_train_prompts + data.num_eval_prompts = {count + len(seen)}: expected at "
+            f"most {ARITH_PROMPTS}, the built-in task's distinct prompts"
+        )
     while len(rows) < count:
         a, b, c = rng.randrange(ARITH_MAX), rng.randrange(ARITH_MAX), rng.randrange(10)
         ops = rng.choice(["+-", "-+", "++"])

@@ -158,6 +158,34 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_kind(path: Path) -> str | None:
+    """Which loop wrote complete checkpoint ``path``: ``extra["kind"]`` (``"sft"``, ``"train"``),
+    recorded in its ``complete.json``; for checkpoints written before the marker carried it, read
+    from the trainer state (a ``data_position`` there means ``vp2o train``). None if unknown.
+
+    Raises:
+        CheckpointError: the marker or the trainer state cannot be read.
+    """
+    info = read_marker(path)
+    if "kind" in info:
+        return info["kind"]
+    try:
+        trainer = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {TRAINER_STATE}: {e}") from None
+    extra = trainer.get("extra") or {}
+    kind = extra.get("kind")
+    if kind is None and "data_position" in extra:
+        kind = "train"
+    return kind if isinstance(kind, str) else None
+
+
+def checkpoints_of_other_kinds(root: Path, kind: str) -> list[tuple[Path, str | None]]:
+    """``(path, kind)`` of the complete checkpoints under ``root`` not written by ``kind``."""
+    found = [(p, checkpoint_kind(p)) for p in complete_checkpoints(root)]
+    return [(p, k) for p, k in found if k != kind]
+
+
 # --------------------------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------------------------
@@ -185,7 +213,8 @@ def save_checkpoint(
             tensors, numbers, strings, None, and lists/tuples/dicts of those, e.g. the step
             counter, the data position, ``SteinTransform.state_dict()``, ``to_dict(cfg)``.
         keep_last: afterwards keep only the newest ``keep_last`` complete checkpoints
-            (None: keep all).
+            (None: keep all); with ``extra["kind"]`` set, only checkpoints of that kind count and
+            are deleted (a checkpoint another loop wrote is never pruned).
 
     Returns:
         The checkpoint directory.
@@ -259,6 +288,7 @@ def save_checkpoint(
                     "step": step,
                     "world_size": world,
                     "layout": _layout(unwrap_model(model), optimizer, world),
+                    "kind": extra.get("kind") if isinstance(extra.get("kind"), str) else None,
                     "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "unix_time": time.time(),
                 }
@@ -278,13 +308,23 @@ def save_checkpoint(
 
     # 5. Prune (rank 0). A failure here only warns: the new checkpoint is complete.
     if keep_last is not None and rank == 0:
-        for old in complete_checkpoints(root)[:-keep_last]:
+        kind = extra.get("kind")
+        ours = [p for p in complete_checkpoints(root)
+                if not isinstance(kind, str) or _kind_or_unreadable(p) == kind]
+        for old in ours[:-keep_last]:
             try:
                 _delete_dir(old)
             except OSError as e:
                 logger.warning("could not remove old checkpoint %s: %s", old, e)
     dist.barrier()
     return final
+
+
+def _kind_or_unreadable(path: Path) -> str | None:
+    try:
+        return checkpoint_kind(path)
+    except CheckpointError:
+        return None  # unreadable: not provably ours, so not pruned
 
 
 def _dist_save(sharded_state_dict: dict, directory: Path) -> None:
