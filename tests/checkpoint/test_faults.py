@@ -83,7 +83,8 @@ def test_pruning_keeps_checkpoints_another_loop_wrote(fresh, tmp_path):
     assert entries(tmp_path) == ["step_00000002", "step_00000003", "step_00000010"]
     save_kind(4, "train", keep_last=2)
     assert entries(tmp_path) == ["step_00000003", "step_00000004", "step_00000010"]
-    assert [ck.checkpoint_kind(tmp_path / e) for e in entries(tmp_path)] == ["train", "train", "sft"]
+    kinds = [ck.checkpoint_kind(tmp_path / e) for e in entries(tmp_path)]
+    assert kinds == ["train", "train", "sft"]
     assert ck.read_marker(tmp_path / "step_00000010")["kind"] == "sft"
     others = ck.checkpoints_of_other_kinds(tmp_path, "train")
     assert others == [(tmp_path / "step_00000010", "sft")]
