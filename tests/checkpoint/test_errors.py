@@ -51,3 +51,37 @@ def test_checkpoint_of_another_optimizer(saved):
         ck.load_checkpoint(
             sgd_root / "step_00000001", model=adam.ddp, optimizer=adam.opt, scheduler=adam.sched
         )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_damaged_tensor_files_are_named(saved, damage):
+    """A truncated or missing ``.distcp`` (the marker intact): a CheckpointError naming the
+    checkpoint and the cause, not a bare EOFError/FileNotFoundError from inside DCP."""
+    distcp = sorted(saved.glob("*.distcp"))[0]
+    if damage == "truncated":
+        distcp.write_bytes(distcp.read_bytes()[:100])
+    else:
+        distcp.unlink()
+    run = build_run(small_config())
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_checkpoint(saved, model=run.ddp, optimizer=run.opt, scheduler=run.sched)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {saved}: cannot read its tensors ("), msg
+    assert msg.endswith("its files are corrupt or incomplete (an earlier complete checkpoint, "
+                        "if any, is in the same folder)"), msg
+
+
+def test_weights_of_another_model_shape_through_the_conversion_loader(saved):
+    """``load_model_weights`` (``train.init_checkpoint`` of a converted checkpoint) checks the
+    shapes first like ``load_checkpoint`` (it used to end in megatron's CheckpointingException,
+    naming no checkpoint)."""
+    from vp2o.convert import load_model_weights
+
+    other = build_run(small_config(extra=["model.num_experts=8"]))
+    with pytest.raises(ck.CheckpointError) as e:
+        load_model_weights(other.model, saved)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint {saved} does not fit this model: tensor "), msg
+    assert "has shape (2, 4, 64) in the checkpoint, this model needs (2, 8, 64)" in msg, msg
+    same = build_run(small_config())
+    load_model_weights(same.model, saved)  # the fitting model loads

@@ -478,8 +478,17 @@ def load_model_weights(model, checkpoint_dir: str | os.PathLike) -> None:
     """Load a converted (or any vp2o) dist checkpoint into a live ``GPTModel``, any layout.
 
     Call after ``vp2o.mcore.parallel.initialize`` and ``build_model`` on every rank.
+
+    Raises:
+        CheckpointError: the checkpoint does not fit the model (naming the tensor and both
+            shapes) or its files cannot be read.
     """
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint_dir))
+    from vp2o.mcore.checkpoint import check_fits, reading_tensors
+
+    sharded = model.sharded_state_dict()
+    check_fits(sharded, Path(checkpoint_dir))  # names the checkpoint, the tensor, both shapes
+    with reading_tensors(Path(checkpoint_dir)):
+        state = dist_checkpointing.load({"model": sharded}, str(checkpoint_dir))
     model.load_state_dict(state["model"], strict=True)

@@ -653,7 +653,8 @@ def load_checkpoint(
                 msd, is_loading=True, metadata=SHARDING_METADATA
             )
             _check_fits(request["optimizer"], stored, path, what="optimizer")
-        loaded = dist_checkpointing.load(request, str(path))
+        with reading_tensors(path):
+            loaded = dist_checkpointing.load(request, str(path))
         gpt.load_state_dict(loaded["model"], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
@@ -701,6 +702,36 @@ def _stored_tensors(path: Path) -> dict[str, tuple[int, ...]]:
     except Exception as e:  # noqa: BLE001 - megatron raises several types here
         raise CheckpointError(f"checkpoint {path}: cannot read its tensor metadata: {e}") from None
     return {key: tuple(sh.global_shape) for key, sh in meta.items()}
+
+
+def check_fits(sharded: Any, path: Path, what: str = "model") -> None:
+    """Raise ``CheckpointError`` unless every tensor of the sharded state dict ``sharded`` is
+    in the dist checkpoint at ``path`` with the same global shape (before a load, whose own
+    error would name neither the checkpoint nor both shapes)."""
+    _check_fits(sharded, _stored_tensors(Path(path)), Path(path), what=what)
+
+
+@contextlib.contextmanager
+def reading_tensors(path: Path) -> Iterator[None]:
+    """``dist_checkpointing.load`` of ``path`` with read failures (a truncated or missing
+    ``.distcp`` or ``common.pt``: EOFError, FileNotFoundError, zip errors, DCP's
+    ``CheckpointException``) as one ``CheckpointError`` naming the checkpoint. Run the shape
+    checks first: what fails here is the files, not the model."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        failures = [pair[0] for pair in getattr(e, "failures", {}).values()
+                    if pair and isinstance(pair[0], BaseException)]
+        cause = failures[0] if failures else e
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read its tensors ({type(cause).__name__}: {cause}); its "
+            "files are corrupt or incomplete (an earlier complete checkpoint, if any, is in the "
+            "same folder)"
+        ) from e
 
 
 def _check_fits(sharded: Any, stored: dict[str, tuple[int, ...]], path: Path, what: str) -> None:
