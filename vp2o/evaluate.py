@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from vp2o.config import Config
-from vp2o.data.tasks import check_prompt_lengths
+from vp2o.data.tasks import check_prompt_lengths, encode_rows
 from vp2o.rewards.pool import RewardPool
 from vp2o.rollout import SamplingParams, generate
 from vp2o.session import Session
@@ -171,7 +171,7 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
         if cfg.train.init_checkpoint:
             load_initial_weights(s, cfg.train.init_checkpoint)
         if rows is not None:
-            check_prompt_lengths(rows, [s.tokenizer.encode(r["prompt"]) for r in rows],
+            check_prompt_lengths(rows, encode_rows(rows, s.tokenizer.encode),
                                  cfg.data.max_prompt_tokens)
         pool = RewardPool(reward or cfg.reward.name, workers=cfg.reward.workers,
                           timeout_s=cfg.reward.timeout_s)

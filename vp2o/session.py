@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 
 from vp2o.config import Config, ConfigError
-from vp2o.data.tasks import TaskSplit, arith_corpus, check_prompt_lengths, load_task
+from vp2o.data.tasks import (
+    TaskSplit,
+    arith_corpus,
+    check_prompt_lengths,
+    encode_rows,
+    load_task,
+)
 from vp2o.data.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from vp2o.mcore import model as mdl
 from vp2o.mcore import parallel, training, vp2o_moe
@@ -97,7 +103,7 @@ def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> 
             f"({tokenizer.vocab_size})"
         )
     for split in (task.train, task.eval):
-        encoded = [tokenizer.encode(r["prompt"]) for r in split]
+        encoded = encode_rows(split, tokenizer.encode)  # file:line of a prompt it cannot encode
         check_prompt_lengths(split, encoded, cfg.data.max_prompt_tokens)
     torch.manual_seed(cfg.seed)
     model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))

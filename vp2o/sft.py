@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vp2o.config import Config, ConfigError, to_dict
+from vp2o.data.tasks import encode_rows
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.mcore import training
 from vp2o.mcore.checkpoint import save_checkpoint
@@ -68,6 +69,9 @@ def _sft(s: Session) -> dict:
     if cfg.sft.batch_size % dp:
         raise ConfigError(f"sft.batch_size = {cfg.sft.batch_size}: expected a multiple of the "
                           f"data-parallel size ({dp})")
+    # Every answer encodes (the prompts were checked when the session opened): a bad row fails
+    # here naming its file and line, not in whichever step first draws it.
+    encode_rows(s.task.train, s.tokenizer.encode, text=lambda r: str(r["answer"]), what="answer")
     per_rank = cfg.sft.batch_size // dp
     mine = slice(s.groups.dp_rank * per_rank, (s.groups.dp_rank + 1) * per_rank)
     rng = random.Random(cfg.seed)

@@ -172,8 +172,11 @@ def test_char_round_trip_and_ids() -> None:
     assert [tok.id_to_piece(i) for i in (0, 1, 2, 3)] == ["<pad>", "<bos>", "<eos>", "0"]
     with pytest.raises(ValueError, match=r"'x' at position 2"):
         tok.encode("12x")
+    # Ids past the alphabet (a model's larger embedding table) decode to nothing, as with
+    # sentencepiece: a sampled padding id must not abort a rollout.
+    assert tok.decode([99, *tok.encode("7"), tok.vocab_size, -1]) == "7"
     with pytest.raises(ValueError, match="out of range"):
-        tok.decode([99])
+        tok.id_to_piece(99)
     with pytest.raises(ValueError, match="twice"):
         CharTokenizer("aba")
     with pytest.raises(ValueError, match="non-empty"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,8 +78,14 @@ def iter_jsonl_objects(path: Path, *, what: str) -> Iterator[tuple[int, dict]]:
     """
     if not path.is_file():
         raise DatasetError(f"{path}: {what} file does not exist")
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:  # a byte-order mark on the first line is tolerated
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(
+                    f"{path}:{lineno}: not valid UTF-8 text (byte {e.start}: {e.reason})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -104,7 +110,12 @@ def read_jsonl(path: str | Path, *, prompt_field: str, answer_field: str) -> lis
         for key in (prompt_field, answer_field):
             if key not in row:
                 raise DatasetError(f"{path}:{lineno}: missing field {key!r}")
-        row["prompt"] = str(row[prompt_field])
+        if not isinstance(row[prompt_field], str):
+            raise DatasetError(f"{path}:{lineno}: field {prompt_field!r} must be a string, "
+                               f"got {type(row[prompt_field]).__name__}")
+        if row[answer_field] is None:
+            raise DatasetError(f"{path}:{lineno}: field {answer_field!r} is null")
+        row["prompt"] = row[prompt_field]
         row["answer"] = row[answer_field]
         row["_source"] = f"{path}:{lineno}"
         rows.append(row)
@@ -129,11 +140,35 @@ def load_task(cfg: DataConfig, *, seed: int) -> TaskSplit:
     raise DatasetError(f"data.task = {cfg.task!r}: expected 'arith' or 'jsonl'")
 
 
+def row_source(row: dict) -> str:
+    """Where a row came from, for messages: ``file:line`` (JSONL rows), else its prompt."""
+    return row.get("_source", repr(str(row.get("prompt", ""))[:40]))
+
+
+def encode_rows(rows: list[dict], encode: Callable[[str], list[int]], *,
+                text: Callable[[dict], str] = lambda r: r["prompt"],
+                what: str = "prompt") -> list[list[int]]:
+    """``encode(text(row))`` for every row; a text the tokenizer cannot encode (e.g. a character
+    outside a char tokenizer's alphabet) or that encodes to no token is a ``DatasetError``
+    naming the row, found when the data is loaded rather than when a batch draws the row.
+    """
+    out = []
+    for row in rows:
+        try:
+            ids = encode(text(row))
+        except ValueError as e:
+            raise DatasetError(f"{row_source(row)}: {what}: {e}") from None
+        if not ids:
+            raise DatasetError(f"{row_source(row)}: {what} is empty (it encodes to no token)")
+        out.append(ids)
+    return out
+
+
 def check_prompt_lengths(rows: list[dict], encoded: list[list[int]], limit: int) -> None:
     """Reject over-long prompts, naming the row (no silent truncation)."""
     for row, ids in zip(rows, encoded, strict=True):
         if len(ids) > limit:
-            where = row.get("_source", repr(row["prompt"][:40]))
+            where = row_source(row)
             raise DatasetError(
                 f"{where}: prompt has {len(ids)} tokens, more than data.max_prompt_tokens={limit}"
             )

@@ -71,7 +71,7 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, with BOS, EOS and pad ids dropped."""
+        """Text of `ids`, with BOS, EOS and pad ids dropped, and ids outside the vocabulary."""
         ...
 
 
@@ -464,14 +464,11 @@ class CharTokenizer:
         return _add_specials(ids, bos_id=1, eos_id=2, add_bos=add_bos, add_eos=add_eos)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, with BOS, EOS and pad ids dropped."""
+        """Text of `ids`, with BOS, EOS and pad ids dropped, and ids outside the vocabulary too
+        (a model's embedding table may be larger than the alphabet, as with sentencepiece)."""
         offset = len(_CHAR_SPECIALS)
-        out = []
-        for i in _strip_specials(ids, {0, 1, 2}):
-            if not offset <= i < self.vocab_size:
-                raise ValueError(f"id {i} is out of range [0, {self.vocab_size})")
-            out.append(self._chars[i - offset])
-        return "".join(out)
+        return "".join(self._chars[i - offset] for i in _strip_specials(ids, {0, 1, 2})
+                       if offset <= i < self.vocab_size)
 
     def id_to_piece(self, i: int) -> str:
         """The character of id `i`, or the special's name."""
@@ -514,6 +511,11 @@ class HFTokenizer:
             tok = AutoTokenizer.from_pretrained(self._path, **from_pretrained_kwargs)
         except (OSError, ValueError) as e:
             local = from_pretrained_kwargs["local_files_only"]
+            if local and not Path(self._path).exists():
+                raise TokenizerFileNotFound(
+                    f"{self._path}: tokenizer folder does not exist (data.tokenizer=hf loads "
+                    "local files only; check data.tokenizer_path)"
+                ) from None
             raise OSError(
                 f"could not load a Hugging Face tokenizer from {self._path!r}"
                 f"{' (local files only)' if local else ''}: {e}"
@@ -567,9 +569,11 @@ class HFTokenizer:
         )
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, with BOS, EOS and pad ids dropped and spaces left as they are."""
+        """Text of `ids`, with BOS, EOS and pad ids dropped and spaces left as they are; ids
+        outside the vocabulary are dropped (see `SentencePieceTokenizer.decode`)."""
+        n = self.vocab_size
         return self._tok.decode(
-            _strip_specials(ids, self._drop),
+            [i for i in _strip_specials(ids, self._drop) if 0 <= i < n],
             skip_special_tokens=False,
             clean_up_tokenization_spaces=False,
         )
