@@ -22,6 +22,7 @@ from pathlib import Path
 from vp2o.config import ConfigError, load_config
 from vp2o.data.tasks import DatasetError
 from vp2o.mcore.checkpoint import CheckpointError
+from vp2o.report import build_parser as report_arguments
 
 
 def quiet_third_party_warnings() -> None:
@@ -83,12 +84,16 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from vp2o.report import write_report
+    from vp2o.report import run
 
-    runs = {Path(r).name: Path(r) for r in args.runs}
-    path = write_report(Path(args.out), runs)
-    print(path)
-    return 0
+    return run(args)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _with_config(p: argparse.ArgumentParser) -> None:
@@ -138,14 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="report.md + PNG plots from run directories")
-    p.add_argument("runs", nargs="+", help="run directories (metrics.jsonl, eval.json)")
-    p.add_argument("--out", required=True, help="folder for report.md and the plots")
+    report_arguments(p)  # the same as python -m vp2o.report (NAME=DIR, a folder of runs)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("smoke", help="a few megatron training steps of the tiny MoE on a "
                        "counting task (checks the install)")
     p.add_argument("--config", default=None)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=_positive_int, default=40)
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_smoke)
     return parser

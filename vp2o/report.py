@@ -594,8 +594,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``vp2o report`` / ``python -m vp2o.report``: prints the path of report.md."""
-    args = build_parser().parse_args(argv)
+    """``python -m vp2o.report``: prints the path of report.md."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``vp2o report`` with parsed ``build_parser`` arguments: prints the path of report.md;
+    a missing or empty run directory is a one-line error and exit status 2."""
     try:
         runs = _resolve_runs(args.runs)
         if not runs:

@@ -213,3 +213,19 @@ def test_cli_discovers_runs_in_a_parent_directory(tmp_path, runs, capsys):
     assert [r[0] for r in _table((out / "report.md").read_text(), "Results")[2:]] == ["b", "a"]
     assert main([str(tmp_path / "missing")]) == 2
     assert "vp2o report:" in capsys.readouterr().err
+
+
+def test_the_vp2o_command_takes_the_same_arguments(tmp_path, runs, capsys):
+    """``vp2o report`` is ``python -m vp2o.report`` (it used to take DIRs only, require --out
+    and end a missing directory in a traceback)."""
+    from vp2o.cli import main as cli_main
+
+    root = runs["sft"].parent
+    assert cli_main(["report", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "report.md")
+    out = tmp_path / "named"
+    assert cli_main(["report", "--out", str(out), f"b={runs['vp2o']}"]) == 0
+    assert [r[0] for r in _table((out / "report.md").read_text(), "Results")[2:]] == ["b"]
+    missing = tmp_path / "missing"
+    assert cli_main(["report", str(missing), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("vp2o report: ")
