@@ -161,3 +161,48 @@ def test_vocab_padding_must_not_depend_on_the_layout(tmp_path):
     with pytest.raises(ConvertError, match=r"model.vocab_size = 97: with tensor_parallel = 2"):
         hf_to_mcore(tmp_path / "hf", out, tensor_parallel=2)
     _nothing_at(out)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").write_text('{"architectures": [\n'),
+         "config.json:2: not valid JSON (Expecting value)"),
+        (lambda d: (d / "config.json").write_text("[1, 2]"),
+         "config.json: expected a JSON object, got list"),
+        (lambda d: _edit_config(d, num_hidden_layers="3"), "config.json: "),
+        (lambda d: (d / "model.safetensors.index.json").write_text('{"metadata": {}}'),
+         "model.safetensors.index.json: missing field 'weight_map'"),
+    ],
+    ids=["malformed-config", "config-not-an-object", "config-field-type", "index-without-map"],
+)
+def test_malformed_json_inputs_name_the_file(qwen3_copy, tmp_path, damage, message):
+    """Malformed JSON beside the tensors used to end in a bare JSONDecodeError, KeyError or
+    AttributeError (or a huggingface_hub validation error) without the file."""
+    damage(qwen3_copy)
+    _convert_fails(qwen3_copy, tmp_path / "out", f"{qwen3_copy}/{message}")
+
+
+def test_a_malformed_safetensors_header_entry_names_the_tensor(qwen3_copy, tmp_path):
+    path = qwen3_copy / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    del header[name]["dtype"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    text = text.ljust(n)  # same length: the offsets stay valid
+    path.write_bytes(data[:8] + text + data[8 + n :])
+    _convert_fails(qwen3_copy, tmp_path / "out",
+                   f"{path}: tensor {name!r}: malformed safetensors header entry")
+
+
+def test_an_export_with_a_provenance_file_without_family(converted, tmp_path):
+    mcore = copy_dir(converted("qwen3_moe"), tmp_path / "mcore")
+    (mcore / "convert.json").write_text("{}")
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match=re.escape(f"{mcore}/convert.json: missing field "
+                                                     "'family'")):
+        mcore_to_hf(mcore, out)
+    _nothing_at(out)

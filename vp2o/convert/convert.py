@@ -35,7 +35,7 @@ import yaml
 from vp2o.config import Config, ModelConfig, ParallelConfig, from_dict, load_config, to_dict
 from vp2o.convert import families as fam
 from vp2o.convert import hf_io, mcore_io
-from vp2o.convert.tensors import ConvertError, TensorRule, get_layout
+from vp2o.convert.tensors import ConvertError, TensorRule, get_layout, read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -200,13 +200,19 @@ def hf_to_mcore(
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{hf_dir}: no config.json")
-    raw = json.loads(config_path.read_text())
+    raw = read_json_object(config_path)
     family = fam.family_for(raw)
     with hf_io.HFReader(hf_dir) as reader:
         params_dtype = dtype or _source_dtype(reader)
         if params_dtype not in _DTYPES:
             raise ConvertError(f"dtype = {params_dtype!r}: expected one of fp32, bf16, fp16")
-        model_cfg = family.model_config(fam.load_hf_config(raw), params_dtype=params_dtype)
+        try:
+            hf_config = fam.load_hf_config(raw)
+        except ConvertError as e:
+            raise ConvertError(f"{config_path}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - transformers/huggingface_hub field checks
+            raise ConvertError(f"{config_path}: {type(e).__name__}: {e}") from None
+        model_cfg = family.model_config(hf_config, params_dtype=params_dtype)
         cfg = Config(
             model=model_cfg,
             parallel=ParallelConfig(
@@ -316,11 +322,11 @@ def _export_sources(
 def _family_of(side: Path | None, family: str | None) -> tuple[fam.Family, dict | None]:
     original = None
     if side is not None and (side / HF_CONFIG_NAME).is_file():
-        original = json.loads((side / HF_CONFIG_NAME).read_text())
+        original = read_json_object(side / HF_CONFIG_NAME)
     if family is not None:
         return fam.get_family(family), original
     if side is not None and (side / PROVENANCE_NAME).is_file():
-        name = json.loads((side / PROVENANCE_NAME).read_text())["family"]
+        name = read_json_object(side / PROVENANCE_NAME, required=("family",))["family"]
         return fam.get_family(name), original
     if original is not None:
         return fam.family_for(original), original

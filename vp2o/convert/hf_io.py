@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vp2o.convert.tensors import ConvertError
+from vp2o.convert.tensors import ConvertError, read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -74,13 +74,21 @@ def read_header(path: Path) -> dict[str, _Entry]:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise ConvertError(f"{path}: malformed safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ConvertError(f"{path}: malformed safetensors header: not a JSON object")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = dtype_from_code(info["dtype"])
-        shape = tuple(int(s) for s in info["shape"])
-        begin, end = (int(x) for x in info["data_offsets"])
+        try:
+            dtype = dtype_from_code(info["dtype"])
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except ConvertError as e:  # an unsupported dtype
+            raise ConvertError(f"{path}: tensor {name!r}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConvertError(f"{path}: tensor {name!r}: malformed safetensors header entry "
+                               f"(expected dtype, shape and 2 data_offsets; {e!r})") from None
         numel = 1
         for s in shape:
             numel *= s
@@ -102,7 +110,11 @@ class HFReader:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json_object(index, required=("weight_map",))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise ConvertError(f"{index}: 'weight_map' must map tensor names to file names")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))

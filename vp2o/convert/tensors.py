@@ -20,14 +20,39 @@ Layouts (megatron rows, top to bottom):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 
 class ConvertError(ValueError):
     """A checkpoint or config cannot be converted; the message names the tensor or field."""
+
+
+def read_json_object(path: Path, *, required: tuple[str, ...] = ()) -> dict:
+    """The JSON object in file ``path``, with ``required`` keys present.
+
+    Raises:
+        ConvertError: unreadable, not UTF-8, not JSON, not an object, or a key missing, naming
+            the file (and the line of a JSON error).
+    """
+    try:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConvertError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not valid UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    for key in required:
+        if key not in obj:
+            raise ConvertError(f"{path}: missing field {key!r}")
+    return obj
 
 
 @dataclass(frozen=True)
