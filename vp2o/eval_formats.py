@@ -92,7 +92,10 @@ def _choice(row: dict) -> dict:
     row = dict(row)
     if "correct_answer" in row and "options" not in row and "choices" not in row:
         # GPQA: one correct and the incorrect answers, in an order fixed by the question's hash
-        options = [row["correct_answer"], *_field(row, "incorrect_answers")]
+        incorrect = _field(row, "incorrect_answers")
+        if not isinstance(incorrect, list):  # a string would be split into its characters
+            raise ValueError(f"'incorrect_answers' must be a list, got {type(incorrect).__name__}")
+        options = [row["correct_answer"], *incorrect]
         seed = int(hashlib.sha256(str(row.get("question", "")).encode()).hexdigest()[:8], 16)
         order = list(range(len(options)))
         random.Random(seed).shuffle(order)
@@ -121,9 +124,20 @@ def _choice(row: dict) -> dict:
 @register_format("ifeval", "ifeval")
 def _ifeval(row: dict) -> dict:
     ids = _field(row, "instruction_id_list")
+    if not isinstance(ids, list):
+        raise ValueError(f"'instruction_id_list' must be a list, got {type(ids).__name__}")
     kwargs = row.get("kwargs") or [{} for _ in ids]
-    if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+    if not isinstance(kwargs, list) or len(ids) != len(kwargs):
         raise ValueError("'instruction_id_list' and 'kwargs' must be lists of the same length")
+    from vp2o.rewards.ifeval import build_instruction
+
+    for i, (name, args) in enumerate(zip(ids, kwargs, strict=True)):
+        if args is not None and not isinstance(args, dict):
+            raise ValueError(f"kwargs[{i}] must be an object, got {type(args).__name__}")
+        try:  # an unknown id or bad kwargs would otherwise score 0 on every response
+            build_instruction(name, args)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"instruction {i} ({name!r}): {e}") from None
     return {**row, "prompt": str(_field(row, "prompt")), "answer": None, "kwargs": kwargs}
 
 
@@ -132,9 +146,17 @@ def _code(row: dict) -> dict:
     tests = row.get("tests")
     if tests is None:
         io = _field(row, "input_output")
-        io = json.loads(io) if isinstance(io, str) else io
-        tests = [{"input": i, "output": o}
-                 for i, o in zip(io["inputs"], io["outputs"], strict=True)]
+        if isinstance(io, str):
+            try:
+                io = json.loads(io)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"'input_output' is a string but not JSON ({e.msg})") from None
+        inputs = io.get("inputs") if isinstance(io, dict) else None
+        outputs = io.get("outputs") if isinstance(io, dict) else None
+        if not isinstance(inputs, list) or not isinstance(outputs, list) \
+                or len(inputs) != len(outputs):
+            raise ValueError("'input_output' needs 'inputs' and 'outputs' lists of equal length")
+        tests = [{"input": i, "output": o} for i, o in zip(inputs, outputs, strict=True)]
     if not isinstance(tests, list) or not tests:
         raise ValueError("'tests' must be a non-empty list of {input, output}")
     for t in tests:

@@ -77,6 +77,20 @@ def test_ifeval_and_code_rows_score():
     ("choice", {"question": "q", "options": ["a", "b"], "answer": 5}, "out of range"),
     ("ifeval", {"prompt": "p", "instruction_id_list": ["a"], "kwargs": [{}, {}]}, "same length"),
     ("code", {"question": "q", "tests": []}, "non-empty"),
+    # Rows that used to fail with raw Python text, or load and then score 0 (or shuffle the
+    # characters of a string into options):
+    ("code", {"question": "q", "input_output": {"outputs": ["1"]}},
+     "'inputs' and 'outputs' lists of equal length"),
+    ("code", {"question": "q", "input_output": {"inputs": ["1", "2"], "outputs": ["1"]}},
+     "equal length"),
+    ("code", {"question": "q", "input_output": "{not json"}, "a string but not JSON"),
+    ("choice", {"question": "q", "correct_answer": "yes", "incorrect_answers": "no"},
+     "'incorrect_answers' must be a list, got str"),
+    ("ifeval", {"prompt": "p", "instruction_id_list": 3}, "must be a list, got int"),
+    ("ifeval", {"prompt": "p", "instruction_id_list": ["no:such"], "kwargs": [{}]},
+     r"instruction 0 \('no:such'\): unknown instruction"),
+    ("ifeval", {"prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
+                "kwargs": [3]}, r"kwargs\[0\] must be an object, got int"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, fmt, line, needle):
     path = tmp_path / "b.jsonl"
