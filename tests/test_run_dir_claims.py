@@ -69,3 +69,11 @@ def test_resuming_from_an_sft_checkpoint_names_it_and_the_way_to_start_from_it(t
     train_ckpt = _fake_checkpoint(tmp_path / "run" / "checkpoints", 7, "train")
     auto = load_config(None, [])
     assert train_module._resume_path(auto, tmp_path / "run" / "checkpoints") == train_ckpt
+
+
+def test_a_resume_value_that_is_no_directory_names_the_key(tmp_path):
+    cfg = load_config(None, ["train.resume=Auto"])
+    with pytest.raises(CheckpointError) as err:
+        train_module._resume_path(cfg, tmp_path / "run" / "checkpoints")
+    assert str(err.value) == ("train.resume = 'Auto': expected auto, never, or a checkpoint "
+                              "directory (step_*) that exists")

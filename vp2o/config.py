@@ -596,6 +596,7 @@ class Config:
                ">= 0 (0 scores in the trainer's process)")
         _check(self.reward.timeout_s > 0, "reward.timeout_s", self.reward.timeout_s, "> 0")
         self._check_registered_names()
+        self._check_optimizer()
         if self.optimizer.name == "sgd":
             _check(
                 not p.use_distributed_optimizer,
@@ -614,7 +615,12 @@ class Config:
         for key in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
             value = getattr(p, key)
             _check(value >= 1, f"parallel.{key}", value, "an integer >= 1")
-        _check(p.etp >= 1, "parallel.expert_tensor_parallel", p.etp, "an integer >= 1")
+        _check(
+            p.expert_tensor_parallel is None or p.expert_tensor_parallel >= 1,
+            "parallel.expert_tensor_parallel",
+            p.expert_tensor_parallel,
+            "an integer >= 1, or null for parallel.tensor_parallel",
+        )
         tp = p.tensor_parallel
         _check(
             m.num_attention_heads % tp == 0,
@@ -728,6 +734,24 @@ class Config:
                 f"({world_size} / {p.pipeline_parallel} = {per_stage})",
             )
         return self
+
+    def _check_optimizer(self) -> None:
+        """Ranges of the optimizer settings (a NaN or negative lr used to train on)."""
+        import math
+
+        o = self.optimizer
+        _check(math.isfinite(o.lr) and o.lr > 0, "optimizer.lr", o.lr, "a finite number > 0")
+        _check(math.isfinite(o.min_lr) and 0 <= o.min_lr <= o.lr, "optimizer.min_lr", o.min_lr,
+               f"in [0, optimizer.lr = {o.lr}]")
+        _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay",
+               o.weight_decay, "a finite number >= 0")
+        for key in ("adam_beta1", "adam_beta2", "sgd_momentum"):
+            value = getattr(o, key)
+            _check(0 <= value < 1, f"optimizer.{key}", value, "in [0, 1)")
+        _check(o.adam_eps > 0, "optimizer.adam_eps", o.adam_eps, "> 0")
+        _check(math.isfinite(o.clip_grad) and o.clip_grad >= 0, "optimizer.clip_grad",
+               o.clip_grad, "a finite number >= 0 (0 = no clipping)")
+        _check(o.warmup_steps >= 0, "optimizer.warmup_steps", o.warmup_steps, ">= 0")
 
     def _check_registered_names(self) -> None:
         """Names looked up in registries at run time, checked at load (a typo would otherwise

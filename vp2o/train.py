@@ -740,6 +740,11 @@ def _resume_path(cfg: Config, root: Path) -> Path | None:
     if cfg.train.resume == "never":
         return None
     path = latest_checkpoint(root) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if path is not None and not path.is_dir():
+        raise CheckpointError(
+            f"train.resume = {cfg.train.resume!r}: expected auto, never, or a checkpoint "
+            "directory (step_*) that exists"
+        )
     if path is not None and (kind := checkpoint_kind(path)) != "train":
         raise CheckpointError(
             f"train.resume = {cfg.train.resume!r}: checkpoint {path} was written by "
