@@ -113,6 +113,23 @@ def test_yaml_and_overrides(tmp_path):
         (["optimizer.clip_grad=-1"], None, "optimizer.clip_grad = -1.0: expected a finite"),
         (["parallel.expert_tensor_parallel=0"], None,
          "parallel.expert_tensor_parallel = 0: expected an integer >= 1, or null"),
+        (["train.max_consecutive_skips=0"], None, "train.max_consecutive_skips = 0: expected >= 1"),
+        (["sft.batch_size=0"], None, "sft.batch_size = 0: expected >= 1"),
+        (["rollout.top_k=-1"], None, "rollout.top_k = -1: expected >= 0"),
+        (['rollout.stop_strings=["x", ""]'], None, "expected non-empty strings"),
+        (["grpo.kl_coeff=-0.1"], None, "grpo.kl_coeff = -0.1: expected >= 0"),
+        (["grpo.clip_ratio_c=1.0"], None, "grpo.clip_ratio_c = 1.0: expected null or > 1"),
+        (["algorithm=vp2o", "vp2o.pg_estimator=logprob", "vp2o.clip=true"], None,
+         "vp2o.clip = True: expected false with vp2o.pg_estimator=logprob"),
+        (["algorithm=vp2o", "vp2o.pg_estimator=logprob", "grpo.clip_ratio_c=3"], None,
+         "grpo.clip_ratio_c = 3.0: expected null with vp2o.pg_estimator=logprob"),
+        (["model.position_embedding_type=learned_absolute", "model.max_position_embeddings=64"],
+         None, "model.max_position_embeddings = 64: expected >= data.max_prompt_tokens + "
+         "rollout.max_new_tokens (80)"),
+        (["model.moe_router_topk=1"], None,
+         "model.moe_router_pre_softmax = False: expected true when model.moe_router_topk = 1"),
+        (["data.num_train_prompts=11900", "data.num_eval_prompts=101"], None,
+         "data.num_train_prompts = 11900: expected at most 12000 - data.num_eval_prompts"),
         (["model"], None, "override 'model': expected key.sub=value"),
         (["seed.x=1"], None, "seed = {'x': 1}: expected an integer"),
         (["model.num_layers.x=1"], None, "model.num_layers = {'x': 1}: expected an integer"),
@@ -163,11 +180,13 @@ def test_a_dotted_reward_path_is_left_to_run_time():
 
 def test_the_built_in_task_refuses_more_prompts_than_it_has():
     """12,000 distinct prompts: asking for more used to loop forever while drawing them."""
+    from vp2o.config import DataConfig
     from vp2o.data.tasks import ARITH_PROMPTS, DatasetError, load_task
 
-    cfg = load_config(None, [f"data.num_train_prompts={ARITH_PROMPTS}", "data.num_eval_prompts=1"])
+    # load_config refuses it (see the rejections above); the loader guards itself as well.
+    data = DataConfig(num_train_prompts=ARITH_PROMPTS, num_eval_prompts=1)
     with pytest.raises(DatasetError, match=r"num_eval_prompts = 12001: expected at most 12000"):
-        load_task(cfg.data, seed=0)
+        load_task(data, seed=0)
     fits = load_config(None, [f"data.num_train_prompts={ARITH_PROMPTS - 5}",
                               "data.num_eval_prompts=5"])
     split = load_task(fits.data, seed=0)

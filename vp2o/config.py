@@ -166,7 +166,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     """Pipeline-parallel size (PP); must divide model.num_layers."""
     context_parallel: int = 1
-    """Context-parallel size (CP). vp2o sft/train/eval need 1 (``Config.check_loop_layout``)."""
+    """Context-parallel size (CP); vp2o sft/train/eval need 1 (``Config.check_loop_settings``)."""
     expert_parallel: int = 1
     """Expert-parallel size (EP); must divide model.num_experts."""
     expert_tensor_parallel: int | None = 1
@@ -597,6 +597,7 @@ class Config:
         _check(self.reward.timeout_s > 0, "reward.timeout_s", self.reward.timeout_s, "> 0")
         self._check_registered_names()
         self._check_optimizer()
+        self._check_loop_ranges()
         if self.optimizer.name == "sgd":
             _check(
                 not p.use_distributed_optimizer,
@@ -735,6 +736,43 @@ class Config:
             )
         return self
 
+    def _check_loop_ranges(self) -> None:
+        """Values the loops would otherwise reject (or misread) only at their first step."""
+        m, r, g, t, sft = self.model, self.rollout, self.grpo, self.train, self.sft
+        _check(t.max_consecutive_skips >= 1, "train.max_consecutive_skips",
+               t.max_consecutive_skips, ">= 1")
+        _check(sft.steps >= 1, "sft.steps", sft.steps, ">= 1")
+        _check(sft.batch_size >= 1, "sft.batch_size", sft.batch_size, ">= 1")
+        _check(r.top_k >= 0, "rollout.top_k", r.top_k, ">= 0 (0 = off)")
+        _check(all(r.stop_strings), "rollout.stop_strings", r.stop_strings,
+               "non-empty strings (an empty one would stop every sequence at once)")
+        _check(g.kl_coeff >= 0, "grpo.kl_coeff", g.kl_coeff, ">= 0 (0 = no KL penalty)")
+        _check(g.clip_ratio_c is None or g.clip_ratio_c > 1, "grpo.clip_ratio_c",
+               g.clip_ratio_c, "null or > 1 (the dual-clip bound)")
+        _check(0 <= g.clip_low < 1, "grpo.clip_low", g.clip_low, "in [0, 1)")
+        _check(g.clip_high >= 0, "grpo.clip_high", g.clip_high, ">= 0")
+        if self.algorithm == "vp2o" and self.vp2o.pg_estimator == "logprob":
+            _check(not self.vp2o.clip, "vp2o.clip", True,
+                   "false with vp2o.pg_estimator=logprob (there is no ratio to clip)")
+            _check(g.clip_ratio_c is None, "grpo.clip_ratio_c", g.clip_ratio_c,
+                   "null with vp2o.pg_estimator=logprob (there is no ratio to clip)")
+        if m.position_embedding_type == "learned_absolute":
+            longest = self.data.max_prompt_tokens + r.max_new_tokens
+            _check(longest <= m.max_position_embeddings, "model.max_position_embeddings",
+                   m.max_position_embeddings,
+                   f">= data.max_prompt_tokens + rollout.max_new_tokens ({longest}) with "
+                   "learned absolute positions")
+        if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax":
+            _check(m.moe_router_pre_softmax, "model.moe_router_pre_softmax", False,
+                   "true when model.moe_router_topk = 1 with softmax scores (megatron-core)")
+        if self.data.task == "arith":
+            from vp2o.data.tasks import ARITH_PROMPTS
+
+            wanted = self.data.num_train_prompts + self.data.num_eval_prompts
+            _check(wanted <= ARITH_PROMPTS, "data.num_train_prompts", self.data.num_train_prompts,
+                   f"at most {ARITH_PROMPTS} - data.num_eval_prompts: the built-in task has "
+                   f"{ARITH_PROMPTS} distinct prompts")
+
     def _check_optimizer(self) -> None:
         """Ranges of the optimizer settings (a NaN or negative lr used to train on)."""
         import math
@@ -767,29 +805,40 @@ class Config:
         _check(name in available() or "." in name or ":" in name, "reward.name", name,
                f"one of {', '.join(available())}, or a dotted path 'pkg.module:fn'")
 
-    def check_loop_layout(self, *, generates: bool = False) -> Config:
-        """Refuse parallel layouts that vp2o's loops cannot run correctly (call before any
-        process group exists, so a bad layout fails at once, not after the model is built).
+    def check_loop_settings(self, *, generates: bool = False, rl: bool = False) -> Config:
+        """Refuse settings that vp2o's loops cannot run correctly (call before any process group
+        exists, so they fail at once, not after the model is built and loaded).
 
-        Context parallelism, every loop: megatron-core expects the caller to hand each CP rank
-        its own slices of every sequence (and to combine the per-token losses across the CP
-        group); vp2o's loops hand every rank whole sequences. Under CP > 1 with
-        transformer-engine attention that would run, and train on wrong attention, without an
-        error. ``generates`` (``vp2o train`` and ``vp2o eval``): the rollout loop runs TP = PP =
-        1 (docs/rollout.md); without this check it would stop at the first rollout.
+        Every loop: context parallelism (megatron-core expects the caller to hand each CP rank
+        its own slices of every sequence and to combine the per-token losses across the CP
+        group; vp2o's loops hand every rank whole sequences, and under transformer-engine
+        attention CP > 1 would train on wrong attention without an error), and fp16 parameters
+        (vp2o sets no loss scale, so megatron's fp16 optimizer divides the gradients by a
+        dynamic scale that starts at 2^32: nothing is learned). ``generates`` (``vp2o train``,
+        ``vp2o eval``): the rollout loop runs TP = PP = 1 (docs/rollout.md). ``rl``
+        (``vp2o train``): no dropout (behaviour log-probs are recorded in eval mode, the
+        learner's in train mode: dropout alone would make every step off-policy) and a sampling
+        temperature > 0 (greedy samples of a group are identical: every advantage is 0).
         ``Config.validate`` accepts all of these: ``vp2o launch`` plans any layout megatron
-        accepts (docs/scaling.md).
+        accepts and ``vp2o convert`` writes fp16 (docs/scaling.md).
 
         Raises:
-            ConfigError: naming the ``parallel`` key, its value and what was expected.
+            ConfigError: naming the key, its value and what was expected.
         """
-        p = self.parallel
+        p, m = self.parallel, self.model
         _check(
             p.context_parallel == 1,
             "parallel.context_parallel",
             p.context_parallel,
             "1 for vp2o sft/train/eval (the loops give every rank whole sequences; splitting "
             "them over context-parallel ranks is not implemented, docs/scaling.md)",
+        )
+        _check(
+            m.params_dtype != "fp16",
+            "model.params_dtype",
+            m.params_dtype,
+            "fp32 or bf16 for vp2o sft/train/eval (fp16 needs a loss scale, which vp2o does not "
+            "set: the updates would be ~0)",
         )
         if generates:
             for key in ("tensor_parallel", "pipeline_parallel"):
@@ -800,6 +849,22 @@ class Config:
                     "1 for vp2o train/eval (their rollout generation runs TP = PP = 1, "
                     "docs/rollout.md)",
                 )
+        if rl:
+            for key in ("hidden_dropout", "attention_dropout"):
+                _check(
+                    getattr(m, key) == 0,
+                    f"model.{key}",
+                    getattr(m, key),
+                    "0 for vp2o train (rollouts are sampled without dropout and the learner "
+                    "would apply it: every step would be off-policy)",
+                )
+            _check(
+                self.rollout.temperature > 0,
+                "rollout.temperature",
+                self.rollout.temperature,
+                "> 0 for vp2o train (greedy samples of a group are identical, so every "
+                "advantage is 0)",
+            )
         return self
 
 

@@ -163,7 +163,7 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     from vp2o.eval_formats import load_benchmark
     from vp2o.session import load_initial_weights, session
 
-    cfg.check_loop_layout(generates=True)
+    cfg.check_loop_settings(generates=True)
     rows = reward = None
     if benchmark is not None:  # a bad file fails before any process group exists
         rows, reward = load_benchmark(benchmark, fmt)

@@ -62,9 +62,9 @@ def resolve_layout(cfg: Config, world: int) -> Layout:
 
     Raises:
         ConfigError: the layout does not divide ``world`` (from ``Config.validate``) or is one
-            the loops refuse (``Config.check_loop_layout``).
+            the loops refuse (``Config.check_loop_settings``).
     """
-    cfg.validate(world_size=world).check_loop_layout()  # fail here, not on every node
+    cfg.validate(world_size=world).check_loop_settings()  # fail here, not on every node
     p = cfg.parallel
     dp = p.data_parallel(world)
     expert_dp = world // (p.pipeline_parallel * p.expert_parallel * p.etp)

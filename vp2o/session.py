@@ -92,7 +92,7 @@ def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> 
     """Initialise parallelism, data, tokenizer and the model (VP2O layer spec in both modes: the
     routing statistics feed the diagnostics either way; the transform and the specialisation
     losses are switched on only for ``algorithm=vp2o``)."""
-    cfg.check_loop_layout()
+    cfg.check_loop_settings()
     groups = parallel.initialize(cfg)
     run_dir = Path(cfg.train.run_dir)
     task = load_task(cfg.data, seed=cfg.seed)

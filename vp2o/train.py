@@ -540,7 +540,7 @@ class StopRequest:
 
 def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics (python floats)."""
-    cfg.check_loop_layout(generates=True)
+    cfg.check_loop_settings(generates=True, rl=True)
     claim_run_dir(cfg, "train")
     with session(cfg, with_optimizer=True, total_steps=cfg.train.steps) as s:
         return _train(s)
@@ -577,7 +577,16 @@ def _train(s: Session) -> dict:
                                 scheduler=s.scheduler)
         start_step, stream.position = extra["step"], extra["data_position"]
         transform.load_state_dict(extra["transform"])
-        pending = PendingBatch.from_state(extra["pending"][rank])
+        saved = extra["pending"]  # one rollout batch per rank of the saving run
+        if len(saved) == dist.get_world_size():
+            pending = PendingBatch.from_state(saved[rank])
+        else:  # the same decision on every rank: an IndexError on some would hang the others
+            pending = None
+            if rank == 0:
+                print(f"vp2o: warning: resumed on {dist.get_world_size()} ranks from a checkpoint "
+                      f"of {len(saved)}: its unfinished rollout batches are dropped and the next "
+                      "step samples fresh ones (and the prompt order differs from the run's)",
+                      flush=True)
         skips = extra.get("consecutive_skips", 0)
         if ref_model is not None and not cfg.train.init_checkpoint:
             print("vp2o: warning: resumed without train.init_checkpoint: the KL reference is the "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -125,6 +126,16 @@ def test_dry_run_rejects_context_parallelism():
                     "--gpus-per-node", "4").startswith("layout: world=4 ")
 
 
+@pytest.fixture
+def no_session(monkeypatch):
+    """Records process-group starts (there must be none)."""
+    from vp2o import session as session_module
+
+    started = []
+    monkeypatch.setattr(session_module.parallel, "initialize", lambda cfg: started.append(cfg))
+    return started
+
+
 def test_sessions_refuse_context_parallelism_before_starting(monkeypatch):
     """sft/train/eval open a session; it refuses CP > 1 before any process group exists."""
     from vp2o import session as session_module
@@ -159,7 +170,37 @@ def test_generating_loops_refuse_tp_and_pp_before_starting(monkeypatch, verb, ov
             evaluate_module.run_eval(cfg)
     assert started == []
     # SFT does not generate: the same layout gets past the check (to the process groups).
-    cfg.check_loop_layout(generates=False)
+    cfg.check_loop_settings(generates=False)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.hidden_dropout=0.1", "model.hidden_dropout = 0.1: expected 0 for vp2o train"),
+    ("model.attention_dropout=0.1", "model.attention_dropout = 0.1: expected 0 for vp2o train"),
+    ("rollout.temperature=0", "rollout.temperature = 0.0: expected > 0 for vp2o train"),
+    ("model.params_dtype=fp16", "model.params_dtype = 'fp16': expected fp32 or bf16"),
+])
+def test_rl_training_refuses_settings_it_would_run_wrongly(no_session, override, message):
+    """Dropout made every step off-policy (behaviour log-probs are taken in eval mode), greedy
+    sampling gave every advantage 0, fp16 without a loss scale learnt nothing: all ran without
+    an error before; now vp2o train refuses them before anything starts."""
+    from vp2o import train as train_module
+    from vp2o.config import load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train_module.train(load_config(None, [override]))
+    assert no_session == []
+
+
+def test_sft_and_eval_accept_what_only_rl_training_refuses(no_session):
+    """Dropout and greedy decoding are fine for SFT and evaluation; fp16 is refused by all."""
+    from vp2o.config import load_config
+
+    cfg = load_config(None, ["model.hidden_dropout=0.1", "rollout.temperature=0"])
+    cfg.check_loop_settings(generates=True)
+    cfg.check_loop_settings()
+    fp16 = load_config(None, ["model.params_dtype=fp16"])
+    with pytest.raises(ConfigError, match="model.params_dtype = 'fp16'"):
+        fp16.check_loop_settings()
 
 
 @pytest.mark.parametrize(("tp", "pp", "cp", "ep", "world"),

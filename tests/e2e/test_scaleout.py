@@ -226,3 +226,25 @@ def test_per_prompt_generators_make_samples_independent_of_the_batch():
     assert torch.equal(single, again)  # one generator: unchanged behaviour
     with pytest.raises(ValueError, match="generator blocks"):
         sample_next(logits, params, gens(range(5)))
+
+
+@pytest.mark.slow
+def test_resume_on_more_ranks_than_the_checkpoint_was_saved_on(tmp_path):
+    """A 1-process checkpoint resumed by 2 processes: the saved rollout batch (one per saving
+    rank) is dropped on every rank with a warning, and training goes on. Before, rank 1 raised
+    an IndexError on it and rank 0 waited in the next collective until the process-group
+    timeout (30 minutes), rank 1's traceback never printed."""
+    run_dir = tmp_path / "run"
+    common = [*TINY, "algorithm=vp2o", "rollout.prompts_per_step=2", f"train.run_dir={run_dir}"]
+
+    def launch(nproc: int, steps: int) -> subprocess.CompletedProcess:
+        return _run([sys.executable, "-m", "vp2o.launch", "--nnodes=1",
+                     f"--nproc_per_node={nproc}", "--node_rank=0", "--rdzv_backend=static",
+                     f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "vp2o.cli", "train",
+                     *common, f"train.steps={steps}", "train.save_every=1"], timeout=240)
+
+    launch(1, 1)
+    out = launch(2, 3)
+    assert "resumed on 2 ranks from a checkpoint of 1: its unfinished rollout batches are " \
+           "dropped" in out.stdout + out.stderr
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
