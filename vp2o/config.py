@@ -136,8 +136,11 @@ class ModelConfig:
     """Activation recompute granularity."""
     recompute_num_layers: int = 1
     """With recompute=full: layers per recompute chunk (uniform method)."""
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    """auto = transformer-engine spec when TE imports and CUDA is present, else the local spec."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "local"
+    """local = megatron's local spec (what vp2o train/eval need: their rollout's padded batches
+    need its attention, docs/rollout.md); auto = the transformer-engine spec when TE imports and
+    CUDA is present, else local (e.g. for vp2o sft: megatron maps the local spec's checkpoint
+    keys to the transformer-engine spec's)."""
 
     @property
     def head_dim(self) -> int:

@@ -43,7 +43,7 @@ from vp2o.mcore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vp2o.mcore.model import build_model
+from vp2o.mcore.model import build_model, check_generation_backend
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
@@ -541,6 +541,7 @@ class StopRequest:
 def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics (python floats)."""
     cfg.check_loop_settings(generates=True, rl=True)
+    check_generation_backend(cfg.model)
     claim_run_dir(cfg, "train")
     with session(cfg, with_optimizer=True, total_steps=cfg.train.steps) as s:
         return _train(s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vp2o.config import load_config
+from vp2o.config import ConfigError, load_config
 from vp2o.mcore import model as mdl
 
 # Tiny versions of each family's distinguishing features.
@@ -145,3 +145,43 @@ def test_tensor_parallel_moe_needs_transformer_engine_norms():
     with pytest.raises(ConfigError, match="parallel.sequence_parallel.*transformer-engine"):
         check_sequence_parallel_norms(tp2)
     check_sequence_parallel_norms(load_config(None, ["model.transformer_impl=local"]))
+
+
+def test_grouped_gemm_needs_the_transformer_engine_spec(init_parallel):
+    """Without transformer-engine megatron builds its legacy GroupedMLP, which asserts that the
+    grouped_gemm package exists (and which the Stein transform does not read): a ConfigError
+    before the build, naming the key. The megatron fact first."""
+    from vp2o.mcore.model import build_model
+
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64",
+                             "model.num_attention_heads=4", "model.num_query_groups=2",
+                             "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
+                             "model.num_experts=4", "model.vocab_size=128",
+                             "model.moe_grouped_gemm=true", "model.transformer_impl=auto"])
+    init_parallel(cfg)
+    with pytest.raises(ConfigError, match=r"model.moe_grouped_gemm = True: expected false "
+                                          r"without transformer-engine \(model.transformer_impl "
+                                          r"= 'auto' builds the local spec here"):
+        build_model(cfg)
+
+
+def test_train_and_eval_refuse_the_transformer_engine_spec_before_starting(monkeypatch):
+    """Where transformer-engine imports (a GPU machine with vp2o[te]), a config that builds its
+    spec is refused by vp2o train/eval at once; the rollout used to raise at its first batch,
+    after the model was built and a 30B checkpoint loaded."""
+    from vp2o import evaluate as evaluate_module
+    from vp2o import session as session_module
+    from vp2o import train as train_module
+    from vp2o.mcore import model as model_module
+
+    started = []
+    monkeypatch.setattr(session_module.parallel, "initialize", lambda cfg: started.append(cfg))
+    monkeypatch.setattr(model_module, "use_transformer_engine",
+                        lambda m: m.transformer_impl != "local")
+    auto = load_config(None, ["model.transformer_impl=auto"])
+    for run in (train_module.train, evaluate_module.run_eval):
+        with pytest.raises(ConfigError, match=r"model.transformer_impl = 'auto': expected local "
+                                              r"for vp2o train/eval"):
+            run(auto)
+    assert started == []
+    model_module.check_generation_backend(load_config(None, []).model)  # the default is local

@@ -43,6 +43,34 @@ def use_transformer_engine(m: ModelConfig) -> bool:
     return torch.cuda.is_available()
 
 
+def check_grouped_gemm(m: ModelConfig) -> None:
+    """``moe_grouped_gemm`` needs the transformer-engine spec (TEGroupedMLP experts).
+
+    Without it megatron builds its legacy ``GroupedMLP``, which asserts that the ``grouped_gemm``
+    package is present and which the Stein transform does not read (it supports SequentialMLP
+    and TEGroupedMLP experts, vp2o/mcore/stein_step.py): refused here, before the build.
+    """
+    if m.moe_grouped_gemm and not use_transformer_engine(m):
+        raise ConfigError(
+            "model.moe_grouped_gemm = True: expected false without transformer-engine "
+            f"(model.transformer_impl = {m.transformer_impl!r} builds the local spec here, whose "
+            "grouped experts are megatron's legacy GroupedMLP: not supported)"
+        )
+
+
+def check_generation_backend(m: ModelConfig) -> None:
+    """``vp2o train`` and ``vp2o eval`` generate with padded batches, which need megatron's local
+    attention (transformer-engine's ignores the padding mask, docs/rollout.md): refuse a config
+    that builds the transformer-engine spec on this machine before anything starts (the rollout
+    would raise at its first batch, after the model is built and its weights loaded)."""
+    if use_transformer_engine(m):
+        raise ConfigError(
+            f"model.transformer_impl = {m.transformer_impl!r}: expected local for vp2o train/eval "
+            "(transformer-engine is installed here, and its attention ignores the padding mask "
+            "of the rollout's batches, docs/rollout.md)"
+        )
+
+
 def transformer_config(cfg: Config):
     """Translate our config into megatron-core's ``TransformerConfig`` (the one place)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -181,6 +209,7 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
     from vp2o.mcore import cpu
 
     check_sequence_parallel_norms(cfg)
+    check_grouped_gemm(cfg.model)
     tconfig = transformer_config(cfg)
     m = cfg.model
     with cpu.cuda_as_cpu(), _quiet_subclassed_mlp_warning(layer_spec_hook is not None):
