@@ -684,6 +684,17 @@ class Config:
             _check(v.tau0 > 0, "vp2o.tau0", v.tau0, "> 0")
             _check(v.power_iters >= 1, "vp2o.power_iters", v.power_iters, ">= 1")
             _check(v.top_m(m.moe_router_topk) >= 0, "vp2o.coactive_top_m", v.coactive_top_m, ">= 0")
+            _check(v.coactive_min_frac >= 0, "vp2o.coactive_min_frac", v.coactive_min_frac,
+                   ">= 0 (> 1 keeps only the top-m neighbours)")
+            for key in ("ortho_coeff", "variance_coeff"):
+                _check(getattr(v, key) >= 0, f"vp2o.{key}", getattr(v, key), ">= 0 (0 = off)")
+            tr, b = v.trust_region, v.behavior
+            _check(tr.delta >= 0, "vp2o.trust_region.delta", tr.delta,
+                   ">= 0 (the anchor budget; 0 rejects every step that moves the routing)")
+            _check(b.lam >= 0, "vp2o.behavior.lam", b.lam, ">= 0")
+            _check(b.eps_drift >= 0, "vp2o.behavior.eps_drift", b.eps_drift, ">= 0")
+            _check(0 <= b.ess_min <= 1, "vp2o.behavior.ess_min", b.ess_min,
+                   "in [0, 1] (a normalised effective sample size)")
             _check(
                 v.max_updates_per_rollout >= 1,
                 "vp2o.max_updates_per_rollout",
@@ -844,6 +855,13 @@ class Config:
             "set: the updates would be ~0)",
         )
         if generates:
+            _check(
+                self.train.eval_samples == 1 or self.rollout.temperature > 0,
+                "rollout.temperature",
+                self.rollout.temperature,
+                f"> 0 with train.eval_samples = {self.train.eval_samples} (greedy samples of a "
+                "prompt are identical: pass@k would be pass@1)",
+            )
             for key in ("tensor_parallel", "pipeline_parallel"):
                 _check(
                     getattr(p, key) == 1,

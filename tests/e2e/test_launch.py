@@ -198,6 +198,10 @@ def test_sft_and_eval_accept_what_only_rl_training_refuses(no_session):
     cfg = load_config(None, ["model.hidden_dropout=0.1", "rollout.temperature=0"])
     cfg.check_loop_settings(generates=True)
     cfg.check_loop_settings()
+    with pytest.raises(ConfigError, match=r"rollout.temperature = 0.0: expected > 0 with "
+                                          r"train.eval_samples = 4 \(greedy samples"):
+        load_config(None, ["train.eval_samples=4", "rollout.temperature=0"]).check_loop_settings(
+            generates=True)
     fp16 = load_config(None, ["model.params_dtype=fp16"])
     with pytest.raises(ConfigError, match="model.params_dtype = 'fp16'"):
         fp16.check_loop_settings()
