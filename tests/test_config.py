@@ -198,3 +198,14 @@ def test_the_built_in_task_refuses_more_prompts_than_it_has():
                               "data.num_eval_prompts=5"])
     split = load_task(fits.data, seed=0)
     assert len({r["prompt"] for r in split.train + split.eval}) == ARITH_PROMPTS
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_with_its_line(tmp_path):
+    """Plain YAML keeps the last of two equal keys without a word."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  num_layers: 2\n  hidden_size: 64\n  num_layers: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}:4:3: malformed YAML: duplicate key 'num_layers'"
+    path.write_text("model:\n  num_layers: 2\nrollout:\n  group_size: 4\n")
+    assert load_config(path).model.num_layers == 2

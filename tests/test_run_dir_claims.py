@@ -77,3 +77,20 @@ def test_a_resume_value_that_is_no_directory_names_the_key(tmp_path):
         train_module._resume_path(cfg, tmp_path / "run" / "checkpoints")
     assert str(err.value) == ("train.resume = 'Auto': expected auto, never, or a checkpoint "
                               "directory (step_*) that exists")
+
+
+def test_an_init_checkpoint_folder_without_a_complete_checkpoint_names_what_it_holds(tmp_path):
+    """It used to say the folder itself had no complete.json and to suggest a Python function."""
+    from types import SimpleNamespace
+
+    folder = tmp_path / "ckpts"
+    (folder / "step_00000003").mkdir(parents=True)  # a save that did not finish
+    with pytest.raises(CheckpointError) as err:
+        session_module.load_initial_weights(SimpleNamespace(model=None), folder)
+    assert str(err.value) == (f"train.init_checkpoint = '{folder}': no complete checkpoint in it "
+                              "(step_00000003: no readable complete.json, saves that did not "
+                              "finish?)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="expected a step_\\* checkpoint, a folder of them"):
+        session_module.load_initial_weights(SimpleNamespace(model=None), empty)

@@ -152,7 +152,7 @@ def load_initial_weights(s: Session, path: str | Path) -> Path:
     is taken), or a checkpoint converted from Hugging Face (``vp2o convert``, it holds
     ``convert.json``). Returns the checkpoint actually loaded.
     """
-    from vp2o.mcore.checkpoint import latest_checkpoint, load_checkpoint
+    from vp2o.mcore.checkpoint import MARKER, CheckpointError, latest_checkpoint, load_checkpoint
 
     path = Path(path)
     if (path / "convert.json").exists():
@@ -160,6 +160,16 @@ def load_initial_weights(s: Session, path: str | Path) -> Path:
 
         load_model_weights(s.model, path)
         return path
-    path = latest_checkpoint(path) or path
+    if path.is_dir() and not (path / MARKER).exists():  # a folder of checkpoints
+        newest = latest_checkpoint(path)
+        if newest is None:
+            steps = sorted(p.name for p in path.glob("step_*"))
+            raise CheckpointError(
+                f"train.init_checkpoint = {str(path)!r}: no complete checkpoint in it"
+                + (f" ({', '.join(steps)}: no readable {MARKER}, saves that did not finish?)"
+                   if steps else " (expected a step_* checkpoint, a folder of them, or a "
+                   "converted checkpoint with convert.json)")
+            )
+        path = newest
     load_checkpoint(path, model=s.model, optimizer=None, scheduler=None)
     return path
