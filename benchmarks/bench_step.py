@@ -40,6 +40,7 @@ import time
 import warnings
 
 import torch
+from bench_model import add_model_arguments, build, model_overrides, synthetic_batch
 
 warnings.filterwarnings("ignore")
 
@@ -49,15 +50,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--instances", type=int, default=3,
                     help="models built per mode; every round steps each once (see below)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--topk", type=int, default=2)
-    ap.add_argument("--expert-ffn", type=int, default=512)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    add_model_arguments(ap)
     ap.add_argument("--with-diagnostics", action="store_true",
                     help="also time GRPO with the trainer's routing diagnostics (see below)")
     ap.add_argument("--rollout", action="store_true",
@@ -72,22 +65,14 @@ def main() -> None:
     from vp2o.algo import trust_region
     from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
-    from vp2o.mcore import model as mdl
-    from vp2o.mcore import parallel, training, vp2o_moe
+    from vp2o.mcore import parallel, training
     from vp2o.mcore.stein_step import SteinTransform
     from vp2o.rewards import get_reward
     from vp2o.rollout import SamplingParams, generate, sequence_logprobs
     from vp2o.train import routing_in_batch_layout
 
     quiet_third_party_warnings()
-    common = [
-        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-        "model.num_attention_heads=8", "model.num_query_groups=4",
-        f"model.ffn_hidden_size={4 * args.hidden}", f"model.num_experts={args.experts}",
-        f"model.moe_router_topk={args.topk}", f"model.moe_ffn_hidden_size={args.expert_ffn}",
-        "model.vocab_size=2048", f"model.params_dtype={args.dtype}",
-        "optimizer.lr=1e-5", "optimizer.clip_grad=1.0",
-    ]
+    common = model_overrides(args)
     grpo_cfg = load_config(None, [*common, "algorithm=grpo"])
     vp2o_cfg = load_config(None, [*common, "algorithm=vp2o", *args.vp2o_overrides])
     groups = parallel.initialize(grpo_cfg)
@@ -96,16 +81,8 @@ def main() -> None:
     def setup(cfg, mode: str):
         """mode: "grpo" (megatron's layers), "grpo+diag" (VP2O's layers, statistics and
         prototypes, no losses or transport: the trainer's GRPO), "vp2o"."""
-        torch.manual_seed(0)
-        hook = None if mode == "grpo" else vp2o_moe.vp2o_layer_spec_hook(cfg)
-        model = mdl.build_model(cfg, layer_spec_hook=hook)
-        ddp = training.wrap_ddp(model, cfg)
-        opt = training.build_optimizer(ddp, cfg)
+        model, ddp, opt = build(cfg, mode)
         transform = None
-        if mode == "vp2o":
-            vp2o_moe.configure_losses(
-                model, ortho_coeff=cfg.vp2o.ortho_coeff, variance_coeff=cfg.vp2o.variance_coeff
-            )
         if mode != "grpo":
             transform = SteinTransform(
                 model, cfg.vp2o, groups, num_experts=cfg.model.num_experts, seed=0,
@@ -123,25 +100,8 @@ def main() -> None:
     names = [name for name, _ in modes]
     runs = {(name, i): setup(cfg, name) for i in range(args.instances) for name, cfg in modes}
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=gen).to(device)
-    advantages = torch.randn(args.batch, generator=gen).to(device)
-    n_mb = args.batch // args.micro_batch
-    pos = torch.arange(args.seq, device=device).unsqueeze(0).expand(args.micro_batch, -1)
-
-    def loss_fn(m, mb):
-        # A policy-gradient surrogate of the same cost as GRPO's: -A * log pi(token).
-        logp = -m(mb["tokens"], pos, None, labels=mb["labels"]).float()  # [b, S]
-        loss = -(logp * mb["adv"].unsqueeze(1)).mean() / n_mb
-        return loss, {}
-
-    mbs = [
-        {
-            "tokens": tokens[i * args.micro_batch : (i + 1) * args.micro_batch, :-1],
-            "labels": tokens[i * args.micro_batch : (i + 1) * args.micro_batch, 1:],
-            "adv": advantages[i * args.micro_batch : (i + 1) * args.micro_batch],
-        }
-        for i in range(n_mb)
-    ]
+    mbs, loss_fn = synthetic_batch(args, device, gen)
+    n_mb = len(mbs)
 
     def sync():
         if device.type == "cuda":

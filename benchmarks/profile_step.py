@@ -22,21 +22,14 @@ import time
 import warnings
 
 import torch
+from bench_model import add_model_arguments, build, model_overrides, synthetic_batch
 
 warnings.filterwarnings("ignore")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--topk", type=int, default=2)
-    ap.add_argument("--expert-ffn", type=int, default=512)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    add_model_arguments(ap)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--profiled", type=int, default=3, help="profiled passes per model")
     ap.add_argument("--rows", type=int, default=25, help="operators listed")
@@ -44,47 +37,18 @@ def main() -> None:
 
     from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
-    from vp2o.mcore import model as mdl
-    from vp2o.mcore import parallel, training, vp2o_moe
+    from vp2o.mcore import parallel, training
 
     quiet_third_party_warnings()
-    common = [
-        f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-        "model.num_attention_heads=8", "model.num_query_groups=4",
-        f"model.ffn_hidden_size={4 * args.hidden}", f"model.num_experts={args.experts}",
-        f"model.moe_router_topk={args.topk}", f"model.moe_ffn_hidden_size={args.expert_ffn}",
-        "model.vocab_size=2048", f"model.params_dtype={args.dtype}", "optimizer.lr=1e-5",
-    ]
+    common = model_overrides(args)
     cfgs = {"grpo": load_config(None, [*common, "algorithm=grpo"]),
             "vp2o": load_config(None, [*common, "algorithm=vp2o"])}
     parallel.initialize(cfgs["grpo"])
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
-
-    def build(name):
-        cfg = cfgs[name]
-        torch.manual_seed(0)
-        hook = vp2o_moe.vp2o_layer_spec_hook(cfg) if name == "vp2o" else None
-        model = mdl.build_model(cfg, layer_spec_hook=hook)
-        if name == "vp2o":
-            vp2o_moe.configure_losses(model, ortho_coeff=cfg.vp2o.ortho_coeff,
-                                      variance_coeff=cfg.vp2o.variance_coeff)
-        ddp = training.wrap_ddp(model, cfg)
-        return ddp, training.build_optimizer(ddp, cfg)
-
-    runs = {name: build(name) for name in cfgs}
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 2048, (args.batch, args.seq + 1), generator=gen).to(device)
-    adv = torch.randn(args.batch, generator=gen).to(device)
-    n_mb = args.batch // args.micro_batch
-    pos = torch.arange(args.seq, device=device).unsqueeze(0).expand(args.micro_batch, -1)
-    mb = args.micro_batch
-    mbs = [{"tokens": tokens[i * mb:(i + 1) * mb, :-1], "labels": tokens[i * mb:(i + 1) * mb, 1:],
-            "adv": adv[i * mb:(i + 1) * mb]} for i in range(n_mb)]
-
-    def loss_fn(m, batch):
-        logp = -m(batch["tokens"], pos, None, labels=batch["labels"]).float()  # [b, S]
-        return -(logp * batch["adv"].unsqueeze(1)).mean() / n_mb, {}
+    runs = {name: build(cfg, name)[1:] for name, cfg in cfgs.items()}  # (ddp, optimizer)
+    mbs, loss_fn = synthetic_batch(args, device, torch.Generator().manual_seed(0))
+    n_mb = len(mbs)
 
     def forward_backward(name):
         ddp, opt = runs[name]
