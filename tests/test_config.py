@@ -137,6 +137,9 @@ def test_yaml_and_overrides(tmp_path):
         (["algorithm=vp2o", "vp2o.trust_region.delta=-0.01"], None,
          "vp2o.trust_region.delta = -0.01: expected >= 0"),
         (["algorithm=vp2o", "vp2o.ortho_coeff=-1"], None, "vp2o.ortho_coeff = -1.0: expected >= 0"),
+        (["model.moe_shared_expert_gate=true"], None,
+         "model.moe_shared_expert_intermediate_size = None: expected > 0 with "
+         "model.moe_shared_expert_gate=true"),
         (["model"], None, "override 'model': expected key.sub=value"),
         (["seed.x=1"], None, "seed = {'x': 1}: expected an integer"),
         (["model.num_layers.x=1"], None, "model.num_layers = {'x': 1}: expected an integer"),

@@ -94,3 +94,14 @@ def test_an_init_checkpoint_folder_without_a_complete_checkpoint_names_what_it_h
     empty.mkdir()
     with pytest.raises(CheckpointError, match="expected a step_\\* checkpoint, a folder of them"):
         session_module.load_initial_weights(SimpleNamespace(model=None), empty)
+
+
+def test_sft_checks_its_batch_against_the_data_parallel_size_before_starting(tmp_path, no_start,
+                                                                             monkeypatch):
+    """It used to raise only after the model and optimizer were built."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(None, ["sft.batch_size=3", f"train.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=r"^sft.batch_size = 3: expected a multiple of the "
+                                          r"data-parallel size \(2\)$"):
+        sft_module.sft(cfg)
+    assert no_start == []

@@ -776,6 +776,11 @@ class Config:
                    m.max_position_embeddings,
                    f">= data.max_prompt_tokens + rollout.max_new_tokens ({longest}) with "
                    "learned absolute positions")
+        if m.moe_shared_expert_gate:  # megatron would ignore the gate without a shared expert
+            _check(bool(m.moe_shared_expert_intermediate_size),
+                   "model.moe_shared_expert_intermediate_size",
+                   m.moe_shared_expert_intermediate_size,
+                   "> 0 with model.moe_shared_expert_gate=true (there is no shared expert to gate)")
         if m.moe_router_topk == 1 and m.moe_router_score_function == "softmax":
             _check(m.moe_router_pre_softmax, "model.moe_router_pre_softmax", False,
                    "true when model.moe_router_topk = 1 with softmax scores (megatron-core)")

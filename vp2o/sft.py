@@ -9,6 +9,7 @@ Writes a checkpoint (``run_dir/checkpoints/step_*``) that ``vp2o train`` starts 
 from __future__ import annotations
 
 import copy
+import os
 import random
 import time
 
@@ -55,6 +56,11 @@ def sft(cfg: Config) -> dict:
     cfg.optimizer.lr = cfg.sft.lr
     cfg.optimizer.warmup_steps = max(cfg.optimizer.warmup_steps, cfg.sft.steps // 20)
     claim_run_dir(cfg, "sft")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 without it
+    dp = cfg.parallel.data_parallel(world)
+    if dp >= 1 and cfg.sft.batch_size % dp:  # before the model is built (checked again in _sft)
+        raise ConfigError(f"sft.batch_size = {cfg.sft.batch_size}: expected a multiple of the "
+                          f"data-parallel size ({dp})")
     with session(cfg, with_optimizer=True, total_steps=cfg.sft.steps) as s:
         return _sft(s)
 
