@@ -96,10 +96,18 @@ def test_an_init_checkpoint_folder_without_a_complete_checkpoint_names_what_it_h
         session_module.load_initial_weights(SimpleNamespace(model=None), empty)
 
 
+@pytest.mark.parametrize("launcher", [{"RANK": "0", "WORLD_SIZE": "2"},
+                                      {"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}],
+                         ids=["torchrun", "srun"])
 def test_sft_checks_its_batch_against_the_data_parallel_size_before_starting(tmp_path, no_start,
-                                                                             monkeypatch):
-    """It used to raise only after the model and optimizer were built."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
+                                                                             monkeypatch,
+                                                                             launcher):
+    """It used to raise only after the model and optimizer were built. The world comes from
+    the launcher's variables as parallel.initialize reads them."""
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in launcher.items():
+        monkeypatch.setenv(key, value)
     cfg = load_config(None, ["sft.batch_size=3", f"train.run_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"^sft.batch_size = 3: expected a multiple of the "
                                           r"data-parallel size \(2\)$"):

@@ -9,7 +9,6 @@ Writes a checkpoint (``run_dir/checkpoints/step_*``) that ``vp2o train`` starts 
 from __future__ import annotations
 
 import copy
-import os
 import random
 import time
 
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from vp2o.config import Config, ConfigError, to_dict
 from vp2o.data.tasks import encode_rows
 from vp2o.evaluate import evaluate, write_eval
-from vp2o.mcore import training
+from vp2o.mcore import parallel, training
 from vp2o.mcore.checkpoint import save_checkpoint
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.metrics import MetricsLogger
@@ -56,9 +55,10 @@ def sft(cfg: Config) -> dict:
     cfg.optimizer.lr = cfg.sft.lr
     cfg.optimizer.warmup_steps = max(cfg.optimizer.warmup_steps, cfg.sft.steps // 20)
     claim_run_dir(cfg, "sft")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; 1 without it
-    dp = cfg.parallel.data_parallel(world)
-    if dp >= 1 and cfg.sft.batch_size % dp:  # before the model is built (checked again in _sft)
+    # The data-parallel size the session will have (parallel.initialize discovers the same
+    # world), checked before the model is built.
+    dp = cfg.parallel.data_parallel(parallel.discover_env().world_size)
+    if cfg.sft.batch_size % dp:
         raise ConfigError(f"sft.batch_size = {cfg.sft.batch_size}: expected a multiple of the "
                           f"data-parallel size ({dp})")
     with session(cfg, with_optimizer=True, total_steps=cfg.sft.steps) as s:
@@ -71,10 +71,7 @@ def _sft(s: Session) -> dict:
     slice, and every rank divides its loss by the global answer-token count over the number of
     ranks, so the averaged gradient, the step and the logged loss are the single process's."""
     cfg = s.cfg
-    dp = dist.get_world_size(s.groups.dp_cp)
-    if cfg.sft.batch_size % dp:
-        raise ConfigError(f"sft.batch_size = {cfg.sft.batch_size}: expected a multiple of the "
-                          f"data-parallel size ({dp})")
+    dp = dist.get_world_size(s.groups.dp_cp)  # divides sft.batch_size (checked in sft)
     # Every answer encodes (the prompts were checked when the session opened): a bad row fails
     # here naming its file and line, not in whichever step first draws it.
     encode_rows(s.task.train, s.tokenizer.encode, text=lambda r: str(r["answer"]), what="answer")
