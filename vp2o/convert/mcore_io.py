@@ -334,12 +334,14 @@ def _unwrap_dcp_errors() -> Iterator[None]:
     (a ``BaseException`` whose message is a formatted traceback)."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from vp2o.mcore.checkpoint import dcp_cause
+
     try:
         yield
     except CheckpointException as e:
-        failures = [pair[0] for pair in e.failures.values() if pair and pair[0] is not None]
-        if failures and isinstance(failures[0], BaseException):
-            raise failures[0] from None
+        cause = dcp_cause(e)
+        if cause is not e:
+            raise cause from None
         raise
 
 

@@ -377,13 +377,20 @@ def _describe(e: BaseException, os_error: OSError | None) -> str:
     if os_error is not None:
         name = f": {os_error.filename}" if os_error.filename else ""
         return f"{os.strerror(os_error.errno)} ({errno.errorcode.get(os_error.errno, '?')}){name}"
-    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.CheckpointException
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        inner = inner[0] if isinstance(inner, tuple) and inner else inner
-        if isinstance(inner, BaseException):
-            e = inner
+    e = dcp_cause(e)
     return f"{type(e).__name__}: {str(e).strip()}"
+
+
+def dcp_cause(e: BaseException) -> BaseException:
+    """The first rank's original exception inside torch DCP's ``CheckpointException`` (whose own
+    message is a formatted traceback), else ``e``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for inner in failures.values():
+            inner = inner[0] if isinstance(inner, tuple) and inner else inner
+            if isinstance(inner, BaseException):
+                return inner
+    return e
 
 
 def _hint(codes: set) -> str:
@@ -724,13 +731,10 @@ def reading_tensors(path: Path) -> Iterator[None]:
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:
-        failures = [pair[0] for pair in getattr(e, "failures", {}).values()
-                    if pair and isinstance(pair[0], BaseException)]
-        cause = failures[0] if failures else e
         raise CheckpointError(
-            f"checkpoint {path}: cannot read its tensors ({type(cause).__name__}: {cause}); its "
-            "files are corrupt or incomplete (an earlier complete checkpoint, if any, is in the "
-            "same folder)"
+            f"checkpoint {path}: cannot read its tensors ({_describe(e, _find_os_error(e))}); "
+            "its files are corrupt or incomplete (an earlier complete checkpoint, if any, is in "
+            "the same folder)"
         ) from e
 
 
