@@ -136,6 +136,11 @@ def read_marker(path: Path) -> dict[str, Any]:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest step first (temporary and incomplete ignored)."""
+    return [path for path, _ in _complete_with_markers(root)]
+
+
+def _complete_with_markers(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``complete_checkpoints`` with each one's parsed marker (read once)."""
     root = Path(root)
     if not root.is_dir():
         return []
@@ -145,11 +150,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
         if not m or not entry.is_dir():
             continue
         try:
-            read_marker(entry)
+            info = read_marker(entry)
         except CheckpointError:
             continue
-        found.append((int(m.group(1)), entry))
-    return [p for _, p in sorted(found)]
+        found.append((int(m.group(1)), entry, info))
+    return [(p, info) for _, p, info in sorted(found, key=lambda x: x[0])]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -158,15 +163,17 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def checkpoint_kind(path: Path) -> str | None:
+def checkpoint_kind(path: Path, marker: dict[str, Any] | None = None) -> str | None:
     """Which loop wrote complete checkpoint ``path``: ``extra["kind"]`` (``"sft"``, ``"train"``),
     recorded in its ``complete.json``; for checkpoints written before the marker carried it, read
     from the trainer state (a ``data_position`` there means ``vp2o train``). None if unknown.
 
+    ``marker``: its parsed ``complete.json`` when the caller has read it already.
+
     Raises:
         CheckpointError: the marker or the trainer state cannot be read.
     """
-    info = read_marker(path)
+    info = read_marker(path) if marker is None else marker
     if "kind" in info:
         return info["kind"]
     try:
@@ -182,7 +189,7 @@ def checkpoint_kind(path: Path) -> str | None:
 
 def checkpoints_of_other_kinds(root: Path, kind: str) -> list[tuple[Path, str | None]]:
     """``(path, kind)`` of the complete checkpoints under ``root`` not written by ``kind``."""
-    found = [(p, checkpoint_kind(p)) for p in complete_checkpoints(root)]
+    found = [(p, checkpoint_kind(p, info)) for p, info in _complete_with_markers(root)]
     return [(p, k) for p, k in found if k != kind]
 
 
@@ -309,8 +316,8 @@ def save_checkpoint(
     # 5. Prune (rank 0). A failure here only warns: the new checkpoint is complete.
     if keep_last is not None and rank == 0:
         kind = extra.get("kind")
-        ours = [p for p in complete_checkpoints(root)
-                if not isinstance(kind, str) or _kind_or_unreadable(p) == kind]
+        ours = [p for p, info in _complete_with_markers(root)
+                if not isinstance(kind, str) or _kind_or_unreadable(p, info) == kind]
         for old in ours[:-keep_last]:
             try:
                 _delete_dir(old)
@@ -320,9 +327,9 @@ def save_checkpoint(
     return final
 
 
-def _kind_or_unreadable(path: Path) -> str | None:
+def _kind_or_unreadable(path: Path, marker: dict[str, Any]) -> str | None:
     try:
-        return checkpoint_kind(path)
+        return checkpoint_kind(path, marker)
     except CheckpointError:
         return None  # unreadable: not provably ours, so not pruned
 
