@@ -150,7 +150,7 @@ def test_tensor_parallel_moe_needs_transformer_engine_norms():
 def test_grouped_gemm_needs_the_transformer_engine_spec(init_parallel):
     """Without transformer-engine megatron builds its legacy GroupedMLP, which asserts that the
     grouped_gemm package exists (and which the Stein transform does not read): a ConfigError
-    before the build, naming the key. The megatron fact first."""
+    before the build, naming the key; and the megatron fact it stands for."""
     from vp2o.mcore.model import build_model
 
     cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64",
@@ -163,6 +163,11 @@ def test_grouped_gemm_needs_the_transformer_engine_spec(init_parallel):
                                           r"without transformer-engine \(model.transformer_impl "
                                           r"= 'auto' builds the local spec here"):
         build_model(cfg)
+    # The megatron fact the check stands for (if this stops raising, revisit the check).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mdl, "check_grouped_gemm", lambda m: None)
+        with pytest.raises(AssertionError, match="Grouped GEMM is not available"):
+            build_model(cfg)
 
 
 def test_train_and_eval_refuse_the_transformer_engine_spec_before_starting(monkeypatch):
