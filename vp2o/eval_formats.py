@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vp2o.data.tasks import DatasetError, iter_jsonl_objects
+from vp2o.registry import Registry
 
 __all__ = ["FORMATS", "BenchmarkFormat", "detect_format", "load_benchmark", "register_format"]
 
@@ -58,16 +59,14 @@ class BenchmarkFormat:
     convert: Callable[[dict], dict]
 
 
-FORMATS: dict[str, BenchmarkFormat] = {}
+FORMATS: Registry[BenchmarkFormat] = Registry("benchmark format", error=DatasetError)
 
 
 def register_format(name: str, reward: str) -> Callable:
     """Decorator registering ``convert`` as format ``name`` scored by ``reward``."""
 
     def wrap(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-        if name in FORMATS:
-            raise ValueError(f"benchmark format {name!r} is already registered")
-        FORMATS[name] = BenchmarkFormat(name, reward, fn)
+        FORMATS.add(name, BenchmarkFormat(name, reward, fn))
         return fn
 
     return wrap
@@ -192,8 +191,8 @@ def load_benchmark(path: str | Path, fmt: str = "auto", *,
     """
     path = Path(path)
     if fmt != "auto" and fmt not in FORMATS:
-        raise DatasetError(f"unknown benchmark format {fmt!r}; choose one of "
-                           f"{['auto', *sorted(FORMATS)]}")
+        raise DatasetError(f"unknown benchmark format {fmt!r}; choose one of: "
+                           f"auto, {', '.join(FORMATS.names())}")
     rows, chosen = [], None if fmt == "auto" else FORMATS[fmt]
     for lineno, raw in iter_jsonl_objects(path, what="benchmark"):
         if chosen is None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vp2o.algo import grpo
-from vp2o.algo.registry import Registry
+from vp2o.registry import Registry
 
 F64 = torch.float64
 

@@ -56,7 +56,7 @@ def test_register_and_duplicate():
         with pytest.raises(ValueError, match="already registered"):
             register_reward(name)(dummy)
     finally:
-        REWARDS.pop(name, None)
+        REWARDS.remove(name)
     with pytest.raises(ValueError):
         register_reward("")
 

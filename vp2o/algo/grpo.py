@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from vp2o.algo.registry import Registry
+from vp2o.registry import Registry
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor
 
-from vp2o.algo.registry import Registry
+from vp2o.registry import Registry
 
 __all__ = [
     "ESS_LEVELS",

@@ -332,7 +332,7 @@ def _family_of(side: Path | None, family: str | None) -> tuple[fam.Family, dict 
         return fam.family_for(original), original
     raise ConvertError(
         f"no {PROVENANCE_NAME} or {HF_CONFIG_NAME} tells the model family; pass it (--family, "
-        f"one of {', '.join(sorted(fam.FAMILIES))})"
+        f"one of {', '.join(fam.FAMILIES.names())})"
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from vp2o.config import ModelConfig
 from vp2o.convert.tensors import ConvertError, LayoutGeometry, TensorRule
+from vp2o.registry import Registry
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -185,28 +186,22 @@ def geometry(m: ModelConfig) -> LayoutGeometry:
 # Registry
 # --------------------------------------------------------------------------------------------
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry("family", error=ConvertError)
 
 
 def register_family(family: Family) -> Family:
     """Add a family; duplicate names or architectures raise."""
     for other in FAMILIES.values():
-        if family.name == other.name or family.architecture == other.architecture:
+        if family.architecture == other.architecture:
             raise ValueError(
-                f"family {family.name!r} ({family.architecture}) is already registered"
+                f"architecture {family.architecture} is already registered (family {other.name!r})"
             )
-    FAMILIES[family.name] = family
-    return family
+    return FAMILIES.add(family.name, family)
 
 
 def get_family(name: str) -> Family:
-    """The family called ``name`` (an HF ``model_type``); unknown names raise with the choices."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ConvertError(
-            f"unknown family {name!r}; expected one of {', '.join(sorted(FAMILIES))}"
-        ) from None
+    """The family called ``name`` (an HF ``model_type``); unknown names raise ``ConvertError``."""
+    return FAMILIES.get(name)
 
 
 def family_for(hf_config: dict[str, Any]) -> Family:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from vp2o.registry import Registry
+
 
 class ConvertError(ValueError):
     """A checkpoint or config cannot be converted; the message names the tensor or field."""
@@ -81,24 +83,17 @@ class Layout:
     """megatron shape -> HF shapes in rule order."""
 
 
-LAYOUTS: dict[str, Layout] = {}
+LAYOUTS: Registry[Layout] = Registry("tensor layout", error=ConvertError)
 
 
 def register_layout(name: str, layout: Layout) -> None:
     """Add a layout; duplicate names raise."""
-    if name in LAYOUTS:
-        raise ValueError(f"layout {name!r} is already registered")
-    LAYOUTS[name] = layout
+    LAYOUTS.add(name, layout)
 
 
 def get_layout(name: str) -> Layout:
-    """The layout called ``name``; unknown names raise with the list of choices."""
-    try:
-        return LAYOUTS[name]
-    except KeyError:
-        raise ConvertError(
-            f"unknown tensor layout {name!r}; expected one of {', '.join(sorted(LAYOUTS))}"
-        ) from None
+    """The layout called ``name``; unknown names raise ``ConvertError`` with the choices."""
+    return LAYOUTS.get(name)
 
 
 # --- copy ------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import sentencepiece as spm
 
 from vp2o.data.tasks import DatasetError
+from vp2o.registry import Registry
 
 __all__ = [
     "TOKENIZERS",
@@ -591,19 +592,12 @@ class HFTokenizer:
 # --------------------------------------------------------------------------------------------------
 
 TokenizerLoader = Callable[..., Tokenizer]
-TOKENIZERS: dict[str, TokenizerLoader] = {}
+TOKENIZERS: Registry[TokenizerLoader] = Registry("tokenizer kind")
 
 
 def register_tokenizer(name: str) -> Callable[[TokenizerLoader], TokenizerLoader]:
     """Register `fn(path, **kw) -> Tokenizer` under `name` for `load_tokenizer`."""
-
-    def deco(fn: TokenizerLoader) -> TokenizerLoader:
-        if name in TOKENIZERS:
-            raise ValueError(f"tokenizer kind {name!r} is already registered")
-        TOKENIZERS[name] = fn
-        return fn
-
-    return deco
+    return TOKENIZERS.register(name)
 
 
 def load_tokenizer(kind: str, path: PathLike | None = None, **kw: Any) -> Tokenizer:
@@ -613,13 +607,7 @@ def load_tokenizer(kind: str, path: PathLike | None = None, **kw: Any) -> Tokeni
     `from_pretrained`), "char" (path to a JSON file written by `CharTokenizer.save`, or no path and
     `alphabet="..."`).
     """
-    try:
-        loader = TOKENIZERS[kind]
-    except KeyError:
-        raise ValueError(
-            f"unknown tokenizer kind {kind!r}; choose one of {sorted(TOKENIZERS)}"
-        ) from None
-    return loader(path, **kw)
+    return TOKENIZERS.get(kind)(path, **kw)
 
 
 @register_tokenizer("sentencepiece")

@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from vp2o.registry import Registry
+
 __all__ = [
     "REWARDS",
     "RewardFn",
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str, Mapping[str, Any]], float]
 
-REWARDS: dict[str, RewardFn] = {}
+REWARDS: Registry[RewardFn] = Registry("reward")
 """Registered rewards by name, each wrapped by `safe_reward`; filled by `register_reward`."""
 
 
@@ -88,11 +90,9 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
         raise ValueError(f"reward name must be a non-empty string, got {name!r}")
 
     def decorator(fn: RewardFn) -> RewardFn:
-        if name in REWARDS:
-            raise ValueError(f"reward {name!r} is already registered; pick another name")
         if not callable(fn):
             raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
-        REWARDS[name] = safe_reward(fn, name)
+        REWARDS.add(name, safe_reward(fn, name))
         return fn
 
     return decorator
@@ -100,7 +100,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def available() -> list[str]:
     """Sorted names of the registered rewards."""
-    return sorted(REWARDS)
+    return list(REWARDS.names())
 
 
 def _import_dotted(path: str) -> Any:

@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
+from vp2o.registry import Registry
+
 __all__ = [
     "INSTRUCTIONS",
     "Instruction",
@@ -38,7 +40,7 @@ class Instruction:
 
 InstructionT = TypeVar("InstructionT", bound=type[Instruction])
 
-INSTRUCTIONS: dict[str, type[Instruction]] = {}
+INSTRUCTIONS: Registry[type[Instruction]] = Registry("instruction")
 """Instruction classes by IFEval id; filled by `register_instruction`."""
 
 
@@ -52,10 +54,8 @@ def register_instruction(instruction_id: str) -> Callable[[InstructionT], Instru
         raise ValueError(f"instruction id {instruction_id!r} must look like 'group:name'")
 
     def decorator(cls: InstructionT) -> InstructionT:
-        if instruction_id in INSTRUCTIONS:
-            raise ValueError(f"instruction {instruction_id!r} is already registered")
+        INSTRUCTIONS.add(instruction_id, cls)
         cls.id = instruction_id
-        INSTRUCTIONS[instruction_id] = cls
         return cls
 
     return decorator
@@ -68,13 +68,7 @@ def build_instruction(instruction_id: str, kwargs: Mapping[str, Any] | None) -> 
         ValueError: If the id is unknown (the message lists the known ids) or the kwargs are bad.
         TypeError: If a required kwarg is missing or an unexpected one is given.
     """
-    try:
-        cls = INSTRUCTIONS[instruction_id]
-    except KeyError:
-        known = ", ".join(sorted(INSTRUCTIONS))
-        raise ValueError(
-            f"unknown instruction {instruction_id!r}; choose one of: {known}"
-        ) from None
+    cls = INSTRUCTIONS.get(instruction_id)
     args = {k: v for k, v in (kwargs or {}).items() if v is not None}
     return cls(**args)
 
