@@ -36,6 +36,7 @@ from vp2o.config import Config, ModelConfig, ParallelConfig, from_dict, load_con
 from vp2o.convert import families as fam
 from vp2o.convert import hf_io, mcore_io
 from vp2o.convert.tensors import ConvertError, TensorRule, get_layout, read_json_object
+from vp2o.dtypes import DTYPE_NAMES, DTYPES
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -43,8 +44,6 @@ HF_CONFIG_NAME = "hf_config.json"
 HF_EXTRA_DIR = "hf_extra"
 PROVENANCE_NAME = "convert.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DTYPE_KEYS = {v: k for k, v in _DTYPES.items()}
 _SKIP_EXTRA = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 _MAX_EXTRA_BYTES = 64 * 1024**2
 _IGNORED_HF = (".rotary_emb.inv_freq",)  # non-learned buffers some old checkpoints carry
@@ -103,9 +102,9 @@ def _copy_extra_files(src: Path, dst: Path) -> list[str]:
 def _source_dtype(reader: hf_io.HFReader) -> str:
     """Parameter dtype of an HF checkpoint: its embedding's."""
     dtype = reader.dtype("model.embed_tokens.weight")
-    if dtype not in _DTYPE_KEYS:
+    if dtype not in DTYPE_NAMES:
         raise ConvertError(f"model.embed_tokens.weight: dtype {dtype} is not fp32, bf16 or fp16")
-    return _DTYPE_KEYS[dtype]
+    return DTYPE_NAMES[dtype]
 
 
 def _check_hf_tensors(
@@ -204,8 +203,8 @@ def hf_to_mcore(
     family = fam.family_for(raw)
     with hf_io.HFReader(hf_dir) as reader:
         params_dtype = dtype or _source_dtype(reader)
-        if params_dtype not in _DTYPES:
-            raise ConvertError(f"dtype = {params_dtype!r}: expected one of fp32, bf16, fp16")
+        if params_dtype not in DTYPES:
+            raise ConvertError(f"dtype = {params_dtype!r}: expected one of {', '.join(DTYPES)}")
         try:
             hf_config = fam.load_hf_config(raw)
         except ConvertError as e:
@@ -397,7 +396,7 @@ def mcore_to_hf(
     hf_config = _hf_config_for_export(family_obj, model_cfg, original)
     rules = family_obj.rules(model_cfg)
     geo = fam.geometry(model_cfg)
-    torch_dtype = _DTYPES[model_cfg.params_dtype]
+    torch_dtype = DTYPES[model_cfg.params_dtype]
     with mcore_io.single_process():
         model = mcore_io.build_meta_model(cfg)
         shapes = mcore_io.param_shapes(model)

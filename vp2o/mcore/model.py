@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from vp2o.config import Config, ConfigError, ModelConfig, ParallelConfig
+from vp2o.dtypes import DTYPES
 from vp2o.mcore.qk_norm import install_full_width_qk_norm
 
 LayerSpecHook = Callable[[object, int], object]  # (ModuleSpec, 1-based layer number) -> ModuleSpec
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def use_transformer_engine(m: ModelConfig) -> bool:
@@ -77,7 +76,7 @@ def transformer_config(cfg: Config):
 
     m: ModelConfig = cfg.model
     p: ParallelConfig = cfg.parallel
-    dtype = _DTYPES[m.params_dtype]
+    dtype = DTYPES[m.params_dtype]
     recompute = {}
     if m.recompute == "full":
         recompute = dict(

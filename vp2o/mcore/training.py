@@ -13,8 +13,7 @@ from typing import Any
 import torch
 
 from vp2o.config import Config
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from vp2o.dtypes import DTYPES as _DTYPES
 
 
 def wrap_ddp(model, cfg: Config):
