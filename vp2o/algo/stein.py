@@ -51,24 +51,19 @@ from torch import Tensor
 
 __all__ = [
     "attraction",
-    "attraction_partial",
     "attraction_weights",
     "axial_kernel",
     "coactivation",
     "coactivation_counts",
     "init_prototypes",
-    "kernel_gradient",
-    "median_bandwidth",
     "median_temperature",
     "neighbour_masks",
     "power_iteration",
-    "rbf_kernel",
     "refresh_prototypes",
     "repulsion",
     "repulsion_autograd",
     "repulsion_factors",
     "repulsion_weights",
-    "svgd_rbf_direction",
     "temperature",
     "transport",
 ]
@@ -252,26 +247,36 @@ def refresh_prototypes(
 
 
 def init_prototypes(
-    w2: Tensor, *, iters: int = 20, seed: int = 0, allreduce: AllReduce | None = None
+    w2: Tensor,
+    *,
+    seed: int = 0,
+    iters: int = 20,
+    experts: slice | None = None,
+    num_experts: int | None = None,
 ) -> Tensor:
     """Initial prototypes (§4): `iters` power-iteration steps from a fixed-seed random start.
 
-    The start is drawn on the CPU with `torch.Generator().manual_seed(seed)`, so it does not depend
-    on the device or the global RNG.
+    The start is drawn on the CPU with `torch.Generator().manual_seed(seed)` for all E experts,
+    then the rows `experts` are kept: expert j starts from the same vector whatever the device, the
+    global RNG and the expert-parallel size, and so converges to the same prototype, sign included.
 
     Args:
-        w2: Output projections, [..., E, d, f].
+        w2: Output projections of the experts to initialise, [E_loc, d, f].
+        seed: Seed of the random start (the same on every rank).
         iters: Steps (20 in the method).
-        seed: Seed of the random start.
-        allreduce: See `power_iteration`; every tensor-parallel rank must pass the same seed.
+        experts: Which of the E experts `w2` holds (default: all of them, E_loc = E).
+        num_experts: E (default E_loc).
 
     Returns:
-        Unit prototypes, [..., E, d].
+        Unit prototypes, [E_loc, d], float32 (float64 for float64 `w2`).
     """
+    e_loc, d, _ = w2.shape
     gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(w2.shape[:-1], generator=gen, dtype=torch.float64)  # [..., E, d]
-    start = start.to(device=w2.device, dtype=_compute_dtype(w2))
-    return refresh_prototypes(w2, start, iters=iters, allreduce=allreduce)
+    start = torch.randn(num_experts or e_loc, d, generator=gen)  # [E, d]
+    start = start[experts if experts is not None else slice(None)]  # [E_loc, d]
+    if start.shape[0] != e_loc:
+        raise ValueError(f"experts selects {start.shape[0]} of the start rows, w2 has {e_loc}")
+    return refresh_prototypes(w2, start.to(w2.device), iters=iters)
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,28 +414,6 @@ def attraction(
         return (a @ g).view(grads.shape)
     torch.mm(a, g, out=out.view(e, -1))
     return out
-
-
-def attraction_partial(grads_local: Tensor, A: Tensor, *, local: slice | Tensor) -> Tensor:
-    """This rank's share of `A·G` under expert parallelism (§6): `A[:, L_r] · G_{L_r}`.
-
-    Summing the result over the expert-parallel group (a reduce-scatter by rows) gives each rank
-    its own experts' rows of `Φ_att`.
-
-    Args:
-        grads_local: Gradients of this rank's experts, [E_loc, ...].
-        A: Attraction weights of all experts, [E, E] (`attraction_weights`).
-        local: This rank's expert indices (a slice or an index tensor of length E_loc).
-
-    Returns:
-        [E, ...]: all E rows, this rank's columns' contribution.
-    """
-    e_loc = grads_local.shape[0]
-    a = A[:, local].to(grads_local.dtype)  # [E, E_loc]
-    if a.shape[1] != e_loc:
-        raise ValueError(f"local selects {a.shape[1]} experts but grads_local has {e_loc}")
-    out = a @ grads_local.reshape(e_loc, -1)  # [E, P]
-    return out.view((A.shape[0], *grads_local.shape[1:]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,7 +589,8 @@ def repulsion_autograd(
     """Reference form of `repulsion_factors` through autograd (§7); slower, same result.
 
     Since `u'_j` depends on `W2_j` only, one `autograd.grad` of `Σ_j Σ_i v_ji k(u_i, u'_j)` gives
-    every expert's row.
+    every expert's row. Not used in training: it is the independent float64 reference of
+    `benchmarks/gpu_checks.py` (check 3) and of the tests, kept here for the GPU check.
 
     Args:
         w2: [E_loc, d, f]. u: [E_loc, d]. V: [E_loc, E]. u_all: [E, d] (default `u`).
@@ -735,79 +719,3 @@ def transport(
     if attraction_norm:
         metrics["stein/attraction_norm"] = att_sq.sqrt()
     return results, metrics
-
-
-# --------------------------------------------------------------------------------------------
-# Generic SVGD from the same pieces (evidence the transport is a Stein variational flow)
-# --------------------------------------------------------------------------------------------
-
-
-def rbf_kernel(y: Tensor, x: Tensor, *, h: float | Tensor) -> Tensor:
-    """RBF kernel `K[j, i] = exp(−‖x_j − y_i‖² / h)`. y: [n_y, p], x: [n_x, p] -> [n_x, n_y]."""
-    diff = x.unsqueeze(1) - y.unsqueeze(0)  # [n_x, n_y, p]
-    return torch.exp(-diff.square().sum(-1) / h)
-
-
-def median_bandwidth(x: Tensor) -> Tensor:
-    """SVGD's median heuristic `h = med² / log n` (Liu & Wang 2016), med the median distance.
-
-    Args:
-        x: Particles, [n, p], n >= 2.
-
-    Returns:
-        h, 0-dim, floored at 1e-12.
-    """
-    n = x.shape[0]
-    if n < 2:
-        raise ValueError("the median heuristic needs at least 2 particles")
-    dist = torch.cdist(x, x)  # [n, n]
-    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
-    med = torch.quantile(dist[off], 0.5)
-    return (med.square() / math.log(n)).clamp_min(1e-12)
-
-
-def kernel_gradient(x: Tensor, V: Tensor, kernel: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Weighted kernel-gradient field `φ(j) = ∇_{x_j} Σ_i V_ji k(x_i, x_j)`, the `x_i` held fixed.
-
-    The generic form of the repulsion (§7), with the particles themselves in place of `W2_j`.
-
-    Args:
-        x: Particles, [n, ...].
-        V: Weights, [n, n] (row j: particle j's weights on the others).
-        kernel: `kernel(y, x) -> [n_x, n_y]` with entry [j, i] = k(y_i, x_j).
-
-    Returns:
-        φ, [n, ...].
-    """
-    with torch.enable_grad():
-        xv = x.detach().requires_grad_(True)
-        objective = (V * kernel(x.detach(), xv)).sum()
-        (grad,) = torch.autograd.grad(objective, xv)
-    return grad
-
-
-def svgd_rbf_direction(x: Tensor, grad_loss: Tensor, *, h: float | Tensor | None = None) -> Tensor:
-    """One SVGD direction (descent convention) built from `attraction` and `kernel_gradient`.
-
-    With `K` the RBF kernel, `M_co` all ones and uniform repulsion weights `v_ji = 1/Σ_l k_jl`:
-    `g̃_j = Σ_i a_ji g_i + ∇_{x_j} Σ_i v_ji k(x_i, x_j)`, `g = −∇ log p`. This is SVGD's
-    `−φ*(x_j) = −(1/n) Σ_i [k(x_i,x_j) ∇log p(x_i) + ∇_{x_i} k(x_i,x_j)]` with the row weight
-    `1/n` replaced by `1/Σ_l k_jl` (a positive per-particle step size: same fixed points).
-    Update with `x ← x − ε g̃`.
-
-    Args:
-        x: Particles, [n, p].
-        grad_loss: `∇_x (−log p)` at the particles, [n, p].
-        h: Bandwidth (default: `median_bandwidth(x)`).
-
-    Returns:
-        g̃, [n, p].
-    """
-    n = x.shape[0]
-    h = median_bandwidth(x) if h is None else h
-    k = rbf_kernel(x, x, h=h)  # [n, n]
-    everyone = torch.ones(n, n, dtype=torch.bool, device=x.device)
-    phi_att = attraction(grad_loss, k, everyone)  # [n, p]
-    v = (1.0 / k.sum(-1, keepdim=True)).expand(n, n)  # [n, n]
-    phi_rep = kernel_gradient(x, v, lambda y, xx: rbf_kernel(y, xx, h=h))  # [n, p]
-    return phi_att + phi_rep

@@ -421,15 +421,11 @@ class SteinTransform:
         return out.permute(1, 0, 2, 3).reshape(L, self.ep_size * e, d)  # [L, E, d]
 
     def _initial_prototypes(self, index: int) -> torch.Tensor:
-        """20 power-iteration steps from a fixed-seed random start (§4).
-
-        The start is drawn for all E experts and sliced, so expert j starts from the same vector
-        whatever the EP size (and so converges to the same prototype, sign included).
-        """
+        """Layer `index`'s local rows of `stein.init_prototypes` (seed `seed + index`, §4)."""
         w2 = torch.stack([w.detach() for w in self._expert_params[index][1]])  # [E_loc, d, f]
-        gen = torch.Generator().manual_seed(self.seed + index)
-        start = torch.randn(self.num_experts, w2.shape[1], generator=gen)[self.local]
-        return stein.refresh_prototypes(w2, start.to(w2.device), iters=20)
+        return stein.init_prototypes(
+            w2, seed=self.seed + index, experts=self.local, num_experts=self.num_experts
+        )
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
