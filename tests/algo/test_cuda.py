@@ -84,7 +84,6 @@ def test_losses_and_trust_region_on_cuda() -> None:
                 pg_estimator=est,
                 logp_ref=logp_old,
                 kl_coeff=0.1,
-                rollout_logp=logp_old - 0.1,
             )
             out[est] = loss
             out.update({f"{est}/{k}": v for k, v in stats.items()})

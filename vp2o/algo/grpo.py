@@ -6,8 +6,7 @@ per sequence (padded), `mask` [B, L] marks response tokens.
 What is here beyond the method's GRPO (§1), said plainly:
 
 - `policy_loss` also offers what verl / NeMo-RL / TRL users expect: dual-clip (`clip_ratio_c`),
-  KL estimators k1/k2/k3, four aggregations, GSPO (sequence-level ratios) and truncated
-  importance-sampling (TIS) correction against the rollout engine's log-probs.
+  KL estimators k1/k2/k3, four aggregations and GSPO (sequence-level ratios).
 - VP2O's unclipped surrogate (§2) is `pg_estimator="ratio"` with `clip_low=clip_high=None`; its
   `logprob` estimator (§2) is `pg_estimator="logprob"`.
 - Log-ratios are masked to 0 before exponentiating, so padding never produces inf/NaN (nor NaN
@@ -17,7 +16,6 @@ What is here beyond the method's GRPO (§1), said plainly:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,7 +24,6 @@ from torch import Tensor
 from vp2o.registry import Registry
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
@@ -47,7 +44,6 @@ PolicyLossFn = Callable[..., tuple[Tensor, Tensor]]
 KL_ESTIMATORS: Registry[KLFn] = Registry("KL estimator")
 AGGREGATIONS: Registry[AggFn] = Registry("loss aggregation")
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy-gradient estimator")
-ADVANTAGE_ESTIMATORS: Registry[Callable[..., Tensor]] = Registry("advantage estimator")
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -61,7 +57,6 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
 def group_advantages(
     rewards: Tensor, group_size: int, normalize_std: bool = True, *, eps: float = 1e-6
 ) -> Tensor:
@@ -352,24 +347,18 @@ def policy_loss(
     logp_ref: Tensor | None = None,
     kl_coeff: float = 0.0,
     kl_estimator: str = "k3",
-    rollout_logp: Tensor | None = None,
-    tis_cap: float = 2.0,
     max_len: int | None = None,
     denominator: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO / VP2O policy loss (§1, §2): per-token surrogate, aggregation, optional KL penalty.
 
-    `L = agg(ℓ_pg · w_TIS) + β_KL · agg(KL_est(π_θ ‖ π_ref))` with, for `pg_estimator`:
+    `L = agg(ℓ_pg) + β_KL · agg(KL_est(π_θ ‖ π_ref))` with, for `pg_estimator`:
 
     - `ratio`: `ℓ = −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A)`, `ρ = exp(logp − logp_old)`; `None` for
       a bound removes it (both None: VP2O's unclipped `−ρA`, §2). Dual-clip (`clip_ratio_c = c`):
       `ℓ = min(ℓ, −cA)` where A < 0.
     - `gspo`: the same with the sequence-level ratio `exp(mean_t log ρ_it)`.
     - `logprob`: `ℓ = −A log π_θ` (§2; no clipping allowed).
-
-    TIS: with `rollout_logp`, each token's loss is multiplied by the constant
-    `w = min(exp(logp_old − rollout_logp), tis_cap)`, correcting for a mismatch between the rollout
-    engine's and the learner's behaviour log-probs.
 
     Args:
         logp: log π_θ of the sampled tokens, [B, L] (differentiable).
@@ -384,16 +373,14 @@ def policy_loss(
         logp_ref: log π_ref, [B, L]; needed when `kl_coeff != 0`, reported when given.
         kl_coeff: β_KL.
         kl_estimator: One of `KL_ESTIMATORS.names()`.
-        rollout_logp: Rollout-engine log-probs, [B, L], for TIS; None disables TIS.
-        tis_cap: TIS cap C.
         max_len: L_max for `seq_mean_token_sum_norm`.
         denominator: Global normaliser, see `aggregate`.
 
     Returns:
         (loss 0-dim, stats). Stats, detached 0-dim tensors: `loss/policy`, `ratio/mean`,
         `ratio/max`, `clip/low_frac`, `clip/high_frac` (and `clip/dual_frac` with dual-clip),
-        `kl/<estimator>` and `loss/kl` with `logp_ref`, `tis/weight_mean` and `tis/capped_frac`
-        with TIS. Fractions and means are over response tokens.
+        `kl/<estimator>` with `logp_ref`, and `loss/kl` with `kl_coeff != 0`. Fractions and means
+        are over response tokens.
     """
     pg_fn = POLICY_LOSSES.get(pg_estimator)
     agg = AGGREGATIONS.get(aggregation)
@@ -403,12 +390,6 @@ def policy_loss(
         logp, logp_old, a, mask, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
     )  # [B, L]
     stats: dict[str, Tensor] = {}
-    if rollout_logp is not None:
-        log_w = torch.where(mask, logp_old - rollout_logp, 0.0)
-        w = torch.exp(log_w).clamp(max=tis_cap).detach()  # [B, L]
-        pg_tok = pg_tok * w
-        stats["tis/weight_mean"] = masked_mean(w, mask)
-        stats["tis/capped_frac"] = masked_mean((log_w > math.log(tis_cap)).to(w), mask)
     pg = agg(pg_tok, mask, max_len=max_len, denominator=denominator)
     loss = pg
     stats["loss/policy"] = pg.detach()
