@@ -1,6 +1,6 @@
-"""A few megatron-core training steps of the tiny MoE on CPU: the foundation's end-to-end check.
+"""A few megatron-core training steps of the tiny MoE on CPU: checks that the install trains.
 
-    vp2o demo            # (until the RL trainer lands) builds the tiny MoE and trains it briefly
+    vp2o smoke [--steps 40] [--config FILE] [key=value ...]
 
 The task is next-token prediction on sequences that count up from a random start, so the loss
 must fall far below log(vocab) (the loss of a uniform guess): a run that does not learn shows.

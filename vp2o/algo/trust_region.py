@@ -198,7 +198,7 @@ def behavior_stats(
         logp: log π_θ, [B, L].
         logp_old: Behaviour log-probs log μ, [B, L].
         mask: Response-token mask, [B, L].
-        lam: Temper λ (`vp2o.behavior.lambda`, default 0.5).
+        lam: Temper λ (`vp2o.behavior.lam`, default 0.5).
         ess_level: `sequence` (default) or `token` (`vp2o.behavior.ess_level`).
 
     Returns:
