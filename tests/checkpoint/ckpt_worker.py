@@ -68,6 +68,7 @@ def kill(args) -> None:
 
     from vp2o.mcore import checkpoint as ck
     from vp2o.mcore import parallel
+    from vp2o.mcore.checkpoint import save_load
 
     def die() -> None:
         os.killpg(0, signal.SIGKILL)  # this process and megatron's writer/manager processes
@@ -77,15 +78,15 @@ def kill(args) -> None:
     run = build_run(cfg)
     train_step(run, 0)
     if args.at == "write":
-        real_save = ck._dist_save
+        real_save = save_load._dist_save
 
         def save_then_die(sd, directory):
             real_save(sd, directory)
             die()
 
-        ck._dist_save = save_then_die
+        save_load._dist_save = save_then_die
     else:
-        ck._move_into_place = lambda tmp, final: die()
+        save_load._move_into_place = lambda tmp, final: die()
     ck.save_checkpoint(
         args.root, args.step, model=run.ddp, optimizer=run.opt, scheduler=run.sched, extra={}
     )

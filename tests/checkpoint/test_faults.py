@@ -13,6 +13,7 @@ import torch
 from ckpt_helpers import build_run, global_params, run_worker, small_config, train_step
 
 from vp2o.mcore import checkpoint as ck
+from vp2o.mcore.checkpoint import save_load
 
 
 def save(run, root, step, **kw):
@@ -194,7 +195,7 @@ def test_disk_full_injected(trained, tmp_path, monkeypatch):
         (directory / "__0_0.distcp").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "__0_0.distcp"))
 
-    monkeypatch.setattr(ck, "_dist_save", full)
+    monkeypatch.setattr(save_load, "_dist_save", full)
     with pytest.raises(ck.CheckpointError) as e:
         save(run, tmp_path, 2)
     msg = str(e.value)

@@ -28,7 +28,7 @@ def install(args) -> None:
     import torch
 
     import vp2o.train as train_module
-    from vp2o.mcore import checkpoint as ck
+    from vp2o.mcore.checkpoint import save_load
 
     rank = int(os.environ.get("RANK", "0"))
     if args.dump or args.remount_ro_at is not None:
@@ -52,7 +52,7 @@ def install(args) -> None:
 
         train_module.make_rollouts = make_rollouts
     if args.pause_save is not None:
-        real_dist_save = ck._dist_save
+        real_dist_save = save_load._dist_save
 
         def dist_save(sharded_state_dict, directory):
             real_dist_save(sharded_state_dict, directory)
@@ -60,7 +60,7 @@ def install(args) -> None:
                 Path(args.ready).write_text(str(os.getpid()))
                 time.sleep(3600)
 
-        ck._dist_save = dist_save
+        save_load._dist_save = dist_save
 
 
 def main() -> int:
