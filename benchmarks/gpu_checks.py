@@ -12,7 +12,7 @@ Checks, in fp32 and with bf16 parameters (fp32 main grads):
   5. (fp32 only) A training forward + backward with padding and both specialisation losses runs
      no more host-synchronising ops (nonzero, masked_select, item, ...: profiler-counted) in
      VP2O's layers than in megatron's own.
-  6. The trust region's rollback (``Learner.snapshot``/``restore``, distributed optimizer, Adam)
+  6. The trust region's rollback (``optim_state.Rollback``, distributed optimizer, Adam)
      puts every parameter, main param and optimizer state tensor back bit for bit, copying no
      parameter (they are rebuilt from the main params by megatron's copy and all-gather).
 Prints one line per check (``PASS``/``FAIL`` and the measured error) and exits non-zero on a
@@ -171,32 +171,26 @@ def main() -> int:
 def _rollback(cfg, build, mbs, loss_fn) -> tuple[float, float, int]:
     """(how far a step moved the parameters, how far from its state before the step the restore
     left parameters, main params and optimizer state, parameters copied)."""
-    from types import SimpleNamespace
-
     from vp2o.mcore import training
-    from vp2o.train import Learner, step_state
+    from vp2o.mcore.optim_state import Rollback, max_difference, step_state
 
     model, ddp, _ = build(cfg, True)
     opt = training.build_optimizer(ddp, cfg)
-    learner = Learner(SimpleNamespace(cfg=cfg, model=model, optimizer=opt), None)
+    rollback = Rollback(model, opt)
 
     def step():
         training.zero_grads(ddp, opt)
         training.forward_backward(ddp, mbs, loss_fn)
         opt.step()
 
-    def distance(before, n=None):
-        now = step_state(model, opt)[:n]
-        return max(float((x.float() - y.float()).abs().max())
-                   for x, y in zip(now, before[:n], strict=True))
-
     step()  # Adam's state exists from here on
     before = [t.clone() for t in step_state(model, opt)]
-    saved = learner.snapshot()
+    rollback.save()
     step()
-    moved = distance(before, len(list(model.parameters())))
-    learner.restore(saved)
-    return moved, distance(before), len(saved["params"])
+    n = len(list(model.parameters()))  # step_state lists the model's parameters first
+    moved = max_difference(step_state(model, opt)[:n], before[:n])
+    rollback.restore()
+    return moved, max_difference(step_state(model, opt), before), len(rollback.copied_params)
 
 
 def _sync_ops(model, tokens, pos) -> dict:

@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--identity", action="store_true", help="masks leave only the diagonal")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--rollback", action="store_true",
-                    help="after the steps: snapshot, one more step, restore (Learner)")
+                    help="after the steps: save, one more step, restore (optim_state.Rollback)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     cfg = load_config(
@@ -116,7 +116,7 @@ def main() -> None:
             transform.after_optimizer_step()
             record["prototypes"].append(transform.prototypes.clone())
     if args.rollback:
-        record["rollback"] = _rollback_check(cfg, model, opt, lambda: forward_backward(0))
+        record["rollback"] = _rollback_check(model, opt, lambda: forward_backward(0))
     for name, p in model.named_parameters():
         gname = mdl.global_param_name(name, ep_rank=g.ep_rank, num_local_experts=n_local)
         record["params"][gname] = p.detach().clone()
@@ -130,27 +130,20 @@ def main() -> None:
     parallel.destroy()
 
 
-def _rollback_check(cfg, model, opt, forward_backward) -> dict:
-    """Snapshot, step, restore: how far every parameter, main param and optimizer state tensor
+def _rollback_check(model, opt, forward_backward) -> dict:
+    """Save, step, restore: how far every parameter, main param and optimizer state tensor
     is from its value before the step (0 when exact), and how far the step had moved them."""
-    from types import SimpleNamespace
+    from vp2o.mcore.optim_state import Rollback, max_difference, step_state
 
-    from vp2o.train import Learner, step_state
-
-    def distance(before):
-        now = step_state(model, opt)
-        return max(float((x.float() - y.float()).abs().max())
-                   for x, y in zip(now, before, strict=True))
-
-    learner = Learner(SimpleNamespace(cfg=cfg, model=model, optimizer=opt), None)
+    rollback = Rollback(model, opt)
     before = [t.clone() for t in step_state(model, opt)]
-    saved = learner.snapshot()
+    rollback.save()
     forward_backward()
     opt.step()
-    moved = distance(before)
-    learner.restore(saved)
-    return {"moved": moved, "after_restore": distance(before),
-            "copied_params": len(saved["params"])}
+    moved = max_difference(step_state(model, opt), before)
+    rollback.restore()
+    return {"moved": moved, "after_restore": max_difference(step_state(model, opt), before),
+            "copied_params": len(rollback.copied_params)}
 
 
 def init_by_global_name(model, *, ep_rank, num_local_experts, std=0.02):

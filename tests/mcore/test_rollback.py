@@ -1,4 +1,4 @@
-"""The trust region's rollback (method §10): `Learner.snapshot` / `Learner.restore` undo a step
+"""The trust region's rollback (method §10): `optim_state.Rollback`'s `save` / `restore` undo a step
 exactly, for every optimizer layout the trainer builds (distributed optimizer on and off, fp32
 and bf16 parameters), including the first step (whose Adam state the restore must drop). The
 data-parallel case (the restore's all-gather of the distributed optimizer's shards) is in
@@ -6,15 +6,13 @@ tests/mcore/test_vp2o_distributed.py."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from vp2o.config import load_config
 from vp2o.mcore import model as mdl
 from vp2o.mcore import training, vp2o_moe
-from vp2o.train import Learner, _inner_optimizers
+from vp2o.mcore.optim_state import Rollback, megatron_parts
 
 S, B = 8, 2
 
@@ -22,7 +20,7 @@ S, B = 8, 2
 def _state(model, optimizer) -> dict:
     """Every number a step changes: parameters, main params, optimizer state (copies)."""
     out = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters()}
-    for i, opt in enumerate(_inner_optimizers(optimizer)):
+    for i, opt in enumerate(part.optimizer for part in megatron_parts(optimizer)):
         for j, p in enumerate(q for g in opt.param_groups for q in g["params"]):
             out[f"main/{i}/{j}"] = p.detach().clone()
             for key, value in opt.state.get(p, {}).items():
@@ -56,7 +54,9 @@ def test_restore_undoes_a_step_exactly_and_the_step_repeats_bitwise(
     model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
     ddp = training.wrap_ddp(model, cfg)
     optimizer = training.build_optimizer(ddp, cfg)
-    learner = Learner(SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer), None)
+    rollback = Rollback(model, optimizer)
+    with pytest.raises(RuntimeError, match="before any save"):
+        rollback.restore()
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randint(0, cfg.model.vocab_size, (B, S), generator=gen) for _ in range(2)]
     pos = torch.arange(S).unsqueeze(0).expand(B, -1)
@@ -74,16 +74,16 @@ def test_restore_undoes_a_step_exactly_and_the_step_repeats_bitwise(
         if not first_step:
             step(batches[0])
         before = _state(model, optimizer)
-        saved = learner.snapshot()
+        rollback.save()
         # No parameter is copied: fp32, the optimizer steps the parameters' own memory
         # (FP32Optimizer: the parameters; distributed optimizer at DP = 1: views of the whole
         # buffer); bf16, the restore rounds the main params into them as megatron's step does.
-        assert not saved["params"]
+        assert not rollback.copied_params
         step(batches[1])
         after = _state(model, optimizer)
         assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("param/"))
-        learner.restore(saved)
+        rollback.restore()
         _assert_same(_state(model, optimizer), before)
         step(batches[1])  # the rejected step again: bitwise the same result
         _assert_same(_state(model, optimizer), after)
-        learner.restore(saved)
+        rollback.restore()

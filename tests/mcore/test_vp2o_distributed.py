@@ -104,7 +104,7 @@ def test_prototype_state_loads_under_another_ep_size(ep2_sgd):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_rollback_restores_every_rank_exactly_from_the_optimizer_shards(tmp_path, dtype):
-    """The trust region's rollback (Learner.snapshot / restore) at EP=1 x DP=2 with the
+    """The trust region's rollback (optim_state.Rollback: save, restore) at EP=1 x DP=2 with the
     distributed optimizer: each rank copies only its optimizer shard (main params and Adam
     state), and the restore rebuilds the parameters by megatron's own copy and all-gather, so
     every parameter, main param and state tensor on every rank is back to its value bit for bit."""
