@@ -68,7 +68,7 @@ def kill(args) -> None:
 
     from vp2o.mcore import checkpoint as ck
     from vp2o.mcore import parallel
-    from vp2o.mcore.checkpoint import save_load
+    from vp2o.mcore.checkpoint import markers, save_load
 
     def die() -> None:
         os.killpg(0, signal.SIGKILL)  # this process and megatron's writer/manager processes
@@ -86,7 +86,7 @@ def kill(args) -> None:
 
         save_load._dist_save = save_then_die
     else:
-        save_load._move_into_place = lambda tmp, final: die()
+        markers.move_into_place = lambda tmp, final: die()
     ck.save_checkpoint(
         args.root, args.step, model=run.ddp, optimizer=run.opt, scheduler=run.sched, extra={}
     )
