@@ -34,8 +34,8 @@ ARMS = {
     "vp2o": ["algorithm=vp2o"],
     # batch reuse: 4 learner steps per rollout batch at most (VP2O's default, with its budgets
     # ending a batch early; GRPO's fixed refresh after 4), against the demo's one step per batch
-    "grpo_reuse4": ["algorithm=grpo", "grpo.updates_per_rollout=4"],
-    "vp2o_reuse4": ["algorithm=vp2o", "vp2o.max_updates_per_rollout=4"],
+    "grpo_reuse4": ["algorithm=grpo", "train.updates_per_rollout=4"],
+    "vp2o_reuse4": ["algorithm=vp2o", "train.updates_per_rollout=4"],
 }
 
 

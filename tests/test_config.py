@@ -98,9 +98,9 @@ def test_yaml_and_overrides(tmp_path):
         (["reward.workers=-1"], None, "reward.workers = -1: expected >= 0"),
         (["reward.timeout_s=0"], None, "reward.timeout_s = 0.0: expected > 0"),
         (["reward.name=exakt"], None, "reward.name = 'exakt': expected one of choice, code, exact"),
-        (["grpo.aggregation=tokenmean"], None,
-         "grpo.aggregation = 'tokenmean': expected one of seq_mean_token_mean"),
-        (["grpo.kl_estimator=k9"], None, "grpo.kl_estimator = 'k9': expected one of k1, k2, k3"),
+        (["loss.aggregation=tokenmean"], None,
+         "loss.aggregation = 'tokenmean': expected one of seq_mean_token_mean"),
+        (["loss.kl_estimator=k9"], None, "loss.kl_estimator = 'k9': expected one of k1, k2, k3"),
         (["data.task=jsonl", "data.train_path=t.jsonl"], None,
          "data.eval_path = None: expected a JSONL file of held-out rows when data.task=jsonl"),
         (["data.eval_path=e.jsonl"], None,
@@ -117,12 +117,33 @@ def test_yaml_and_overrides(tmp_path):
         (["sft.batch_size=0"], None, "sft.batch_size = 0: expected >= 1"),
         (["rollout.top_k=-1"], None, "rollout.top_k = -1: expected >= 0"),
         (['rollout.stop_strings=["x", ""]'], None, "expected non-empty strings"),
-        (["grpo.kl_coeff=-0.1"], None, "grpo.kl_coeff = -0.1: expected >= 0"),
-        (["grpo.clip_ratio_c=1.0"], None, "grpo.clip_ratio_c = 1.0: expected null or > 1"),
-        (["algorithm=vp2o", "vp2o.pg_estimator=logprob", "vp2o.clip=true"], None,
-         "vp2o.clip = True: expected false with vp2o.pg_estimator=logprob"),
-        (["algorithm=vp2o", "vp2o.pg_estimator=logprob", "grpo.clip_ratio_c=3"], None,
-         "grpo.clip_ratio_c = 3.0: expected null with vp2o.pg_estimator=logprob"),
+        (["loss.kl_coeff=-0.1"], None, "loss.kl_coeff = -0.1: expected >= 0"),
+        (["loss.clip_ratio_c=1.0"], None, "loss.clip_ratio_c = 1.0: expected null or > 1"),
+        (["algorithm=vp2o", "loss.estimator=logprob", "loss.clip=true"], None,
+         "loss.clip = True: expected false or null with loss.estimator=logprob"),
+        (["algorithm=vp2o", "loss.estimator=logprob", "loss.clip_ratio_c=3"], None,
+         "loss.clip_ratio_c = 3.0: expected null with loss.estimator=logprob"),
+        (["algorithm=grpo", "loss.estimator=logprob", "loss.clip=true"], None,
+         "loss.clip = True: expected false or null with loss.estimator=logprob"),
+        (["loss.clip=false", "loss.clip_ratio_c=3"], None,
+         "loss.clip_ratio_c = 3.0: expected null when the ratio is not clipped (loss.clip = "
+         "False with algorithm=grpo"),
+        (["algorithm=vp2o", "loss.clip_ratio_c=3"], None,
+         "loss.clip_ratio_c = 3.0: expected null when the ratio is not clipped (loss.clip = "
+         "None with algorithm=vp2o"),
+        (["algorithm=vp2o", "loss.estimator=logprob"], None,
+         "train.updates_per_rollout = 'null (4 for algorithm=vp2o)': expected 1 with "
+         "loss.estimator=logprob"),
+        (["loss.estimator=logprob", "train.updates_per_rollout=2"], None,
+         "train.updates_per_rollout = 2: expected 1 with loss.estimator=logprob"),
+        (["loss.estimator=ppo"], None,
+         "loss.estimator = 'ppo': expected one of 'ratio', 'logprob', 'gspo'"),
+        (["loss.clip=3"], None, "loss.clip = 3: expected true or false or null"),
+        (["train.updates_per_rollout=0"], None,
+         "train.updates_per_rollout = 0: expected >= 1, or null for the algorithm's default"),
+        (["rollout.router_replay=true"], None,
+         "model.moe_enable_routing_replay = False: expected true when rollout.router_replay"),
+        (["data.task=csv"], None, "data.task = 'csv': expected one of 'arith', 'jsonl'"),
         (["model.position_embedding_type=learned_absolute", "model.max_position_embeddings=64"],
          None, "model.max_position_embeddings = 64: expected >= data.max_prompt_tokens + "
          "rollout.max_new_tokens (80)"),
@@ -155,6 +176,9 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  num_experts: 8\n  hidden_size: [128\n")
     with pytest.raises(ConfigError, match=rf"{path.name}:\d+:\d+: malformed YAML"):
+        load_config(path)
+    path.write_text("seed: 1\x1f\n")  # refused by the YAML reader before parsing starts
+    with pytest.raises(ConfigError, match=rf"{path.name}: malformed YAML"):
         load_config(path)
 
 
@@ -212,3 +236,171 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused_with_its_line(tmp_path):
     assert str(err.value) == f"{path}:4:3: malformed YAML: duplicate key 'num_layers'"
     path.write_text("model:\n  num_layers: 2\nrollout:\n  group_size: 4\n")
     assert load_config(path).model.num_layers == 2
+
+
+# ------------------------------------------------------------------ the loss section
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("grpo.clip_low=0.1", "loss.clip_low"), ("grpo.clip_high=0.28", "loss.clip_high"),
+    ("grpo.clip_ratio_c=3", "loss.clip_ratio_c"), ("grpo.kl_coeff=0.1", "loss.kl_coeff"),
+    ("grpo.kl_estimator=k1", "loss.kl_estimator"), ("grpo.aggregation=token_mean",
+                                                    "loss.aggregation"),
+    ("grpo.overlong_filter=true", "loss.overlong_filter"), ("grpo.loss_type=gspo",
+                                                            "loss.estimator"),
+    ("grpo.normalize_std=false", "advantage.normalize_std"),
+    ("grpo.dynamic_sampling=true", "advantage.dynamic_sampling"),
+    ("grpo.router_replay=true", "rollout.router_replay"),
+    ("grpo.updates_per_rollout=2", "train.updates_per_rollout"),
+    ("vp2o.clip=true", "loss.clip"), ("vp2o.pg_estimator=logprob", "loss.estimator"),
+    ("vp2o.max_updates_per_rollout=2", "train.updates_per_rollout"),
+])
+def test_a_moved_key_is_refused_naming_its_new_key(tmp_path, old, new):
+    """The keys of the schema before the loss section, from an override and from a file: an old
+    config fails at load naming the new key (it would otherwise be an unknown key, or worse, an
+    option the algorithm that runs ignores)."""
+    key = old.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: moved to {new}\b"):
+        load_config(None, ["algorithm=vp2o", old])
+    section, name = key.split(".")
+    path = tmp_path / "old.yaml"
+    path.write_text(f"seed: 1\n{section}:\n  {name}: {old.split('=')[1]}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3: {key}: moved to {new}\b"):
+        load_config(path)
+
+
+def test_the_grpo_section_is_gone():
+    for overrides in (["grpo.clip=0.2"], ["grpo={}"]):
+        with pytest.raises(ConfigError, match=r"^grpo: the section is gone: the policy loss is "
+                                              r"the loss section"):
+            load_config(None, overrides)
+
+
+def test_loss_clip_and_updates_per_rollout_resolve_per_algorithm():
+    """null is the algorithm's default (GRPO clips and takes one step per batch; VP2O does not
+    clip and takes up to 4, §2, §12); an explicit value applies to either algorithm."""
+    grpo, vp2o = load_config(None, ["algorithm=grpo"]), load_config(None, ["algorithm=vp2o"])
+    assert (grpo.loss.clip, grpo.loss_clips, grpo.updates_per_rollout) == (None, True, 1)
+    assert (vp2o.loss.clip, vp2o.loss_clips, vp2o.updates_per_rollout) == (None, False, 4)
+    both = ["loss.clip=true", "train.updates_per_rollout=2"]
+    assert load_config(None, ["algorithm=vp2o", *both]).loss_clips
+    assert load_config(None, ["algorithm=vp2o", *both]).updates_per_rollout == 2
+    assert not load_config(None, ["algorithm=grpo", "loss.clip=false"]).loss_clips
+    logprob = load_config(None, ["algorithm=grpo", "loss.estimator=logprob"])
+    assert not logprob.loss_clips and logprob.updates_per_rollout == 1  # no ratio to clip
+    vp2o_logprob = ["algorithm=vp2o", "loss.estimator=logprob", "train.updates_per_rollout=1"]
+    assert load_config(None, vp2o_logprob).loss.estimator == "logprob"
+    gspo = load_config(None, ["algorithm=vp2o", "loss.estimator=gspo", "loss.clip=true",
+                              "loss.clip_ratio_c=3"])
+    assert gspo.loss_clips and gspo.loss.clip_ratio_c == 3.0  # applies to VP2O too
+
+
+# ------------------------------------------------------------------ files and includes
+
+
+def test_defaults_merge_in_order_and_the_including_file_wins(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model.yaml").write_text(
+        "model:\n  num_layers: 2\n  hidden_size: 64\nseed: 1\n")
+    (tmp_path / "base" / "more.yaml").write_text(
+        "model:\n  num_layers: 6\nrollout:\n  stop_strings: [a, b]\nseed: 2\n")
+    path = tmp_path / "run.yaml"
+    path.write_text("defaults: [base/model.yaml, base/more.yaml]\nseed: 3\n"
+                    "rollout:\n  stop_strings: [c]\n")
+    cfg = load_config(path, ["model.hidden_size=128"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.seed) == (6, 128, 3)
+    assert cfg.rollout.stop_strings == ["c"]  # lists are replaced, not appended
+    # A single file may be named without a list; includes nest (relative to each file).
+    (tmp_path / "base" / "nested.yaml").write_text(
+        "defaults: model.yaml\nmodel:\n  num_layers: 4\n")
+    path.write_text("defaults: base/nested.yaml\n")
+    cfg = load_config(path)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.seed) == (4, 64, 1)
+
+
+def test_defaults_errors_name_the_file(tmp_path):
+    path = tmp_path / "a.yaml"
+    path.write_text("seed: 1\ndefaults: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: defaults: 'missing.yaml' does not exist "
+                                          rf"\(looked for {tmp_path / 'missing.yaml'}\)"):
+        load_config(path)
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    path.write_text("defaults: [b.yaml]\n")
+    with pytest.raises(ConfigError, match=r"b.yaml:1: defaults include a cycle: .*a.yaml -> "
+                                          r".*b.yaml -> .*a.yaml"):
+        load_config(path)
+    path.write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="defaults include a cycle"):
+        load_config(path)
+    path.write_text("defaults: {x: 1}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:1: defaults = {{'x': 1}}: expected a list "
+                                          r"of YAML files \(paths relative to a.yaml\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="defaults is read from YAML files only"):
+        load_config(None, ["defaults=[a.yaml]"])
+    (tmp_path / "bad.yaml").write_text("model:\n  num_layers: [2\n")
+    path.write_text("defaults: [bad.yaml]\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: malformed YAML"):
+        load_config(path)
+
+
+def test_a_bad_value_is_named_with_the_file_and_line_that_set_it(tmp_path):
+    """With includes, the key alone does not say which file to fix."""
+    (tmp_path / "base.yaml").write_text("seed: 1\noptimizer:\n  lr: -1.0\n  name: adam\n")
+    path = tmp_path / "run.yaml"
+    path.write_text("defaults: [base.yaml]\nmodel:\n  num_layers: 2\n  num_expert: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}:4: model.num_expert: unknown key; expected one of:")
+    path.write_text("defaults: [base.yaml]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{tmp_path / 'base.yaml'}:3: optimizer.lr = -1.0: expected a "
+                              "finite number > 0")
+    with pytest.raises(ConfigError) as err:  # an override replaces the file's value: no place
+        load_config(path, ["optimizer.lr=-2"])
+    assert str(err.value) == "optimizer.lr = -2.0: expected a finite number > 0"
+    assert load_config(path, ["optimizer.lr=1e-4"]).optimizer.lr == pytest.approx(1e-4)
+
+
+# ------------------------------------------------------------------ checked once
+
+
+def test_require_loop_checks_once_and_again_after_a_change(monkeypatch):
+    """load_config(loop=...) checks the loop's rules; require_loop on that config does nothing;
+    a config changed in place, or built in Python, is checked."""
+    from vp2o.config import loops
+
+    calls = []
+    real = loops.check_loop
+    monkeypatch.setattr("vp2o.config.check_loop",
+                        lambda loop, **kw: (calls.append(loop), real(loop, **kw)))
+    cfg = load_config(None, loop="train")
+    assert calls == ["train"]
+    assert cfg.require_loop("train") is cfg and calls == ["train"]
+    cfg.require_loop("eval")
+    assert calls == ["train", "eval"]
+    cfg.rollout.temperature = 0.0  # fine for eval with one sample, not for RL training
+    cfg.require_loop("eval")
+    with pytest.raises(ConfigError, match="rollout.temperature = 0.0: expected > 0 for vp2o "
+                                          "train"):
+        cfg.require_loop("train")
+    built = Config()
+    built.optimizer.lr = float("nan")
+    with pytest.raises(ConfigError, match="optimizer.lr = nan"):
+        built.require_loop("sft")
+    with pytest.raises(ConfigError, match="loop = 'rl': expected one of sft, train, eval"):
+        Config().require_loop("rl")
+    with pytest.raises(ConfigError, match="parallel.context_parallel = 2: expected 1"):
+        load_config(None, ["parallel.context_parallel=2"], loop="sft")
+
+
+def test_data_parallel_size_is_computed_in_one_place():
+    p = load_config(None, ["parallel.expert_parallel=2"]).parallel
+    assert (p.data_parallel(8), p.expert_data_parallel(8)) == (8, 4)
+    tp2 = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
+    p = load_config(None, tp2).parallel
+    assert p.data_parallel(8) == 4
+    with pytest.raises(ConfigError, match=r"parallel = 'TP=2 x PP=1 x CP=1': expected a product "
+                                          r"that divides the world size \(3\)"):
+        p.data_parallel(3)

@@ -35,7 +35,7 @@ def _by_loop(values: torch.Tensor, mask: torch.Tensor, aggregation: str) -> floa
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS.names())
 def test_micro_batches_sum_to_the_whole_batch_loss(init_parallel, aggregation):
-    cfg = load_config(None, [f"grpo.aggregation={aggregation}",
+    cfg = load_config(None, [f"loss.aggregation={aggregation}",
                              f"rollout.max_new_tokens={MAX_NEW}"])
     groups = init_parallel(cfg)
     gen = torch.Generator().manual_seed(3)

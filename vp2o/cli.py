@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from vp2o.config import ConfigError, load_config
+from vp2o.console import quiet_third_party_warnings
 from vp2o.data.tasks import DatasetError
 from vp2o.mcore.checkpoint import CheckpointError
 from vp2o.report import build_parser as report_arguments
 
 
-def quiet_third_party_warnings() -> None:
-    """megatron-core warns at import about optional apex/TE and deprecated torch collectives;
-    none of it is actionable for a vp2o user, so the CLI hides it (the library does not)."""
-    for category in (UserWarning, DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"megatron\..*")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\..*")
-    warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit\..*")
-
-
-def _config(args: argparse.Namespace):
-    return load_config(args.config, args.overrides)
+def _config(args: argparse.Namespace, loop: str):
+    """The config of a ``vp2o sft/train/eval`` run, checked for that loop (once)."""
+    return load_config(args.config, args.overrides, loop=loop)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -60,7 +51,7 @@ def _smoke(args: argparse.Namespace) -> int:
 def _sft(args: argparse.Namespace) -> int:
     from vp2o.sft import sft
 
-    result = sft(_config(args))
+    result = sft(_config(args, "sft"))
     print(f"held-out accuracy {result['held_out_accuracy']:.3f}")
     return 0
 
@@ -68,7 +59,7 @@ def _sft(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from vp2o.train import train
 
-    result = train(_config(args))
+    result = train(_config(args, "train"))
     if "stopped_at_step" in result:
         print(f"stopped at step {result['stopped_at_step']} (checkpoint written)")
     else:
@@ -79,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vp2o.evaluate import run_eval
 
-    run_eval(_config(args), benchmark=args.benchmark, fmt=args.format)
+    run_eval(_config(args, "eval"), benchmark=args.benchmark, fmt=args.format)
     return 0
 
 

@@ -27,13 +27,13 @@ MODEL = [
     "reward.name=exact", "reward.workers=1", "train.wandb_mode=offline",
 ]
 SFT = ["sft.steps=600", "sft.batch_size=64", "sft.lr=3e-3"]
-# One learner step per rollout batch in both modes (GRPO's default; VP2O's refresh is then due
-# after every step): at an equal learner-step budget, reusing a batch for several steps gives a
-# fraction of the fresh samples, and on this task that cost both modes their gain (docs/results.md).
+# One learner step per rollout batch in both modes (GRPO's default; VP2O's default is up to 4):
+# at an equal learner-step budget, reusing a batch for several steps gives a fraction of the
+# fresh samples, and on this task that cost both modes their gain (docs/results.md).
 RL = [
     "train.steps=300", "rollout.prompts_per_step=64", "rollout.group_size=8",
     "rollout.max_new_tokens=6", "rollout.temperature=1.0", "rollout.micro_batch_size=512",
-    "grpo.updates_per_rollout=1", "vp2o.max_updates_per_rollout=1",
+    "train.updates_per_rollout=1",
     "optimizer.lr=1e-4", "optimizer.warmup_steps=0", "optimizer.decay_style=constant",
     "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.0", "train.eval_every=0",
 ]

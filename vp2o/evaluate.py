@@ -161,11 +161,9 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     ``run_dir/eval_<file stem>.json`` (benchmark) on rank 0, which also logs the JSON.
     """
     from vp2o.eval_formats import load_benchmark
-    from vp2o.mcore.model import check_generation_backend
     from vp2o.session import load_initial_weights, session
 
-    cfg.check_loop_settings(generates=True)
-    check_generation_backend(cfg.model)
+    cfg.require_loop("eval")  # before any process group: free when loaded with loop="eval"
     rows = reward = None
     if benchmark is not None:  # a bad file fails before any process group exists
         rows, reward = load_benchmark(benchmark, fmt)

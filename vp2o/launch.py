@@ -3,8 +3,8 @@
     vp2o launch --dry-run examples/vp2o/configs/qwen3_30b_a3b_vp2o_8k.yaml --nodes 8 \\
         --gpus-per-node 8 [key=value ...]
 
-Loads the config with the overrides, checks the layout against world = nodes x GPUs per node
-(:meth:`vp2o.config.Config.validate`, so a layout that does not divide fails here, before any
+Loads the config with the overrides, checked against world = nodes x GPUs per node
+(``load_config(..., world_size=world)``, so a layout that does not divide fails here, before any
 node starts), and prints one torchrun line per node (static rendezvous: node i hosts global
 ranks i*G .. i*G+G-1) and every rank's coordinates. The sbatch scripts in examples/vp2o/slurm/
 run the same line on each node with ``--node_rank=$SLURM_NODEID``.
@@ -58,16 +58,13 @@ class Layout:
 
 
 def resolve_layout(cfg: Config, world: int) -> Layout:
-    """The layout of ``cfg`` on ``world`` ranks.
+    """The layout of ``cfg`` (a loaded, checked config) on ``world`` ranks.
 
     Raises:
-        ConfigError: the layout does not divide ``world`` (from ``Config.validate``) or is one
-            the loops refuse (``Config.check_loop_settings``).
+        ConfigError: the layout does not divide ``world``.
     """
-    cfg.validate(world_size=world).check_loop_settings()  # fail here, not on every node
     p = cfg.parallel
-    dp = p.data_parallel(world)
-    expert_dp = world // (p.pipeline_parallel * p.expert_parallel * p.etp)
+    dp, expert_dp = p.data_parallel(world), p.expert_data_parallel(world)
     sequences = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     mbs = cfg.rollout.micro_batch_size
     return Layout(
@@ -118,7 +115,10 @@ def describe(args: argparse.Namespace) -> tuple[Layout, list[str], list[list[str
         if value < 1:
             raise ConfigError(f"{flag} = {value}: expected an integer >= 1")
     world = args.nodes * args.gpus_per_node
-    cfg = load_config(args.config, args.overrides)
+    # Fail here, not on every node: the layout against the world, and the rules every loop shares
+    # (those of sft; a verb's own, such as train's TP = PP = 1, are checked when it starts, so
+    # that any layout megatron accepts can be planned, docs/scaling.md).
+    cfg = load_config(args.config, args.overrides, world_size=world, loop="sft")
     layout = resolve_layout(cfg, world)
     hosts = node_hosts(args.nodes, args.hosts)
     commands = [

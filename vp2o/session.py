@@ -91,8 +91,9 @@ def session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Itera
 def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Session:
     """Initialise parallelism, data, tokenizer and the model (VP2O layer spec in both modes: the
     routing statistics feed the diagnostics either way; the transform and the specialisation
-    losses are switched on only for ``algorithm=vp2o``)."""
-    cfg.check_loop_settings()
+    losses are switched on only for ``algorithm=vp2o``).
+
+    The config is the entry point's, already checked for its loop (``Config.require_loop``)."""
     groups = parallel.initialize(cfg)
     run_dir = Path(cfg.train.run_dir)
     task = load_task(cfg.data, seed=cfg.seed)

@@ -51,6 +51,7 @@ def sft_batch(s: Session, rows: list[dict]) -> dict:
 
 def sft(cfg: Config) -> dict:
     """Run the supervised warm start; returns the held-out evaluation."""
+    cfg.require_loop("sft")  # before any process group: free when loaded with loop="sft"
     cfg = copy.deepcopy(cfg)
     cfg.optimizer.lr = cfg.sft.lr
     cfg.optimizer.warmup_steps = max(cfg.optimizer.warmup_steps, cfg.sft.steps // 20)

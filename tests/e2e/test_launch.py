@@ -52,7 +52,7 @@ def test_sbatch_requeues_on_usr1_and_uses_an_existing_config(script):
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_loads(path):
-    cfg = load_config(path)
+    cfg = load_config(path, loop="sft" if path.name == "demo_sft.yaml" else "train")
     if path.name.startswith("qwen3_30b_a3b"):
         m = cfg.model
         assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups,
@@ -61,8 +61,29 @@ def test_every_example_config_loads(path):
                     48, 2048, 32, 4, 128, 128, 8, 768, 151936, True, 1_000_000)
         assert m.params_dtype == "bf16" and cfg.parallel.use_distributed_optimizer
         world = (8 if "_8k" in path.name else 16) * 8
-        cfg.validate(world_size=world)
+        load_config(path, world_size=world, loop="train")
         assert cfg.rollout.max_new_tokens == (8192 if "_8k" in path.name else 16384)
+
+
+@pytest.mark.parametrize("prefix", ["qwen3_30b_a3b_{}_8k", "qwen3_30b_a3b_{}_16k", "demo_{}"])
+def test_the_grpo_and_vp2o_arms_differ_only_in_the_algorithm(prefix):
+    """Each pair of arms includes one shared file (``defaults:``) and sets only the algorithm and
+    the run folder: the loss, the data, the layout and even VP2O's settings (which shape the
+    diagnostics GRPO logs) are the same for both, so the arms cannot drift apart by an edit to
+    one file. What the algorithm decides differs only through the resolved values."""
+    grpo, vp2o = (load_config(CONFIGS / f"{prefix.format(arm)}.yaml") for arm in ("grpo", "vp2o"))
+    a, b = to_dict(grpo), to_dict(vp2o)
+    assert (a.pop("algorithm"), b.pop("algorithm")) == ("grpo", "vp2o")
+    assert "grpo" in a["train"].pop("run_dir")
+    assert "vp2o" in b["train"].pop("run_dir")
+    assert a == b
+    assert grpo.loss_clips and not vp2o.loss_clips
+    if prefix.startswith("qwen3"):
+        assert (grpo.updates_per_rollout, vp2o.updates_per_rollout) == (1, 4)
+        assert grpo.loss.clip_high == 0.28 and grpo.loss.overlong_filter
+        assert grpo.vp2o.behavior.ess_level == ("token" if "16k" in prefix else "sequence")
+    else:  # the demo takes one learner step per batch in both modes
+        assert (grpo.updates_per_rollout, vp2o.updates_per_rollout) == (1, 1)
 
 
 @pytest.mark.parametrize("phase", ["sft", "grpo", "vp2o"])
@@ -136,17 +157,22 @@ def no_session(monkeypatch):
     return started
 
 
-def test_sessions_refuse_context_parallelism_before_starting(monkeypatch):
-    """sft/train/eval open a session; it refuses CP > 1 before any process group exists."""
-    from vp2o import session as session_module
-    from vp2o.config import load_config
+@pytest.mark.parametrize("verb", ["sft", "train", "eval"])
+def test_every_loop_refuses_context_parallelism_before_starting(no_session, verb):
+    """sft/train/eval refuse CP > 1 before any process group exists (a config loaded without a
+    loop, or built in Python, is checked when the loop starts)."""
+    from vp2o import evaluate as evaluate_module
+    from vp2o import sft as sft_module
+    from vp2o import train as train_module
 
-    started = []
-    monkeypatch.setattr(session_module.parallel, "initialize", lambda cfg: started.append(cfg))
+    run = {"sft": sft_module.sft, "train": train_module.train,
+           "eval": evaluate_module.run_eval}[verb]
     cfg = load_config(None, ["parallel.context_parallel=2"])
     with pytest.raises(ConfigError, match="parallel.context_parallel = 2: expected 1"):
-        session_module.open_session(cfg, with_optimizer=False)
-    assert started == []
+        run(cfg)
+    with pytest.raises(ConfigError, match="parallel.context_parallel = 2: expected 1"):
+        load_config(None, ["parallel.context_parallel=2"], loop=verb)
+    assert no_session == []
 
 
 @pytest.mark.parametrize("override", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
@@ -170,7 +196,7 @@ def test_generating_loops_refuse_tp_and_pp_before_starting(monkeypatch, verb, ov
             evaluate_module.run_eval(cfg)
     assert started == []
     # SFT does not generate: the same layout gets past the check (to the process groups).
-    cfg.check_loop_settings(generates=False)
+    cfg.require_loop("sft")
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -196,15 +222,14 @@ def test_sft_and_eval_accept_what_only_rl_training_refuses(no_session):
     from vp2o.config import load_config
 
     cfg = load_config(None, ["model.hidden_dropout=0.1", "rollout.temperature=0"])
-    cfg.check_loop_settings(generates=True)
-    cfg.check_loop_settings()
+    cfg.require_loop("eval")
+    cfg.require_loop("sft")
     with pytest.raises(ConfigError, match=r"rollout.temperature = 0.0: expected > 0 with "
                                           r"train.eval_samples = 4 \(greedy samples"):
-        load_config(None, ["train.eval_samples=4", "rollout.temperature=0"]).check_loop_settings(
-            generates=True)
+        load_config(None, ["train.eval_samples=4", "rollout.temperature=0"], loop="eval")
     fp16 = load_config(None, ["model.params_dtype=fp16"])
     with pytest.raises(ConfigError, match="model.params_dtype = 'fp16'"):
-        fp16.check_loop_settings()
+        fp16.require_loop("sft")
 
 
 @pytest.mark.parametrize(("tp", "pp", "cp", "ep", "world"),

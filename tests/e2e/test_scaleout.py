@@ -102,7 +102,7 @@ def sft(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path, sft):
-    common = [*TINY, "algorithm=grpo", "train.steps=1", "grpo.updates_per_rollout=2",
+    common = [*TINY, "algorithm=grpo", "train.steps=1", "train.updates_per_rollout=2",
               f"train.init_checkpoint={sft / 'checkpoints'}",
               f"data.tokenizer_path={sft / 'tokenizer.model'}"]
     _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",

@@ -57,19 +57,6 @@ def check_grouped_gemm(m: ModelConfig) -> None:
         )
 
 
-def check_generation_backend(m: ModelConfig) -> None:
-    """``vp2o train`` and ``vp2o eval`` generate with padded batches, which need megatron's local
-    attention (transformer-engine's ignores the padding mask, docs/rollout.md): refuse a config
-    that builds the transformer-engine spec on this machine before anything starts (the rollout
-    would raise at its first batch, after the model is built and its weights loaded)."""
-    if use_transformer_engine(m):
-        raise ConfigError(
-            f"model.transformer_impl = {m.transformer_impl!r}: expected local for vp2o train/eval "
-            "(transformer-engine is installed here, and its attention ignores the padding mask "
-            "of the rollout's batches, docs/rollout.md)"
-        )
-
-
 def transformer_config(cfg: Config):
     """Translate our config into megatron-core's ``TransformerConfig`` (the one place)."""
     from megatron.core.transformer.transformer_config import TransformerConfig

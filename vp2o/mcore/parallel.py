@@ -140,7 +140,7 @@ def initialize(cfg: Config, *, seed: int | None = None) -> ParallelGroups:
 
     cpu.install()
     env = discover_env()
-    cfg.validate(world_size=env.world_size)
+    cfg.parallel.check_world(env.world_size)  # the rest was checked when the config loaded
     p: ParallelConfig = cfg.parallel
     backend = p.backend
     if backend == "auto":
