@@ -63,8 +63,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from vp2o.algo import trust_region
-    from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
+    from vp2o.console import quiet_third_party_warnings
     from vp2o.mcore import parallel, training
     from vp2o.mcore.stein_step import SteinTransform
     from vp2o.rewards import get_reward

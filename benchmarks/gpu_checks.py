@@ -31,8 +31,8 @@ warnings.filterwarnings("ignore")
 
 def main() -> int:
     from vp2o.algo import stein
-    from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
+    from vp2o.console import quiet_third_party_warnings
     from vp2o.mcore import cpu, parallel, training, vp2o_moe
     from vp2o.mcore import model as mdl
     from vp2o.mcore.stein_step import SteinTransform, local_expert_weights

@@ -176,8 +176,8 @@ def vp2o_overrides(work: Path) -> list[str]:
 
 def run_vp2o(steps: int, work: Path) -> list[dict]:
     """``steps`` steps of vp2o's GRPO (``vp2o.train.train``); per step as ``run_trl``."""
-    from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
+    from vp2o.console import quiet_third_party_warnings
     from vp2o.metrics import read_metrics
     from vp2o.train import train
 

@@ -35,8 +35,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25, help="operators listed")
     args = ap.parse_args()
 
-    from vp2o.cli import quiet_third_party_warnings
     from vp2o.config import load_config
+    from vp2o.console import quiet_third_party_warnings
     from vp2o.mcore import parallel, training
 
     quiet_third_party_warnings()

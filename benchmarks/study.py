@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["grpo", "vp2o"], choices=list(ARMS))
     args = ap.parse_args()
 
-    from vp2o.cli import quiet_third_party_warnings
+    from vp2o.console import quiet_third_party_warnings
     from vp2o.demo import demo_config
     from vp2o.sft import sft
     from vp2o.train import train

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
-    from vp2o.cli import quiet_third_party_warnings
+    from vp2o.console import quiet_third_party_warnings
 
     quiet_third_party_warnings()
     return args.func(args)

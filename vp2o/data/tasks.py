@@ -17,8 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-from vp2o.config import DataConfig
+from typing import Protocol
 
 
 class DatasetError(ValueError):
@@ -124,8 +123,22 @@ def read_jsonl(path: str | Path, *, prompt_field: str, answer_field: str) -> lis
     return rows
 
 
-def load_task(cfg: DataConfig, *, seed: int) -> TaskSplit:
-    """Training and held-out rows for ``cfg``."""
+class TaskSpec(Protocol):
+    """What :func:`load_task` reads: the ``data`` section of a config
+    (``vp2o.config.DataConfig``), or anything with these attributes (the data layer imports
+    nothing from the layers above it)."""
+
+    task: str
+    train_path: str | None
+    eval_path: str | None
+    prompt_field: str
+    answer_field: str
+    num_train_prompts: int
+    num_eval_prompts: int
+
+
+def load_task(cfg: TaskSpec, *, seed: int) -> TaskSplit:
+    """Training and held-out rows for ``cfg`` (the config's ``data`` section)."""
     if cfg.task == "arith":
         evaluation = arith_rows(cfg.num_eval_prompts, seed=seed + 1)
         train = arith_rows(
