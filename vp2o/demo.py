@@ -8,7 +8,10 @@
 4. ``runs/demo/report.md`` with the held-out accuracy table, routing diagnostics and plots.
 
 Every phase is a normal vp2o job (the same code as ``vp2o sft`` / ``vp2o train``), run one after
-the other in this process. The settings below are the demo's; both RL modes share them.
+the other in this process. The settings are those of ``examples/vp2o/configs/demo_sft.yaml``,
+``demo_grpo.yaml`` and ``demo_vp2o.yaml`` (both RL files include ``shared/demo_rl.yaml``): the one
+place they are written, so ``vp2o sft/train --config`` on those files runs the same phases. Only
+the folders move with ``root``: the files name ``runs/demo/...``.
 """
 
 from __future__ import annotations
@@ -18,43 +21,36 @@ from pathlib import Path
 
 from vp2o.config import Config, load_config
 
-MODEL = [
-    "model.num_layers=4", "model.hidden_size=128", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.ffn_hidden_size=256", "model.num_experts=8",
-    "model.moe_router_topk=2", "model.moe_ffn_hidden_size=128", "model.vocab_size=64",
-    "model.max_position_embeddings=64", "data.tokenizer_vocab_size=64",
-    "data.num_train_prompts=4000", "data.num_eval_prompts=1000",
-    "reward.name=exact", "reward.workers=1", "train.wandb_mode=offline",
-]
-SFT = ["sft.steps=600", "sft.batch_size=64", "sft.lr=3e-3"]
-# One learner step per rollout batch in both modes (GRPO's default; VP2O's default is up to 4):
-# at an equal learner-step budget, reusing a batch for several steps gives a fraction of the
-# fresh samples, and on this task that cost both modes their gain (docs/results.md).
-RL = [
-    "train.steps=300", "rollout.prompts_per_step=64", "rollout.group_size=8",
-    "rollout.max_new_tokens=6", "rollout.temperature=1.0", "rollout.micro_batch_size=512",
-    "train.updates_per_rollout=1",
-    "optimizer.lr=1e-4", "optimizer.warmup_steps=0", "optimizer.decay_style=constant",
-    "optimizer.clip_grad=1.0", "optimizer.weight_decay=0.0", "train.eval_every=0",
-]
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "vp2o" / "configs"
+"""The demo's config files (in a source checkout: ``make demo`` installs vp2o editable)."""
+ROOT = Path("runs/demo")
+"""The folder the config files name; ``root`` replaces it."""
+_FOLDERS = ("train.run_dir", "data.tokenizer_path", "train.init_checkpoint")
 
 
-def demo_config(phase: str, root: Path, extra: list[str] | None = None) -> Config:
-    """The config of one demo phase (``sft``, ``grpo`` or ``vp2o``)."""
-    overrides = [*MODEL, f"train.run_dir={root / phase}"]
-    if phase == "sft":
-        overrides += SFT
-    else:
-        overrides += [
-            *RL, f"algorithm={phase}",
-            f"data.tokenizer_path={root / 'sft' / 'tokenizer.model'}",
-            f"train.init_checkpoint={root / 'sft' / 'checkpoints'}",  # its newest checkpoint
-            "train.resume=never",
-        ]
-    return load_config(None, [*overrides, *(extra or [])])
+def demo_config(phase: str, root: Path = ROOT, extra: list[str] | None = None) -> Config:
+    """The config of one demo phase (``sft``, ``grpo`` or ``vp2o``): ``demo_<phase>.yaml`` with
+    its folders (run folder; for RL the SFT phase's tokenizer and checkpoint) moved from
+    ``runs/demo`` to ``root``, then the ``extra`` overrides."""
+    path = CONFIGS / f"demo_{phase}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: the demo's settings are missing; vp2o demo runs from a source checkout"
+        )
+    cfg = load_config(path)
+    moved = []
+    for key in _FOLDERS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            try:
+                moved.append(f"{key}={Path(root) / Path(value).relative_to(ROOT)}")
+            except ValueError:
+                raise ValueError(f"{path}: {key} = {value!r} is not under {ROOT}") from None
+    return load_config(path, [*moved, *(extra or [])])
 
 
-def run_demo(root: Path = Path("runs/demo"), extra: list[str] | None = None, log=print) -> Path:
+def run_demo(root: Path = ROOT, extra: list[str] | None = None, log=print) -> Path:
     """Run all phases; returns the report path."""
     from vp2o.report import write_report
     from vp2o.sft import sft

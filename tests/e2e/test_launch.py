@@ -87,11 +87,23 @@ def test_the_grpo_and_vp2o_arms_differ_only_in_the_algorithm(prefix):
 
 
 @pytest.mark.parametrize("phase", ["sft", "grpo", "vp2o"])
-def test_demo_configs_mirror_the_demo(phase):
+def test_the_demo_runs_its_config_files(phase, tmp_path):
+    """vp2o demo's settings are demo_<phase>.yaml's; another root moves only the folders."""
     from vp2o.demo import demo_config
 
-    expected = to_dict(demo_config(phase, Path("runs/demo")))
-    assert to_dict(load_config(CONFIGS / f"demo_{phase}.yaml")) == expected
+    file = to_dict(load_config(CONFIGS / f"demo_{phase}.yaml"))
+    assert to_dict(demo_config(phase)) == file
+    moved = to_dict(demo_config(phase, tmp_path, ["rollout.group_size=4"]))
+    folders = {("train", "run_dir"): tmp_path / phase}
+    if phase != "sft":
+        folders[("data", "tokenizer_path")] = tmp_path / "sft" / "tokenizer.model"
+        folders[("train", "init_checkpoint")] = tmp_path / "sft" / "checkpoints"
+    for (section, key), path in folders.items():
+        assert moved[section].pop(key) == str(path)
+        file[section].pop(key)
+    assert moved["rollout"].pop("group_size") == 4
+    file["rollout"].pop("group_size")
+    assert moved == file
 
 
 def _dry_run(*argv: str) -> str:
