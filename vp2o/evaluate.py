@@ -55,8 +55,32 @@ def _sample(s: Session, rows: list[dict], *, temperature: float, group: int, see
     return batch
 
 
+def _my_chunks(num_rows: int, size: int) -> list[range | None]:
+    """The chunks of ``size`` rows that this rank generates, one per round.
+
+    Chunk ``c`` is rows ``[c * size, (c + 1) * size)`` under any number of ranks, and goes to rank
+    ``c % world``: a row shares its batch (and its sampling generator) with the same rows as in one
+    process, so the results are the one process's. Every rank gets the same number of rounds, so
+    the collectives inside ``generate`` pair up; ``None`` is a round with no chunk left for this
+    rank, in which it generates a dummy row (the same calls as the other ranks) and discards it.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    chunks = [range(i, min(i + size, num_rows)) for i in range(0, num_rows, size)]
+    rounds = -(-len(chunks) // world)
+    return [chunks[c] if (c := k * world + rank) < len(chunks) else None for k in range(rounds)]
+
+
+def _gather_in_order(results: list[tuple]) -> list[tuple]:
+    """Every rank's ``(first row, ...)`` tuples, on every rank, in row order (one process's)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    return sorted((r for g in gathered for r in g), key=lambda r: r[0])
+
+
 def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
-    """Score the held-out prompts. Every rank takes a slice; results are gathered on all ranks.
+    """Score the held-out prompts. The ranks share out chunks of ``chunk`` prompts (see
+    :func:`_my_chunks`: the result does not depend on the number of ranks); results are gathered
+    on all ranks.
 
     Returns ``held_out_accuracy`` (greedy), ``pass_at_k`` ({k: value} for k up to
     ``train.eval_samples``, sampled at the rollout temperature), ``mean_response_length`` (greedy
@@ -64,31 +88,30 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
     ``num_prompts``.
     """
     rows = s.task.eval
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = rows[rank::world]
-    correct, lengths, per_prompt = [], [], []
     k_max = max(1, s.cfg.train.eval_samples)
-    for start in range(0, max(len(mine), 1), chunk):
-        part = mine[start : start + chunk]
-        if not part:  # ranks with no rows still join every collective of generate()
-            part = rows[:1]
+    results = []  # (first row, correct, lengths, correct samples per prompt) per chunk
+    for span in _my_chunks(len(rows), chunk):
+        part = rows[:1] if span is None else [rows[i] for i in span]
         greedy = _sample(s, part, temperature=0.0, group=1, seed=s.cfg.seed)
-        scores = pool.score([r["prompt"] for r in part], greedy.completions, part)
-        if start < len(mine):
-            correct += [r >= 1.0 for r in scores.rewards]
-            lengths += greedy.response_lengths.tolist()
-        if k_max > 1 and start < len(mine):
+        sampled = None
+        if k_max > 1:
             sampled = _sample(s, part, temperature=s.cfg.rollout.temperature, group=k_max,
                               seed=s.cfg.seed + 1)
+        if span is None:
+            continue
+        scores = pool.score([r["prompt"] for r in part], greedy.completions, part)
+        per_prompt = []
+        if sampled is not None:
             expanded = [r for r in part for _ in range(k_max)]
             sc = pool.score([r["prompt"] for r in expanded], sampled.completions, expanded)
-            for i in range(len(part)):
-                per_prompt.append(sum(x >= 1.0 for x in sc.rewards[i * k_max : (i + 1) * k_max]))
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (correct, lengths, per_prompt))
-    correct = [c for g in gathered for c in g[0]]
-    lengths = [n for g in gathered for n in g[1]]
-    per_prompt = [n for g in gathered for n in g[2]]
+            per_prompt = [sum(x >= 1.0 for x in sc.rewards[i * k_max : (i + 1) * k_max])
+                          for i in range(len(part))]
+        results.append((span.start, [r >= 1.0 for r in scores.rewards],
+                        greedy.response_lengths.tolist(), per_prompt))
+    ordered = _gather_in_order(results)
+    correct = [c for r in ordered for c in r[1]]
+    lengths = [n for r in ordered for n in r[2]]
+    per_prompt = [n for r in ordered for n in r[3]]
     out = {
         "held_out_accuracy": sum(correct) / max(len(correct), 1),
         "mean_response_length": sum(lengths) / max(len(lengths), 1),
@@ -115,29 +138,19 @@ def evaluate_rows(s: Session, pool: RewardPool, rows: list[dict], *, samples: in
     (tokens of the correct samples; None when none is), ``num_prompts``, ``samples_per_prompt``.
     """
     n = 1 if temperature == 0 else max(1, samples)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mine = rows[rank::world]
-    per_prompt, rewards, lengths, correct = [], [], [], []
-    step = max(1, chunk // n)
-    for start in range(0, max(len(mine), 1), step):
-        part = mine[start : start + step]
-        real = bool(part)
-        if not real:  # ranks with no rows still join every collective of generate()
-            part = rows[:1]
+    results = []  # (first row, correct per prompt, rewards, lengths, correct) per chunk
+    for span in _my_chunks(len(rows), max(1, chunk // n)):
+        part = rows[:1] if span is None else [rows[i] for i in span]
         batch = _sample(s, part, temperature=temperature, group=n, seed=s.cfg.seed + 1)
-        if not real:
+        if span is None:
             continue
         expanded = [r for r in part for _ in range(n)]
         sc = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
         ok = [x >= 1.0 for x in sc.rewards]
-        rewards += sc.rewards
-        correct += ok
-        lengths += batch.response_lengths.tolist()
-        per_prompt += [sum(ok[i * n : (i + 1) * n]) for i in range(len(part))]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (per_prompt, rewards, lengths, correct))
+        results.append((span.start, [sum(ok[i * n : (i + 1) * n]) for i in range(len(part))],
+                        list(sc.rewards), batch.response_lengths.tolist(), ok))
     per_prompt, rewards, lengths, correct = (
-        [x for g in gathered for x in g[i]] for i in range(4)
+        [x for r in _gather_in_order(results) for x in r[i]] for i in range(1, 5)
     )
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n]
     return {

@@ -175,3 +175,59 @@ def test_eval_tiny_model_on_sample_file(tmp_path, fmt, samples):
     assert result["median_solution_tokens"] is None or result["median_solution_tokens"] <= 8
     written = json.loads((tmp_path / "run" / f"eval_{fmt}.json").read_text())
     assert written == json.loads(logged[0]) == json.loads(json.dumps(result))
+
+
+# ------------------------------------------------------------------ several ranks
+
+
+@pytest.mark.slow
+def test_two_process_eval_with_uneven_chunks_matches_one_process(tmp_path):
+    """5 held-out prompts and 5 benchmark rows in chunks of 2 prompts (1 prompt for 2 samples
+    each) over 2 ranks: the ranks hold different numbers of chunks (once, that paired one rank's
+    generate with the other's gather: a hang), and eval_samples = 2 adds the sampled pass. Both
+    evaluations finish and write what one process writes."""
+    import os
+    import signal
+    import subprocess
+
+    from tiny_train import TINY
+    from torchrun import launcher, worker_env
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"prompt": p, "answer": "7"}) + "\n"
+                             for p in ("1+2*3=", "4-1+2=", "9*1-2=", "3+3+1=", "8-2+1=")))
+    worker = Path(__file__).with_name("eval_worker.py")
+
+    def run(nproc: int, run_dir: Path, *extra: str) -> None:
+        cmd = [*launcher(nproc), str(worker), "2", *TINY, "data.num_eval_prompts=5",
+               "train.eval_samples=2", "reward.name=eval_worker:parity_reward",
+               f"train.run_dir={run_dir}", *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=worker_env(), start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:  # a hang: on SIGTERM torchrun ends its workers
+            proc.terminate()
+            try:
+                err = proc.communicate(timeout=60)[1]
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                err = ""
+            pytest.fail(f"{nproc} process(es): no result in 180 s (collectives out of step?)\n"
+                        + err[-3000:])
+        assert proc.returncode == 0, out[-3000:] + err[-5000:]
+
+    results = {}
+    for nproc, name in ((0, "one"), (2, "two")):
+        run_dir = tmp_path / name
+        tokenizer = [f"data.tokenizer_path={tmp_path / 'one' / 'tokenizer.model'}"] if nproc else []
+        run(nproc, run_dir, *tokenizer)  # the held-out prompts
+        run(nproc, run_dir, *tokenizer, "--benchmark", str(bench), "--format", "math")
+        results[name] = {file: json.loads((run_dir / file).read_text())
+                         for file in ("eval.json", "eval_bench.json")}
+    one, two = results["one"], results["two"]
+    assert one["eval.json"]["num_prompts"] == one["eval_bench.json"]["num_prompts"] == 5
+    held_out = one["eval.json"]
+    assert 0.0 < held_out["held_out_accuracy"] < 1.0  # the reward varies: a real comparison
+    assert 0.0 < held_out["pass_at_k"]["1"] < 1.0
+    assert two == one
