@@ -314,3 +314,48 @@ def test_wandb_offline_run_directory(tmp_path):
         time.sleep(0.1)
     assert b"reward/mean" in data and b"behavior/ess" in data
     assert len(read_metrics(run_dir)) == 3
+
+
+def test_the_wandb_run_is_continued_on_resume_only(tmp_path, monkeypatch):
+    """Which wandb run a logger writes to follows `resume_step`, not what `metrics.jsonl` holds:
+    a checkpoint is written before its step's metrics line, so a run resumed from it may have no
+    line to keep (it used to start a new wandb run), and an old folder's lines are not the history
+    of a new run (it used to continue the old wandb run)."""
+    import wandb
+
+    ids = []
+
+    class FakeRun:
+        def log(self, data, step):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setattr(wandb, "init", lambda **kw: ids.append(kw["id"]) or FakeRun())
+    with _logger(tmp_path, wandb_mode="offline", resume_step=0):
+        pass  # killed after the checkpoint of step 1, before the metrics line of step 0
+    with _logger(tmp_path, wandb_mode="offline", resume_step=1) as lg:  # resumed from step 1
+        lg.log(1, {"x": 1.0})
+    with _logger(tmp_path, wandb_mode="offline", resume_step=0):  # a new run, same folder
+        pass
+    with _logger(tmp_path, wandb_mode="offline") as lg:  # a new run that keeps the file
+        lg.log(0, {"x": 2.0})
+    assert ids[0] == ids[1] and len(set(ids)) == 3
+    assert (tmp_path / "wandb_id").read_text().strip() == ids[3]
+
+
+@pytest.mark.timeout(180)
+def test_wandb_offline_resume_continues_the_run(tmp_path):
+    """Real offline wandb: the run resumed from a checkpoint newer than its last metrics line
+    writes to the same wandb run id (wandb sync merges the two offline folders into one run)."""
+    run_dir = tmp_path / "run"
+    with _logger(run_dir, wandb_mode="offline", resume_step=0) as lg:
+        first = lg._wandb_run.id  # killed before the metrics line of step 0, checkpoint at 1
+    with _logger(run_dir, wandb_mode="offline", resume_step=1) as lg:
+        assert lg._wandb_run.id == first
+        lg.log(1, {"reward/mean": 0.5})
+    assert (run_dir / "wandb_id").read_text().strip() == first
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    # offline-run-<time>-<id>, with "-1" added when both started in the same second
+    assert len(offline) == 2 and all(f"-{first}" in d.name for d in offline), offline

@@ -19,12 +19,14 @@ Only the main rank writes (`is_main=False` makes every method a no-op and never 
 optional at run time: if `wandb.init` or `wandb.log` fails (say `online` without a network), a
 warning is issued and the logger continues with wandb disabled; the JSONL file is the record.
 
-Resuming: the JSONL file is opened in append mode. A run resumed at step `s` calls
-`truncate_after(s)` (or passes `resume_step=s`) first, which drops every line with
-`step >= s` so the replayed steps are not duplicated. The wandb run id is kept in
-`run_dir/wandb_id`; when `metrics.jsonl` holds history at construction (after the `resume_step`
-truncation) the logger continues that wandb run (`resume="allow"`), otherwise it starts a new one.
-wandb itself ignores steps at or below the last step it already has.
+Resuming: the JSONL file is opened in append mode. A run resumed from a checkpoint at step `s`
+passes `resume_step=s`: every line with `step >= s` is dropped (the replayed steps are not
+duplicated) and the wandb run whose id is kept in `run_dir/wandb_id` is continued
+(`resume="allow"`). `resume_step=0` is a run that starts at step 0: every line is dropped and a new
+wandb run starts, as it does without `resume_step` (then `metrics.jsonl` is left as it is). The
+decision is the caller's, not read from `metrics.jsonl`: a checkpoint can be newer than the last
+metrics line (it is written before its step's line), and an old run directory's lines are not
+the history of a new run. wandb itself ignores steps at or below the last step it already has.
 """
 
 from __future__ import annotations
@@ -227,9 +229,11 @@ class MetricsLogger:
         wandb_project: wandb project.
         is_main: only the main rank (rank 0) writes; on other ranks every method is a no-op.
         console_every: print the console line every this many steps (0: never).
-        resume_step: if given, `truncate_after(resume_step)` is called before anything is written
-            (pass it here rather than calling `truncate_after` later: with `resume_step=0` in an
-            old run directory the wandb run is a new one, not the old run continued).
+        resume_step: the step this run continues at. `s > 0`: a run resumed from a checkpoint at
+            step `s`: lines with `step >= s` are dropped and the wandb run of `run_dir/wandb_id`
+            is continued (a new one when there is none). `0`: a run starting at step 0: every
+            line is dropped and a new wandb run starts. None (default): a new wandb run, and
+            `metrics.jsonl` is left as it is.
         stream: where console lines go (default `sys.stdout`).
     """
 
@@ -267,20 +271,18 @@ class MetricsLogger:
         if resume_step is not None:
             self.truncate_after(resume_step)
         if wandb_mode != "disabled":
-            self._init_wandb(config, run_name, wandb_project)
+            self._init_wandb(config, run_name, wandb_project, resumed=bool(resume_step))
 
     # ---------------------------------------------------------------------------- wandb
-    def _init_wandb(self, config: dict, run_name: str, project: str) -> None:
+    def _init_wandb(self, config: dict, run_name: str, project: str, *, resumed: bool) -> None:
         try:
             import wandb
 
-            # continue the stored wandb run only when there is history to continue: a fresh
-            # start in an old run_dir (resume_step=0, or no metrics) gets a new wandb run
+            # A resumed run continues the stored wandb run; any other run gets a new one (and
+            # stores its id, before wandb.init, for the run that resumes it).
             id_file = self.run_dir / WANDB_ID_FILE
-            history = self.path.is_file() and self.path.stat().st_size > 0
-            if history and id_file.is_file() and id_file.read_text().strip():
-                run_id = id_file.read_text().strip()
-            else:
+            run_id = id_file.read_text().strip() if resumed and id_file.is_file() else ""
+            if not run_id:
                 run_id = _new_run_id()
                 id_file.write_text(run_id + "\n")
             self._wandb_run = wandb.init(
@@ -337,8 +339,9 @@ class MetricsLogger:
         return self._file
 
     def truncate_after(self, step: int) -> int:
-        """Drop every line of `metrics.jsonl` with `step >= step` (the step a resumed run
-        continues from), and a truncated last line. Returns the number of lines kept."""
+        """Drop every line of `metrics.jsonl` with `step >= step`, and a truncated last line.
+        Returns the number of lines kept. It does not change the wandb run: a resumed run passes
+        `resume_step` to the constructor instead."""
         if not self.is_main:
             return 0
         if self._file is not None:
