@@ -6,15 +6,14 @@ summed over ranks) is checked end to end in tests/e2e/test_scaleout.py."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from vp2o.algo import grpo
 from vp2o.config import load_config
+from vp2o.experience import PendingBatch, micro_batches
+from vp2o.learner import loss_normaliser
 from vp2o.rollout.types import RolloutBatch
-from vp2o.train import Learner, PendingBatch, micro_batches
 
 N, S, MAX_NEW = 8, 10, 7
 
@@ -50,9 +49,8 @@ def test_micro_batches_sum_to_the_whole_batch_loss(init_parallel, aggregation):
     )
     pending = PendingBatch(batch=batch, advantages=torch.randn(N, generator=gen),
                            rewards=torch.zeros(N))
-    learner = Learner(SimpleNamespace(cfg=cfg, groups=groups), None)
     values = torch.randn(N, S, generator=gen, dtype=torch.float64)
-    mbs = micro_batches(pending, 3, torch.device("cpu"), learner.loss_normaliser(pending))
+    mbs = micro_batches(pending, 3, torch.device("cpu"), loss_normaliser(pending, cfg, groups))
     assert len(mbs) == 3
     got, start = 0.0, 0
     for mb in mbs:

@@ -248,3 +248,33 @@ def test_resume_on_more_ranks_than_the_checkpoint_was_saved_on(tmp_path):
     assert "resumed on 2 ranks from a checkpoint of 1: its unfinished rollout batches are " \
            "dropped" in out.stdout + out.stderr
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_every_loss_statistic_reaches_metrics_with_its_reduction(tmp_path, sft):
+    """Every statistic the policy loss returns (KL and dual clip on) is in metrics.jsonl of a
+    2-process run, reduced as declared: at step 1 (the second update on one batch, so ratios
+    differ from 1) rank 0 logs the single process's values. A per-rank or per-micro-batch value
+    would differ: ratio/max is the largest ratio of the global batch, the token means weigh
+    every response token of the global batch alike, the loss is the global batch's."""
+    from vp2o.algo import grpo
+
+    common = [*TINY, "algorithm=grpo", "train.steps=2", "train.updates_per_rollout=2",
+              "loss.kl_coeff=0.05", "loss.clip_ratio_c=3.0", "loss.clip_high=0.01",
+              "loss.clip_low=0.01", "optimizer.lr=2e-2", "rollout.micro_batch_size=3",
+              f"train.init_checkpoint={sft / 'checkpoints'}",
+              f"data.tokenizer_path={sft / 'tokenizer.model'}"]
+    _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",
+          f"train.run_dir={tmp_path / 'single'}"])
+    _run([*launcher(2), "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=2",
+          f"train.run_dir={tmp_path / 'two'}"])
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")[1]
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")[1]
+    produced = {"loss/policy", "loss/kl", "ratio/mean", "ratio/max", "clip/low_frac",
+                "clip/high_frac", "clip/dual_frac", "kl/k3", "policy/entropy"}
+    assert produced <= set(grpo.POLICY_LOSS_STATS) | {"policy/entropy"}
+    assert produced <= set(single) and produced <= set(two), produced - set(two)
+    assert single["ratio/max"] > 1.0 + 1e-3  # the step moved the policy: a real maximum
+    assert single["clip/high_frac"] > 0
+    for key in sorted(produced):
+        assert two[key] == pytest.approx(single[key], rel=2e-3, abs=1e-5), key

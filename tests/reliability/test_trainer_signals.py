@@ -100,7 +100,7 @@ def test_stop_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, uninterru
     ckpt = latest_checkpoint(run / "checkpoints")
     assert ckpt == run / "checkpoints" / f"step_{stopped:08d}"
     extra = trainer_extra(ckpt)
-    assert extra["step"] == stopped and extra["data_position"] == 4 * stopped
+    assert extra["step"] == stopped and extra["prompts"]["consumed"] == 4 * stopped
     assert _steps(run) == list(range(stopped))
     if sig == signal.SIGUSR1:
         return  # the same handler as SIGTERM; the resume below is checked once, for SIGTERM

@@ -333,6 +333,21 @@ def _logprob_loss(
     return -adv * torch.where(mask, logp, 0.0), ratio, {}
 
 
+POLICY_LOSS_STATS: dict[str, str] = {
+    "loss/policy": "loss_share",  # this micro-batch's share of the rank's loss (global normaliser)
+    "loss/kl": "loss_share",
+    "ratio/mean": "token_mean",
+    "ratio/max": "max",
+    "clip/low_frac": "token_mean",
+    "clip/high_frac": "token_mean",
+    "clip/dual_frac": "token_mean",
+    **{f"kl/{name}": "token_mean" for name in KL_ESTIMATORS.names()},
+}
+"""How each statistic ``policy_loss`` returns combines over micro-batches and data-parallel
+ranks (the reductions of ``vp2o.mcore.parallel.reduce_stats``): token means stay means over every
+response token of the global batch, maxima the global maximum, loss shares the global loss."""
+
+
 def policy_loss(
     logp: Tensor,
     logp_old: Tensor,

@@ -225,3 +225,54 @@ def gather_over_data_ranks(row: torch.Tensor, groups: ParallelGroups) -> torch.T
     parts = [torch.empty_like(row) for _ in range(size)]
     dist.all_gather(parts, row, group=group)
     return torch.stack(parts).cpu()
+
+
+REDUCTIONS = ("sum", "max", "min", "token_mean", "loss_share")
+"""How a per-micro-batch statistic combines over the micro-batches and data-parallel ranks:
+``sum``, ``max``, ``min`` of every micro-batch's value; ``token_mean``, the mean weighted by each
+micro-batch's response tokens (``_tokens``: a mean over every response token of the global
+batch, whatever the layout); ``loss_share``, summed over a rank's micro-batches and averaged
+over the ranks (each micro-batch's value is its share of its rank's loss, whose normaliser is
+the global batch's divided by the number of ranks, ``vp2o.learner.loss_normaliser``)."""
+
+
+def reduce_stats(per_micro: list[dict], reductions: dict[str, str],
+                 groups: ParallelGroups) -> dict[str, torch.Tensor]:
+    """The global batch's value of every statistic in ``per_micro`` (one dict per micro-batch of
+    this rank; keys starting with ``_`` are not statistics), reduced as ``reductions`` declares
+    for its key, with one all-gather over the data-parallel ranks and one transfer to the host.
+    The keys must be the same on every rank (they follow from the config).
+
+    Raises:
+        KeyError: a statistic without a declared reduction (it would never be logged).
+    """
+    keys = [k for k in per_micro[0] if not k.startswith("_")]
+    undeclared = [k for k in keys if reductions.get(k) not in REDUCTIONS]
+    if undeclared:
+        raise KeyError(f"statistics without a reduction in {REDUCTIONS}: {undeclared}")
+    tokens = torch.stack([o["_tokens"] for o in per_micro]).double()  # [M]
+    row = []  # per key: (numerator, denominator) of this rank
+    for k in keys:
+        v = torch.stack([o[k] for o in per_micro]).double()  # [M]
+        how = reductions[k]
+        one = v.new_ones(())
+        if how == "token_mean":
+            row += [(v * tokens).sum(), tokens.sum()]
+        elif how in ("sum", "loss_share"):
+            row += [v.sum(), one]
+        else:
+            row += [v.amax() if how == "max" else v.amin(), one]
+    ranks = gather_over_data_ranks(torch.stack(row), groups).view(-1, len(keys), 2)  # [R, K, 2]
+    out = {}
+    for i, k in enumerate(keys):
+        num, den, how = ranks[:, i, 0], ranks[:, i, 1], reductions[k]
+        if how == "token_mean":
+            value = num.sum() / den.sum().clamp_min(1)
+        elif how == "sum":
+            value = num.sum()
+        elif how == "loss_share":
+            value = num.mean()
+        else:
+            value = num.amax() if how == "max" else num.amin()
+        out[k] = value.float()
+    return out

@@ -146,3 +146,15 @@ def zero_grads(ddp_model, optimizer) -> None:
     """Zero the DDP grad buffers and the optimizer's grads before a new step."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
+
+
+def grads_finite(ddp_model) -> torch.Tensor:
+    """1.0 when every gradient in the DDP buffers is finite on every rank, else 0.0 (a
+    collective: every rank decides the same way whether to step)."""
+    import torch.distributed as dist
+
+    buffers = ddp_model.buffers + ddp_model.expert_parallel_buffers
+    ok = torch.stack([torch.isfinite(b.grad_data).all() for b in buffers]).all().float()
+    ok = ok.reshape(1)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok[0]

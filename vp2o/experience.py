@@ -1,0 +1,162 @@
+"""One rollout batch of the RL loop: generate, score, group advantages (method §1, §12).
+
+    pending = make_rollouts(session, stream.take(n), pool, step)   # [N = n * G sequences]
+    for mb in micro_batches(pending, size, device, normaliser): ...
+
+``PendingBatch`` is what the learner works on until the next refresh; it is saved in trainer
+checkpoints (``state_dict``) so that a resumed run continues on the same batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from vp2o.algo import grpo
+from vp2o.config import Config
+from vp2o.mcore.parallel import gather_over_data_ranks
+from vp2o.rewards.pool import RewardPool
+from vp2o.rollout import RolloutBatch, SamplingParams, generate
+from vp2o.session import Session
+
+
+@dataclass
+class PendingBatch:
+    """The rollout batch the learner is working on (per data-parallel rank).
+
+    Attributes:
+        batch: what the actors generated.
+        advantages: [N] group advantages (method §1).
+        rewards: [N] rewards.
+        updates: learner steps taken on it so far.
+        stats: the batch's logged statistics (global batch: every data-parallel rank's).
+    """
+
+    batch: RolloutBatch
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    updates: int = 0
+    stats: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """Plain tensors/numbers/strings, for a checkpoint's ``extra``."""
+        batch = {f.name: getattr(self.batch, f.name) for f in dataclasses.fields(self.batch)}
+        stats = {k: v if torch.is_tensor(v) else float(v) for k, v in self.stats.items()}
+        return {"batch": batch, "advantages": self.advantages, "rewards": self.rewards,
+                "updates": self.updates, "stats": stats}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> PendingBatch | None:
+        """Inverse of ``state_dict`` (None stays None: no batch was pending)."""
+        if state is None:
+            return None
+        return cls(batch=RolloutBatch(**state["batch"]), advantages=state["advantages"],
+                   rewards=state["rewards"], updates=state["updates"], stats=state["stats"])
+
+
+def sampling_params(cfg: Config, *, record_routing: bool) -> SamplingParams:
+    """The actors' sampling settings."""
+    r = cfg.rollout
+    return SamplingParams(
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        max_new_tokens=r.max_new_tokens,
+        stop_strings=list(r.stop_strings),
+        group_size=r.group_size,
+        record_routing=record_routing,
+    )
+
+
+def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> PendingBatch:
+    """Generate G samples per prompt, score them, compute group advantages (method §1).
+
+    Each prompt samples from its own generator seeded by (seed, step, global prompt index), so a
+    prompt's responses are the same under any data-parallel layout; plain lists (no
+    ``indices``) use their positions offset by the data-parallel rank.
+    """
+    cfg = s.cfg
+    prompts = [s.tokenizer.encode(r["prompt"]) for r in rows]
+    indices = getattr(rows, "indices", None)
+    if indices is None:
+        indices = [s.groups.dp_rank * len(rows) + i for i in range(len(rows))]
+    gen = [torch.Generator().manual_seed((cfg.seed * 7919 + step) * 1_000_003 + i)
+           for i in indices]
+    # The actors' routing is read by VP2O's anchor budget (§10) and by router replay only.
+    params = sampling_params(
+        cfg, record_routing=cfg.algorithm == "vp2o" or cfg.rollout.router_replay
+    )
+    t0 = time.perf_counter()
+    s.model.eval()
+    with torch.no_grad():
+        batch = generate(s.model, prompts, params, tokenizer=s.tokenizer, generator=gen,
+                         sync_group=dist.group.WORLD)
+    s.model.train()
+    t_gen = time.perf_counter() - t0
+    G = cfg.rollout.group_size
+    expanded = [r for r in rows for _ in range(G)]
+    scores = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
+    rewards = torch.tensor(scores.rewards, dtype=torch.float32)  # [N]
+    advantages = grpo.group_advantages(rewards, G, normalize_std=cfg.advantage.normalize_std)
+    if cfg.loss.overlong_filter and batch.truncated.numel():
+        batch.response_mask &= ~batch.truncated.unsqueeze(1)
+    # The logged batch statistics are the whole global batch's: every data-parallel rank's sums
+    # [Σr, Σr², correct, Σ length, sequences, reward failures], added up.
+    r = rewards.double()
+    total = gather_over_data_ranks(torch.stack([
+        r.sum(), r.square().sum(), (r >= 1.0).sum().double(),
+        batch.response_lengths.double().sum(), torch.tensor(float(r.numel()), dtype=torch.float64),
+        torch.tensor(float(scores.failures), dtype=torch.float64),
+    ]), s.groups).sum(0)  # [6]
+    n = total[4].clamp_min(1)
+    mean = total[0] / n
+    var = (total[1] - n * mean.square()) / (n - 1).clamp_min(1)  # sample variance (n - 1)
+    stats = {
+        "reward/mean": mean.float(),
+        "reward/std": var.clamp_min(0).sqrt().float(),
+        "accuracy": (total[2] / n).float(),
+        "response/length_mean": (total[3] / n).float(),
+        "reward/failures": float(total[5]),
+        "perf/generate_s": t_gen,
+        "perf/reward_s": scores.seconds,
+        "perf/generated_tokens": float(batch.response_lengths.sum()),
+    }
+    pending = PendingBatch(batch=batch, advantages=advantages, rewards=rewards, stats=stats)
+    if cfg.advantage.dynamic_sampling:
+        pending = drop_flat_groups(pending, G)
+    return pending
+
+
+def drop_flat_groups(p: PendingBatch, group_size: int) -> PendingBatch:
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage)."""
+    r = p.rewards.view(-1, group_size)  # [prompts, G]
+    keep_groups = (r.max(1).values - r.min(1).values) > 0
+    keep = keep_groups.repeat_interleave(group_size).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return p  # nothing to learn from: the step is a no-op, the next one refreshes
+    p.stats["dynamic_sampling/kept_frac"] = keep_groups.float().mean()
+    return PendingBatch(
+        batch=p.batch.select(keep), advantages=p.advantages[keep], rewards=p.rewards[keep],
+        updates=p.updates, stats=p.stats,
+    )
+
+
+def micro_batches(p: PendingBatch, size: int, device: torch.device,
+                  denominator: torch.Tensor | float = 1.0) -> list[dict]:
+    """Split the pending batch into learner micro-batches of ``size`` sequences on ``device``.
+
+    ``denominator`` is the loss normaliser every micro-batch divides by
+    (``vp2o.learner.loss_normaliser``); the forward-only callers leave it at 1.
+    """
+    n = p.batch.num_sequences
+    denominator = torch.as_tensor(denominator, dtype=torch.float32).to(device)
+    out = []
+    for start in range(0, n, size):
+        idx = torch.arange(start, min(start + size, n))
+        out.append({"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
+                    "denominator": denominator})
+    return out

@@ -1,0 +1,259 @@
+"""The learner of the RL loop: policy loss, one optimizer step, and VP2O's post-update check.
+
+    learner = Learner(session)              # after the weights are loaded (prototypes read them)
+    update = learner.update(pending)        # forward/backward, [VP2O: Stein transform], step
+    check = learner.check(pending, update)  # §10 anchor budget D, §11 drift/ESS
+    learner.undo()                          # §10 rollback of a rejected step
+
+Nothing here reaches into megatron's optimizer: the rollback lives in ``vp2o.mcore.optim_state``,
+the step plumbing in ``vp2o.mcore.training``. Host-device syncs are marked ``# sync``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vp2o.algo import grpo, trust_region
+from vp2o.diagnostics import routing_diagnostics
+from vp2o.experience import PendingBatch, micro_batches
+from vp2o.mcore import optim_state, router_replay, training
+from vp2o.mcore.model import build_model
+from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
+from vp2o.mcore.stein_step import SteinTransform
+from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
+from vp2o.rollout import RolloutBatch, replay_indices, sequence_logprobs
+from vp2o.session import Session, load_initial_weights
+
+# How the learner's own per-micro-batch statistics combine over micro-batches and data-parallel
+# ranks (``reduce_stats``); the policy loss declares its keys in ``grpo.POLICY_LOSS_STATS``.
+LEARNER_STATS = {"policy/entropy": "token_mean"}  # -log pi of the sampled tokens
+
+
+@dataclass
+class Update:
+    """What one learner step did.
+
+    Attributes:
+        finite: the step was taken (loss and gradients finite on every rank).
+        metrics: its logged values.
+        logp_before: [N, S] the learner's log-probs before the step (the loss's forward).
+    """
+
+    finite: bool
+    metrics: dict
+    logp_before: torch.Tensor
+
+
+class Learner:
+    """Loss, step, trust region and rollback for one rank. Holds no hidden global state.
+
+    Build it after the weights are loaded: the prototypes (§4) are read from them.
+    """
+
+    def __init__(self, s: Session) -> None:
+        self.s, self.cfg = s, s.cfg
+        self.vp2o = s.cfg.algorithm == "vp2o"
+        self.transform = SteinTransform(
+            s.model, s.cfg.vp2o, s.groups, num_experts=s.cfg.model.num_experts,
+            seed=s.cfg.seed, transport=self.vp2o,
+        )
+        self.ref_model = reference_model(s) if s.cfg.loss.kl_coeff > 0 else None
+        self.rollback = (optim_state.Rollback(s.model, s.optimizer)
+                         if self.vp2o and s.cfg.vp2o.trust_region.on_violation == "rollback"
+                         else None)
+        self._saved_transform: dict | None = None
+        self._transform_stats: dict = {}
+        self._transform_s = 0.0
+
+    # --------------------------------------------------------------- loss (method §1, §2)
+    def loss_fn(self, model, mb: dict):
+        """Policy loss of one micro-batch; returns (loss, detached stats)."""
+        cfg, batch = self.cfg, mb["batch"]
+        if cfg.rollout.router_replay:
+            router_replay.replay(self.s.model, replay_indices(batch.routing_ids))
+        temperature = batch.logprob_temperature
+        logp = sequence_logprobs(model, batch, temperature=temperature)  # [b, S]
+        logp_ref = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                logp_ref = sequence_logprobs(self.ref_model, batch, temperature=temperature)
+        loss_cfg = cfg.loss
+        clip = (loss_cfg.clip_low, loss_cfg.clip_high) if cfg.loss_clips else (None, None)
+        loss, stats = grpo.policy_loss(
+            logp, batch.behavior_logprobs, mb["adv"], batch.response_mask,
+            clip_low=clip[0], clip_high=clip[1], aggregation=loss_cfg.aggregation,
+            pg_estimator=loss_cfg.estimator, clip_ratio_c=loss_cfg.clip_ratio_c,
+            logp_ref=logp_ref, kl_coeff=loss_cfg.kl_coeff, kl_estimator=loss_cfg.kl_estimator,
+            denominator=mb["denominator"],
+        )
+        stats = {k: v.detach() for k, v in stats.items()}
+        mask = batch.response_mask
+        stats["_tokens"] = mask.sum()  # the weight of this micro-batch's token means
+        stats["policy/entropy"] = grpo.masked_mean(-logp.detach(), mask)
+        stats["_logp"] = logp.detach()
+        return loss, stats
+
+    # --------------------------------------------------------------- one step
+    def update(self, p: PendingBatch) -> Update:
+        """Forward/backward over the batch's micro-batches, [VP2O: the Stein transform of the
+        expert gradients before their data-parallel reduction], then the optimizer step unless
+        a loss or gradient is not finite on some rank. Refreshes the prototypes (§4)."""
+        s, cfg = self.s, self.cfg
+        if self.rollback is not None:  # §10: what a rejected step restores
+            self.rollback.save()
+            self._saved_transform = self.transform.state_dict()
+        training.zero_grads(s.ddp, s.optimizer)
+        t0 = time.perf_counter()
+        outs = training.forward_backward(
+            s.ddp,
+            micro_batches(p, cfg.rollout.micro_batch_size, s.device,
+                          loss_normaliser(p, cfg, s.groups)),
+            self.loss_fn,
+            before_grad_reduction=self._transform_gradients,
+        )
+        if cfg.rollout.router_replay:
+            router_replay.stop(s.model)
+        m = specialisation_losses(len(outs))
+        finite = bool(training.grads_finite(s.ddp)) and all(  # sync
+            bool(torch.isfinite(o["loss/policy"])) for o in outs
+        )
+        if finite:
+            s.optimizer.step()
+        else:
+            m["events/skipped_step"] = 1.0
+        m["perf/train_s"] = time.perf_counter() - t0
+        self.transform.after_optimizer_step()  # prototype refresh (§4); resets routing stats
+        p.updates += 1
+        m.update(reduce_stats(outs, {**grpo.POLICY_LOSS_STATS, **LEARNER_STATS}, s.groups))
+        m.update(self._transform_metrics())
+        return Update(finite=finite, metrics=m,
+                      logp_before=torch.cat([o["_logp"] for o in outs]).cpu())
+
+    def _transform_gradients(self, ddp) -> None:
+        """Runs inside ``forward_backward`` after the last backward, before the reduction."""
+        t0 = time.perf_counter()
+        self._transform_stats = self.transform.before_grad_reduction(ddp)
+        self._transform_s = time.perf_counter() - t0
+
+    def _transform_metrics(self) -> dict:
+        stats, m = self._transform_stats, {}
+        m["router/entropy"] = stats.get("router/entropy")
+        if "C" in stats:
+            m.update(routing_diagnostics(stats["C"], self.transform.prototypes,
+                                         self.cfg.model.moe_router_topk))
+        for key in ("stein/attraction_norm", "stein/repulsion_norm"):
+            if key in stats:
+                m[key] = stats[key]
+        m["perf/transform_s"] = self._transform_s
+        return m
+
+    def undo(self) -> None:
+        """Roll back the last ``update`` (§10): weights, optimizer state and prototypes."""
+        self.rollback.restore()
+        self.transform.load_state_dict(self._saved_transform)
+
+    # --------------------------------------------------------------- budgets (§10, §11)
+    def check(self, p: PendingBatch, update: Update) -> dict:
+        """VP2O: drift/ESS (§11) and the anchor distance D (§10) of the step just taken;
+        GRPO (and a skipped step): drift/ESS of the log-probs before the step."""
+        if self.vp2o and update.finite:
+            return self.evaluate_update(p)
+        return self.behaviour(update.logp_before, p.batch)
+
+    @torch.no_grad()
+    def evaluate_update(self, p: PendingBatch) -> dict:
+        """Log-probs and learner routing after the step: drift/ESS (§11) and D (§10)."""
+        cfg, model = self.cfg, self.s.model
+        model.eval()
+        logps, ids, gates = [], [], []
+        for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
+            b, s = mb["batch"].tokens.shape
+            logps.append(sequence_logprobs(model, mb["batch"],
+                                           temperature=mb["batch"].logprob_temperature))
+            recs = [layer.router.last_routing for layer in self.transform.layers]
+            ids.append(routing_in_batch_layout([r.ids for r in recs], b, s))
+            gates.append(routing_in_batch_layout([r.gates for r in recs], b, s))
+        model.train()
+        logp = torch.cat(logps).cpu()  # the rollout batch lives on the CPU; these are small
+        batch = p.batch
+        out = self.behaviour(logp, batch)
+        if batch.routing_ids.numel():
+            # [Lm, N, S]: response tokens (§10) where the actors logged their routing
+            mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
+            per_token = trust_region.anchor_distance_per_token(  # [Lm, N, S]
+                torch.cat(ids, 1).cpu(), torch.cat(gates, 1).cpu(),
+                self.transform.prototypes.unsqueeze(1).cpu(),
+                batch.routing_ids.clamp_min(0), batch.routing_gates,
+                self.transform.anchor.unsqueeze(1).cpu(),
+            )
+            parts = trust_region.anchor_distance_partials(per_token, mask)
+            D = trust_region.anchor_distance_from_partials(  # the same D on every rank
+                gather_over_data_ranks(parts, self.s.groups))
+            out["trust/anchor_distance"] = D.float()
+        return out
+
+    def behaviour(self, logp: torch.Tensor, batch: RolloutBatch) -> dict:
+        """Drift and ESS of the learner against the actors on the whole batch (§11): every
+        data-parallel rank's share combined, so all ranks see (and decide on) the same values."""
+        b = self.cfg.vp2o.behavior
+        parts = trust_region.behavior_partials(
+            logp, batch.behavior_logprobs, batch.response_mask, lam=b.lam, ess_level=b.ess_level
+        )
+        drift, ess = trust_region.behavior_from_partials(
+            gather_over_data_ranks(parts, self.s.groups))
+        return {"behavior/drift": drift.float(), "behavior/ess": ess.float()}
+
+
+def loss_normaliser(p: PendingBatch, cfg, groups) -> torch.Tensor:
+    """What each micro-batch's aggregated loss divides by (``loss.aggregation``): the whole
+    global batch's token count, non-empty sequence count or ``B * L_max`` (L_max the
+    generation limit), summed over the data-parallel ranks and divided by their number.
+    megatron averages gradients over those ranks, so the step follows the gradient of the
+    global batch's loss under any layout (a rank-local normaliser would weight the tokens
+    of a rank with short responses more)."""
+    local = grpo.batch_normaliser(p.batch.response_mask, aggregation=cfg.loss.aggregation,
+                                  max_len=cfg.rollout.max_new_tokens)
+    shares = gather_over_data_ranks(local, groups)  # [R]
+    return shares.sum().clamp_min(1) / shares.shape[0]
+
+
+def reference_model(s: Session):
+    """The frozen KL reference (``loss.kl_coeff > 0``): the run's starting weights."""
+    cfg = s.cfg
+    ref = build_model(cfg, layer_spec_hook=vp2o_layer_spec_hook(cfg)).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    if cfg.train.init_checkpoint:
+        load_initial_weights(Session(cfg, s.groups, s.run_dir, s.tokenizer, s.task, ref),
+                             cfg.train.init_checkpoint)
+    else:  # a resumed run without init_checkpoint: the trainer warns
+        ref.load_state_dict(s.model.state_dict())
+    return ref
+
+
+def routing_in_batch_layout(records: list, b: int, s: int) -> torch.Tensor:
+    """Per-layer [S*b, k] router rows (megatron order s*b + n) -> [layers, b, S, k]."""
+    return torch.stack([r.view(s, b, -1).transpose(0, 1) for r in records])
+
+
+def specialisation_losses(num_microbatches: int) -> dict:
+    """The step's orthogonality and routing-variance losses (§9), mean over MoE layers and
+    micro-batches, from megatron's aux-loss tracker (which this then clears)."""
+    from megatron.core.transformer.moe.moe_utils import (
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    out = {}
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name, key in (("expert_orthogonality_loss", "loss/orthogonality"),
+                      ("routing_variance_loss", "loss/routing_variance")):
+        values = tracker.get(name, {}).get("values")  # [layers], 0 where a layer has none
+        if values is not None:  # the loss is configured; no host sync here
+            layers = (values != 0).sum().clamp_min(1)
+            out[key] = values.sum() / layers / max(num_microbatches, 1)
+    clear_aux_losses_tracker()
+    return out
