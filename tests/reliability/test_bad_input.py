@@ -56,9 +56,9 @@ def test_config_error_in_a_real_process(tmp_path):
     proc = cli("--config", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip() == (
-        "vp2o: config error: rollout.temprature: unknown key; expected one of: group_size, "
-        "max_new_tokens, micro_batch_size, prompts_per_step, stop_strings, temperature, top_k, "
-        "top_p"
+        f"vp2o: config error: {path}:3: rollout.temprature: unknown key; expected one of: "
+        "group_size, max_new_tokens, micro_batch_size, prompts_per_step, router_replay, "
+        "stop_strings, temperature, top_k, top_p"
     )
 
 
