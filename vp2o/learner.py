@@ -117,9 +117,8 @@ class Learner:
         if cfg.rollout.router_replay:
             router_replay.stop(s.model)
         m = specialisation_losses(len(outs))
-        finite = bool(training.grads_finite(s.ddp)) and all(  # sync
-            bool(torch.isfinite(o["loss/policy"])) for o in outs
-        )
+        losses = torch.stack([o["loss/policy"] for o in outs])
+        finite = bool(training.grads_finite(s.ddp)) and bool(torch.isfinite(losses).all())  # sync
         if finite:
             s.optimizer.step()
         else:

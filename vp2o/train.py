@@ -43,7 +43,7 @@ from vp2o.mcore.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from vp2o.metrics import MetricsLogger
+from vp2o.metrics import MetricsLogger, to_python
 from vp2o.rewards.pool import RewardPool
 from vp2o.session import Session, claim_run_dir, load_initial_weights, session
 
@@ -143,11 +143,11 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
         if stopped:
             print(f"vp2o: stop signal: checkpoint of step {step + 1} written to {ckpt_root}; "
                   "exiting (resume continues from it)", flush=True)
-            return {**_python(metrics), "stopped_at_step": step + 1}
+            return {**to_python(metrics), "stopped_at_step": step + 1}
     result = evaluate(s, pool)
     if s.is_main:
         write_eval(s.run_dir, result)
-    return {**_python(metrics), **result}
+    return {**to_python(metrics), **result}
 
 
 def _warn_repeated_rejections(s: Session, rejected: int, check: dict) -> None:
@@ -158,12 +158,6 @@ def _warn_repeated_rejections(s: Session, rejected: int, check: dict) -> None:
               f"(D = {float(check['trust/anchor_distance']):.3g} > vp2o.trust_region.delta = "
               f"{s.cfg.vp2o.trust_region.delta}); each retry repeats about the same update: "
               "lower optimizer.lr or raise vp2o.trust_region.delta", flush=True)
-
-
-def _python(metrics: dict) -> dict:
-    """Tensors as python floats (lists for vectors)."""
-    return {k: (v.tolist() if v.dim() else float(v)) if torch.is_tensor(v) else v
-            for k, v in metrics.items()}
 
 
 # ------------------------------------------------------------------ trainer state in checkpoints
