@@ -126,6 +126,11 @@ class ModelConfig:
     need its attention, docs/rollout.md); auto = the transformer-engine spec when TE imports and
     CUDA is present, else local (e.g. for vp2o sft: megatron maps the local spec's checkpoint
     keys to the transformer-engine spec's)."""
+    core_attention: Literal["local", "sdpa"] = "local"
+    """Core attention of the local spec. local = megatron's DotProductAttention (materialises the
+    [heads, s, s] scores of every layer); sdpa = vp2o.mcore.sdpa_attention, the same function on
+    torch's scaled_dot_product_attention (fused flash/memory-efficient kernels: O(s) memory per
+    layer and head). Both take the rollout's padding masks; sdpa needs the local spec."""
 
     @property
     def head_dim(self) -> int:
@@ -177,6 +182,10 @@ class ModelConfig:
                    "true with model.qk_layernorm_scope=full (the scope of a q/k norm that is off)")
             expect(self.normalization == "RMSNorm", "model.normalization", self.normalization,
                    "RMSNorm with model.qk_layernorm_scope=full (only a full-width RMSNorm exists)")
+        if self.core_attention == "sdpa":
+            expect(self.transformer_impl != "transformer_engine", "model.transformer_impl",
+                   self.transformer_impl, "local or auto with model.core_attention=sdpa (it "
+                   "replaces the local spec's attention; transformer-engine has its own)")
         if self.moe_router_score_function == "sigmoid":
             expect(not self.moe_router_pre_softmax, "model.moe_router_pre_softmax", True,
                    "false with moe_router_score_function=sigmoid")

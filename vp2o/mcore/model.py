@@ -2,11 +2,13 @@
 
 Qwen3-MoE, Qwen2-MoE (shared experts, QKV bias), Mixtral and OLMoE are expressible; OLMoE's
 q/k RMSNorm over the whole projection (``model.qk_layernorm_scope = "full"``) replaces megatron's
-per-head q/k norm in the layer spec with ``vp2o.mcore.qk_norm`` (TP = 1 only). The local (pure
-PyTorch) spec runs on CPU; the transformer-engine spec is used when TE imports and CUDA is
-present (``model.transformer_impl``). Extension slot: ``layer_spec_hook`` receives
-each decoder layer's ``ModuleSpec`` and may return a modified one (the VP2O MoE layer installs its
-router subclass this way), so megatron-core files are never edited.
+per-head q/k norm in the layer spec with ``vp2o.mcore.qk_norm`` (TP = 1 only);
+``model.core_attention = "sdpa"`` replaces the local spec's core attention with
+``vp2o.mcore.sdpa_attention``. The local (pure PyTorch) spec runs on CPU; the
+transformer-engine spec is used when TE imports and CUDA is present (``model.transformer_impl``).
+Extension slot: ``layer_spec_hook`` receives each decoder layer's ``ModuleSpec`` and may return
+a modified one (the VP2O MoE layer installs its router subclass this way), so megatron-core files
+are never edited.
 """
 
 from __future__ import annotations
@@ -166,6 +168,17 @@ def decoder_block_spec(cfg: Config, tconfig, layer_spec_hook: LayerSpecHook | No
         # Edit copies, as for the hook: megatron's spec helpers may share spec objects.
         block.layer_specs = [
             install_full_width_qk_norm(copy.deepcopy(spec)) for spec in block.layer_specs
+        ]
+    if cfg.model.core_attention == "sdpa":
+        from vp2o.mcore.sdpa_attention import install_sdpa_attention
+
+        if use_transformer_engine(cfg.model):
+            raise ConfigError(
+                "model.core_attention = 'sdpa': expected model.transformer_impl = local here "
+                f"(model.transformer_impl = {cfg.model.transformer_impl!r} builds the "
+                "transformer-engine spec, whose attention is already fused)")
+        block.layer_specs = [
+            install_sdpa_attention(copy.deepcopy(spec)) for spec in block.layer_specs
         ]
     if layer_spec_hook is not None:
         # Specs are shared objects inside megatron's spec helpers: deep-copy before editing.
