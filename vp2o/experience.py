@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from vp2o.algo import grpo
 from vp2o.config import Config
+from vp2o.mcore import packing
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.rewards.pool import RewardPool
 from vp2o.rollout import RolloutBatch, SamplingParams, generate
@@ -146,17 +147,44 @@ def drop_flat_groups(p: PendingBatch, group_size: int) -> PendingBatch:
 
 
 def micro_batches(p: PendingBatch, size: int, device: torch.device,
-                  denominator: torch.Tensor | float = 1.0) -> list[dict]:
-    """Split the pending batch into learner micro-batches of ``size`` sequences on ``device``.
+                  denominator: torch.Tensor | float = 1.0, *,
+                  max_tokens: int | None = None) -> list[dict]:
+    """Split the pending batch into learner micro-batches of ``size`` sequences on ``device``,
+    or, with ``max_tokens`` (``train.max_tokens_per_microbatch``), into packed micro-batches of
+    at most that many real tokens (``vp2o.mcore.packing``; ``"packed": True``, the same number of
+    micro-batches on every rank).
 
     ``denominator`` is the loss normaliser every micro-batch divides by
-    (``vp2o.learner.loss_normaliser``); the forward-only callers leave it at 1.
+    (``vp2o.learner.loss_normaliser``); the forward-only callers leave it at 1. ``"index"`` holds
+    each micro-batch's sequences in the batch (``in_batch_order`` undoes the grouping).
     """
     n = p.batch.num_sequences
     denominator = torch.as_tensor(denominator, dtype=torch.float32).to(device)
-    out = []
-    for start in range(0, n, size):
-        idx = torch.arange(start, min(start + size, n))
-        out.append({"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
-                    "denominator": denominator})
-    return out
+    if max_tokens:
+        groups = _token_budget_groups(p.batch, max_tokens)
+    else:
+        groups = [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
+    return [{"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
+             "denominator": denominator, "index": idx, "packed": bool(max_tokens)}
+            for idx in groups]
+
+
+def _token_budget_groups(batch: RolloutBatch, max_tokens: int) -> list[torch.Tensor]:
+    """Sequence indices of each packed micro-batch; as many micro-batches on every rank (MAX over
+    the world: the expert-parallel all-to-all pairs the forwards of the ranks)."""
+    lengths = batch.valid.sum(-1).tolist()
+    groups = packing.plan(lengths, max_tokens)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        count = torch.tensor([len(groups)], dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            count = count.cuda()
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        groups = packing.equalise(groups, lengths, int(count))
+    return [torch.tensor(g, dtype=torch.long) for g in groups]
+
+
+def in_batch_order(parts: list[torch.Tensor], mbs: list[dict]) -> torch.Tensor:
+    """Per-micro-batch rows (e.g. the loss's log-probs ``[b_i, S]``) back in the batch's order."""
+    out = torch.cat(parts)
+    index = torch.cat([mb["index"] for mb in mbs]).to(out.device)
+    return torch.empty_like(out).index_copy_(0, index, out)

@@ -18,8 +18,8 @@ import torch
 
 from vp2o.algo import grpo, trust_region
 from vp2o.diagnostics import routing_diagnostics
-from vp2o.experience import PendingBatch, micro_batches
-from vp2o.mcore import optim_state, router_replay, training
+from vp2o.experience import PendingBatch, in_batch_order, micro_batches
+from vp2o.mcore import optim_state, packing, router_replay, training
 from vp2o.mcore.model import build_model
 from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
 from vp2o.mcore.stein_step import SteinTransform
@@ -72,14 +72,17 @@ class Learner:
     def loss_fn(self, model, mb: dict):
         """Policy loss of one micro-batch; returns (loss, detached stats)."""
         cfg, batch = self.cfg, mb["batch"]
+        # Packed micro-batches (train.max_tokens_per_microbatch) run one row of real tokens.
+        logprobs = packing.packed_logprobs if mb.get("packed") else sequence_logprobs
         if cfg.rollout.router_replay:
-            router_replay.replay(self.s.model, replay_indices(batch.routing_ids))
+            ids = packing.packed_routing_ids(batch) if mb.get("packed") else batch.routing_ids
+            router_replay.replay(self.s.model, replay_indices(ids))
         temperature = batch.logprob_temperature
-        logp = sequence_logprobs(model, batch, temperature=temperature)  # [b, S]
+        logp = logprobs(model, batch, temperature=temperature)  # [b, S]
         logp_ref = None
         if self.ref_model is not None:
             with torch.no_grad():
-                logp_ref = sequence_logprobs(self.ref_model, batch, temperature=temperature)
+                logp_ref = logprobs(self.ref_model, batch, temperature=temperature)
         loss_cfg = cfg.loss
         clip = (loss_cfg.clip_low, loss_cfg.clip_high) if cfg.loss_clips else (None, None)
         loss, stats = grpo.policy_loss(
@@ -107,10 +110,12 @@ class Learner:
             self._saved_transform = self.transform.state_dict()
         training.zero_grads(s.ddp, s.optimizer)
         t0 = time.perf_counter()
+        mbs = micro_batches(p, cfg.rollout.micro_batch_size, s.device,
+                            loss_normaliser(p, cfg, s.groups),
+                            max_tokens=cfg.train.max_tokens_per_microbatch)
         outs = training.forward_backward(
             s.ddp,
-            micro_batches(p, cfg.rollout.micro_batch_size, s.device,
-                          loss_normaliser(p, cfg, s.groups)),
+            mbs,
             self.loss_fn,
             before_grad_reduction=self._transform_gradients,
         )
@@ -129,7 +134,7 @@ class Learner:
         m.update(reduce_stats(outs, {**grpo.POLICY_LOSS_STATS, **LEARNER_STATS}, s.groups))
         m.update(self._transform_metrics())
         return Update(finite=finite, metrics=m,
-                      logp_before=torch.cat([o["_logp"] for o in outs]).cpu())
+                      logp_before=in_batch_order([o["_logp"] for o in outs], mbs).cpu())
 
     def _transform_gradients(self, ddp) -> None:
         """Runs inside ``forward_backward`` after the last backward, before the reduction."""

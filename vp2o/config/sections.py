@@ -584,6 +584,12 @@ class TrainConfig:
     """Learner steps on one rollout batch. null = the algorithm's default: grpo 1 (a fixed
     schedule: a new batch every step), vp2o 4 (the most before a forced refresh, §12; the
     budgets of §10-§11 may refresh sooner). Read it resolved, as ``Config.updates_per_rollout``."""
+    max_tokens_per_microbatch: int | None = None
+    """Token budget of a learner micro-batch (vp2o.mcore.packing): the forward/backward of an
+    update packs whole sequences (their real tokens, no padding) back to back into one row per
+    micro-batch, longest first, with a block-diagonal causal mask; a sequence longer than the
+    budget forms a micro-batch of its own. null or 0 = rollout.micro_batch_size sequences per
+    micro-batch, padded to the batch's longest row."""
 
     def check(self) -> None:
         """Step counts and intervals (section ``train``)."""
@@ -599,6 +605,10 @@ class TrainConfig:
         expect(self.updates_per_rollout is None or self.updates_per_rollout >= 1,
                "train.updates_per_rollout", self.updates_per_rollout,
                ">= 1, or null for the algorithm's default (grpo 1, vp2o 4)")
+        expect(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 0,
+               "train.max_tokens_per_microbatch", self.max_tokens_per_microbatch,
+               "null, 0 (micro-batches of rollout.micro_batch_size sequences) or a token "
+               "budget >= 1")
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""Token-budget micro-batches (``train.max_tokens_per_microbatch``, vp2o.mcore.packing): the plan,
+the block-diagonal mask, and the learner's loss, log-probs and gradients on packed micro-batches
+against the padded computation (tiny model, one process, fp32), with and without router replay."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from vp2o.config import load_config
+from vp2o.experience import PendingBatch, in_batch_order, micro_batches
+from vp2o.learner import Learner, loss_normaliser
+from vp2o.mcore import model as mdl
+from vp2o.mcore import packing, parallel, router_replay, vp2o_moe
+from vp2o.rollout import SamplingParams, generate, replay_indices
+
+TINY = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.moe_ffn_hidden_size=32",
+    "model.vocab_size=64",
+    "model.init_method_std=0.05",
+    "model.moe_enable_routing_replay=true",
+    "rollout.max_new_tokens=6",
+]
+
+
+def test_plan_first_fit_decreasing_within_budget():
+    lengths = [5, 9, 3, 12, 4, 4, 1]
+    bins = packing.plan(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert [3] in bins  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins if b != [3])
+    assert bins == [[3], [1, 6], [0, 4], [5, 2]]  # 12 | 9 1 | 5 4 | 4 3 (by hand)
+    with pytest.raises(ValueError, match="budget"):
+        packing.plan(lengths, 0)
+
+
+def test_equalise_splits_until_the_count():
+    lengths = [5, 9, 3, 12, 4, 4, 1]
+    bins = packing.equalise(packing.plan(lengths, 10), lengths, 6)
+    assert len(bins) == 6 and sorted(i for b in bins for i in b) == list(range(7))
+    assert all(b for b in bins)
+    with pytest.raises(ValueError, match="train.max_tokens_per_microbatch"):
+        packing.equalise([[0], [1]], [3, 4], 3)
+
+
+def test_block_causal_mask_by_hand():
+    mask = packing.block_causal_mask(torch.tensor([0, 0, 0, 1, 1, 2]))[0, 0]
+    allowed = torch.zeros(6, 6, dtype=torch.bool)
+    for q, k in [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (3, 3), (4, 3), (4, 4), (5, 5)]:
+        allowed[q, k] = True
+    assert torch.equal(mask, ~allowed)
+
+
+def test_layout_refuses_gaps():
+    valid = torch.tensor([[False, True, True, False], [True, False, True, False]])
+    with pytest.raises(ValueError, match="consecutive"):
+        packing.packed_layout(valid)
+    rows, cols = packing.packed_layout(valid[:1])
+    assert rows.tolist() == [0, 0] and cols.tolist() == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(None, TINY)
+    groups = parallel.initialize(cfg, seed=1234)
+    torch.manual_seed(0)
+    model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16, 17], [18], [19, 20, 21]]
+    batch = generate(model, prompts, SamplingParams(temperature=1.0, max_new_tokens=6,
+                                                    group_size=2, record_routing=True),
+                     tokenizer=_Tok(), generator=torch.Generator().manual_seed(5))
+    # Responses of different lengths (the sampler rarely hits EOS in 6 tokens): cut some short.
+    cut = torch.tensor([6, 2, 4, 0, 5, 1, 3, 6, 2, 4])
+    keep = torch.arange(batch.tokens.shape[1]) < batch.prompt_width + cut.unsqueeze(1)
+    batch.valid &= keep
+    batch.response_mask &= keep
+    batch.routing_ids = torch.where(keep.unsqueeze(0).unsqueeze(-1), batch.routing_ids, -1)
+    # Move the weights off the actors' so the log-ratio and replay both matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    adv = torch.randn(batch.num_sequences, generator=torch.Generator().manual_seed(2))
+    yield cfg, groups, model, PendingBatch(batch=batch, advantages=adv, rewards=adv)
+    parallel.destroy()
+    torch.manual_seed(0)
+
+
+class _Tok:
+    eos_id, pad_id = 2, 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def _loss_and_grads(cfg, groups, model, pending, max_tokens):
+    """The learner's loss_fn over the micro-batches, as ``Learner.update`` runs it (no DDP)."""
+    learner = types.SimpleNamespace(
+        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None,
+        transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+    mbs = micro_batches(pending, cfg.rollout.micro_batch_size, torch.device("cpu"),
+                        loss_normaliser(pending, cfg, groups), max_tokens=max_tokens)
+    model.zero_grad(set_to_none=True)
+    total, logps = 0.0, []
+    for mb in mbs:
+        loss, stats = Learner.loss_fn(learner, model, mb)
+        loss.backward()
+        total += loss.detach()
+        logps.append(stats["_logp"])
+    if cfg.rollout.router_replay:
+        router_replay.stop(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return mbs, total, in_batch_order(logps, mbs), grads
+
+
+@pytest.mark.parametrize("replay,aggregation", [(False, "token_mean"),
+                                                (True, "seq_mean_token_mean")])
+def test_packed_loss_and_gradients_equal_padded(tiny, replay, aggregation):
+    base, groups, model, pending = tiny
+    cfg = load_config(None, [*TINY, f"rollout.router_replay={str(replay).lower()}",
+                             f"loss.aggregation={aggregation}", "rollout.micro_batch_size=4"])
+    assert cfg.rollout.router_replay is replay
+    lengths = pending.batch.valid.sum(-1)
+    budget = int(lengths.sum()) // 3
+    padded_mbs, loss0, logp0, grads0 = _loss_and_grads(cfg, groups, model, pending, None)
+    packed_mbs, loss1, logp1, grads1 = _loss_and_grads(cfg, groups, model, pending, budget)
+    assert len(padded_mbs) == 3 and not padded_mbs[0]["packed"]
+    assert len(packed_mbs) >= 3 and all(mb["packed"] for mb in packed_mbs)
+    assert max(len(mb["index"]) for mb in packed_mbs) >= 3  # sequences do share rows
+    for mb in packed_mbs:  # within the budget unless alone
+        assert len(mb["index"]) == 1 or int(lengths[mb["index"]].sum()) <= budget
+    assert logp0[pending.batch.response_mask].abs().min() > 0
+    torch.testing.assert_close(logp1, logp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads1[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_replay_follows_the_packed_order(tiny):
+    """The actors' ids land on the packed tokens they were recorded for; replaying them in
+    another order changes the log-probs, so the equality above checks the alignment."""
+    cfg, groups, model, pending = tiny
+    batch = pending.batch
+    right = packing.packed_routing_ids(batch)  # [Lm, 1, T, k]
+    rows, cols = packing.packed_layout(batch.valid)
+    assert torch.equal(right[:, 0], batch.routing_ids[:, rows, cols])
+    assert (right >= 0).all()  # every packed token has its actor's record
+    out = []
+    with torch.no_grad():
+        for ids in (right, right.flip(2)):
+            router_replay.replay(model, replay_indices(ids))
+            out.append(packing.packed_logprobs(model, batch, temperature=1.0))
+            router_replay.stop(model)
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
