@@ -79,17 +79,17 @@ class Learner:
             router_replay.replay(self.s.model, replay_indices(ids))
         temperature = batch.logprob_temperature
         logp = logprobs(model, batch, temperature=temperature)  # [b, S]
+        self.transform.capture_specialisation()  # vp2o.transport_specialisation=false only
         logp_ref = None
         if self.ref_model is not None:
             with torch.no_grad():
                 logp_ref = logprobs(self.ref_model, batch, temperature=temperature)
         loss_cfg = cfg.loss
-        clip = (loss_cfg.clip_low, loss_cfg.clip_high) if cfg.loss_clips else (None, None)
         loss, stats = grpo.policy_loss(
             logp, batch.behavior_logprobs, mb["adv"], batch.response_mask,
-            clip_low=clip[0], clip_high=clip[1], aggregation=loss_cfg.aggregation,
-            pg_estimator=loss_cfg.estimator, clip_ratio_c=loss_cfg.clip_ratio_c,
-            logp_ref=logp_ref, kl_coeff=loss_cfg.kl_coeff, kl_estimator=loss_cfg.kl_estimator,
+            **clip_options(cfg), aggregation=loss_cfg.aggregation,
+            pg_estimator=loss_cfg.estimator, logp_ref=logp_ref, kl_coeff=loss_cfg.kl_coeff,
+            kl_estimator=loss_cfg.kl_estimator,
             denominator=mb["denominator"],
         )
         stats = {k: v.detach() for k, v in stats.items()}
@@ -209,6 +209,17 @@ class Learner:
         drift, ess = trust_region.behavior_from_partials(
             gather_over_data_ranks(parts, self.s.groups))
         return {"behavior/drift": drift.float(), "behavior/ess": ess.float()}
+
+
+def clip_options(cfg) -> dict:
+    """``grpo.policy_loss``'s clip arguments: the ratio bounds and the dual clip
+    (``loss.clip_ratio_c``) when the loss clips (``Config.loss_clips``), all None otherwise, so
+    no clip option reaches an unclipped (e.g. VP2O's default) loss."""
+    if not cfg.loss_clips:
+        return {"clip_low": None, "clip_high": None, "clip_ratio_c": None}
+    loss = cfg.loss
+    return {"clip_low": loss.clip_low, "clip_high": loss.clip_high,
+            "clip_ratio_c": loss.clip_ratio_c}
 
 
 def loss_normaliser(p: PendingBatch, cfg, groups) -> torch.Tensor:

@@ -8,7 +8,8 @@ Pipeline for one layer and one optimizer step (`transport` does steps 2-5):
 
 1. `coactivation` (§3): `C = rᵀr / T` from the routing map (the caller all-reduces the counts).
 2. `neighbour_masks` (§3): `M_co`, `M_in`.
-3. `axial_kernel` (§5) on the stored prototypes `u` (refreshed by `refresh_prototypes`, §4).
+3. `prototype_kernel` (§5) on the stored prototypes `u` (refreshed by `refresh_prototypes`, §4):
+   `axial_kernel` (the method's) or `signed_kernel` (`vp2o.kernel = signed`).
 4. `attraction` (§6): `Φ_att = A·G`, one matrix product per gradient tensor.
 5. `repulsion` (§7): `φ_rep(j) = ∇_{W2_j} Σ_i v_ji k(u_i, u'_j(W2_j))`.
 
@@ -28,8 +29,15 @@ Clarifications of, and choices beyond, the method doc (said plainly):
 - `neighbour_masks` reads "`C_ji ≥ c_min · C_jj > 0`" as a chain: `C_ji ≥ c_min·C_jj` and
   `c_min·C_jj > 0`. So `min_frac = 0` disables that criterion (rather than admitting every
   expert), and an inactive expert never enters anyone's co-active set through it.
-- `median_temperature` (`vp2o.tau_mode = median`): `τ = τ0 · median_{i≠j}(1 − (u_iᵀu_j)²) / log E`,
-  with the median floored at 1e-6 so collapsed prototypes do not give `τ = 0`.
+- `median_temperature` (`vp2o.tau_mode = median`): `τ = τ0 · median_{i≠j} dist(u_i, u_j) / log E`,
+  with the median floored at 1e-6 so collapsed prototypes do not give `τ = 0`; `dist` is the
+  kernel's distance (`1 − (u_iᵀu_j)²` axial, `1 − u_iᵀu_j` signed).
+- The signed kernel (`vp2o.kernel = signed`, beyond the method): `k_ij = exp(−(1 − u_iᵀu_j)/τ)`,
+  a function of the angle θ_ij only (`1 − cos θ = ‖u_i − u_j‖²/2`, so it is the Gaussian RBF of
+  the chordal distance on the sphere: positive definite, unlike `exp(−θ²/τ)`). Its slope in the
+  cosine is `k/τ`, so the repulsion of near-orthogonal prototypes does not vanish, while the
+  axial kernel's slope `2ck/τ` does (∝ cos). It reads the prototypes' signs, which the
+  warm-started power iteration keeps from step to step (§4; `init_prototypes` fixes them).
 - Performance: matrix-vector products are written as row-vector products (`xᵀW`, `zᵀWᵀ`), the
   form batched GEMM handles well on CPU (`W z` as a batched `bmm` is 3-4x slower there). On CPU
   the experts are processed in blocks of at most 16 MiB of `W2`, so a block stays in the last-level
@@ -51,6 +59,7 @@ from torch import Tensor
 
 __all__ = [
     "attraction",
+    "KERNELS",
     "attraction_weights",
     "axial_kernel",
     "coactivation",
@@ -59,11 +68,13 @@ __all__ = [
     "median_temperature",
     "neighbour_masks",
     "power_iteration",
+    "prototype_kernel",
     "refresh_prototypes",
     "repulsion",
     "repulsion_autograd",
     "repulsion_factors",
     "repulsion_weights",
+    "signed_kernel",
     "temperature",
     "transport",
 ]
@@ -72,6 +83,8 @@ AllReduce = Callable[[Tensor], Tensor]
 _TINY = 1e-30
 _CPU_BLOCK_BYTES = 16 * 2**20  # half a typical server L3: a block of W2 stays cached
 _CPU_TILE_BYTES = 2**20  # output tile of the W2 attraction + repulsion on CPU (>= 16 rows)
+KERNELS = ("axial", "signed")
+"""Prototype kernels (`vp2o.kernel`): `axial` (§5, the method's) and `signed`."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,23 +111,42 @@ def temperature(num_experts: int, tau0: float = 1.0) -> float:
     return tau0 / math.log(num_experts)
 
 
-def _axial_distance(u: Tensor) -> Tensor:
-    """`1 − (u_iᵀu_j)²` with an exact zero diagonal. u: [..., E, d] -> [..., E, E]."""
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+
+
+def _distance_of_cos(cos: Tensor, kernel: str) -> Tensor:
+    """The kernel's distance as a function of the cosine: `1 − c²` (axial), `1 − c` (signed)."""
+    return (1.0 - cos * cos if kernel == "axial" else 1.0 - cos).clamp_min(0.0)
+
+
+def _kernel_of_cos(cos: Tensor, tau: float | Tensor, kernel: str) -> tuple[Tensor, Tensor]:
+    """`(k, ∂k/∂c)` at cosines `c` (`tau` broadcasts): axial `2ck/τ`, signed `k/τ`."""
+    k = torch.exp(-_distance_of_cos(cos, kernel) / tau)
+    slope = k * cos * (2.0 / tau) if kernel == "axial" else k / tau
+    return k, slope
+
+
+def _distance(u: Tensor, kernel: str = "axial") -> Tensor:
+    """The kernel's distance of every pair, exact zero diagonal. u: [..., E, d] -> [..., E, E]."""
+    _check_kernel(kernel)
     e = u.shape[-2]
-    cos = u @ u.mT  # [..., E, E]
-    dist = (1.0 - cos * cos).clamp_min(0.0)
+    dist = _distance_of_cos(u @ u.mT, kernel)  # [..., E, E]
     eye = torch.eye(e, dtype=torch.bool, device=u.device)
     return dist.masked_fill(eye, 0.0)
 
 
-def median_temperature(u: Tensor, *, tau0: float = 1.0) -> Tensor:
+def median_temperature(u: Tensor, *, tau0: float = 1.0, kernel: str = "axial") -> Tensor:
     """Median-heuristic temperature (§5, `vp2o.tau_mode = median`).
 
-    `τ = τ0 · median_{i≠j} (1 − (u_iᵀu_j)²) / log E`, the median floored at 1e-6.
+    `τ = τ0 · median_{i≠j} dist(u_i, u_j) / log E`, the median floored at 1e-6; `dist` is
+    `1 − (u_iᵀu_j)²` for the axial kernel, `1 − u_iᵀu_j` for the signed one.
 
     Args:
         u: Unit prototypes, [..., E, d].
         tau0: Scale τ0 > 0.
+        kernel: `axial` or `signed` (`vp2o.kernel`).
 
     Returns:
         τ, a tensor of shape [...] (0-dim for one layer).
@@ -122,7 +154,7 @@ def median_temperature(u: Tensor, *, tau0: float = 1.0) -> Tensor:
     e = u.shape[-2]
     if e < 2:
         raise ValueError(f"the kernel temperature needs at least 2 experts, got {e}")
-    dist = _axial_distance(u)  # [..., E, E]
+    dist = _distance(u, kernel)  # [..., E, E]
     off = ~torch.eye(e, dtype=torch.bool, device=u.device)
     vals = dist[..., off]  # [..., E*(E-1)]
     med = torch.quantile(vals, 0.5, dim=-1).clamp_min(1e-6)  # [...]
@@ -148,7 +180,31 @@ def axial_kernel(u: Tensor, tau: float | Tensor) -> Tensor:
     Returns:
         K, [..., E, E], symmetric.
     """
-    return torch.exp(-_axial_distance(u) / _tau_tensor(tau))
+    return torch.exp(-_distance(u, "axial") / _tau_tensor(tau))
+
+
+def signed_kernel(u: Tensor, tau: float | Tensor) -> Tensor:
+    """Signed angular prototype kernel (`vp2o.kernel = signed`; not in the method).
+
+    `K_ij = exp(−(1 − u_iᵀu_j)/τ) = exp(−‖u_i − u_j‖²/(2τ))`, `K_jj = 1` exactly: a function of
+    the angle between u_i and u_j (not of the axis), the Gaussian kernel of the chordal distance
+    on the unit sphere. At `τ = 1/log E` orthogonal prototypes get `1/E` (as with the axial
+    kernel), opposite ones `1/E²`.
+
+    Args:
+        u: Unit prototypes, [..., E, d].
+        tau: Temperature τ (a float, or a tensor of shape [...]).
+
+    Returns:
+        K, [..., E, E], symmetric.
+    """
+    return torch.exp(-_distance(u, "signed") / _tau_tensor(tau))
+
+
+def prototype_kernel(u: Tensor, tau: float | Tensor, kernel: str = "axial") -> Tensor:
+    """`axial_kernel` or `signed_kernel` by name (`vp2o.kernel`)."""
+    _check_kernel(kernel)
+    return axial_kernel(u, tau) if kernel == "axial" else signed_kernel(u, tau)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,6 +506,7 @@ def _repulsion_block(
     tau: float | Tensor,
     iters: int,
     allreduce: AllReduce | None,
+    kernel: str,
 ) -> tuple[Tensor, Tensor]:
     """Factors of `∇_W Σ_i v_i k(u_i, PI_n(W, x0))` for a block of experts.
 
@@ -468,10 +525,10 @@ def _repulsion_block(
         ys.append(y)
         ns.append(n)
         x = y
-    # x = u'_j; F = Σ_i v_ji exp(−(1 − c_i²)/τ), c_i = u_iᵀu'_j; ∂F/∂u' = Σ_i v_ji k_i (2c_i/τ) u_i
-    c = x @ u_all.mT  # [e, E]
-    k = torch.exp(-(1.0 - c * c) / tau)
-    gx = (v * k * c * (2.0 / tau)) @ u_all  # [e, d]
+    # x = u'_j; F = Σ_i v_ji k(c_i), c_i = u_iᵀu'_j; ∂F/∂u' = Σ_i v_ji k'(c_i) u_i with
+    # k' = 2c k/τ (axial) or k/τ (signed)
+    _, slope = _kernel_of_cos(x @ u_all.mT, tau, kernel)  # [e, E]
+    gx = (v * slope) @ u_all  # [e, d]
     lefts: list[Tensor] = []
     rights: list[Tensor] = []
     for m in reversed(range(iters)):
@@ -501,12 +558,14 @@ def repulsion_factors(
     u_all: Tensor | None = None,
     expert_chunk: int | None = None,
     allreduce: AllReduce | None = None,
+    kernel: str = "axial",
 ) -> tuple[Tensor, Tensor]:
     """Low-rank factors of the repulsion gradient (§7): `φ_rep(j) = L_j R_j`.
 
     `φ_rep(j) = ∇_{W2_j} Σ_i v_ji k(u_i, u'_j(W2_j))`, `u'_j = power_iteration(W2_j, u_j, n)` with
-    `u_j` detached, `u_i` detached, k the axial kernel at temperature τ. Computed with an explicit
-    backward through the n steps; each step contributes two rank-1 terms, so rank ≤ 2n.
+    `u_j` detached, `u_i` detached, k the `kernel` (axial or signed) at temperature τ. Computed
+    with an explicit backward through the n steps; each step contributes two rank-1 terms, so
+    rank ≤ 2n.
 
     Args:
         w2: Output projections of the experts to transform, [E_loc, d, f].
@@ -517,24 +576,28 @@ def repulsion_factors(
         u_all: Prototypes of all E experts, [E, d] (default `u`, i.e. E_loc = E).
         expert_chunk: Experts per block (see `refresh_prototypes`; ignored with `allreduce`).
         allreduce: See `power_iteration`.
+        kernel: `axial` or `signed` (`vp2o.kernel`).
 
     Returns:
         (L [E_loc, d, 2n], R [E_loc, 2n, f]) in float32 (float64 for float64 input).
     """
     if iters < 0:
         raise ValueError(f"iters must be >= 0, got {iters}")
+    _check_kernel(kernel)
     u_all = u if u_all is None else u_all
     dt = _compute_dtype(w2)
     u_all = u_all.to(dt)
     if allreduce is not None:
-        return _repulsion_block(w2.to(dt), u.to(dt), u_all, V.to(dt), tau, iters, allreduce)
+        return _repulsion_block(
+            w2.to(dt), u.to(dt), u_all, V.to(dt), tau, iters, allreduce, kernel
+        )
     e, d, f = w2.shape
     r = 2 * iters
     left = torch.empty(e, d, r, dtype=dt, device=w2.device)  # [E_loc, d, 2n]
     right = torch.empty(e, r, f, dtype=dt, device=w2.device)  # [E_loc, 2n, f]
     for sl in _expert_slices(e, expert_chunk, w2):
         lb, rb = _repulsion_block(
-            w2[sl].to(dt), u[sl].to(dt), u_all, V[sl].to(dt), tau, iters, None
+            w2[sl].to(dt), u[sl].to(dt), u_all, V[sl].to(dt), tau, iters, None, kernel
         )
         left[sl] = lb
         right[sl] = rb
@@ -552,6 +615,7 @@ def repulsion(
     active: Tensor | None = None,
     eps: float = 1e-12,
     expert_chunk: int | None = None,
+    kernel: str = "axial",
 ) -> Tensor:
     """Repulsion field of one layer (§7): `φ_rep(j) = ∇_{W2_j} Σ_i v_ji k(u_i, u'_j(W2_j))`.
 
@@ -568,12 +632,15 @@ def repulsion(
         active: Optional bool [E]; rows of inactive experts are zero.
         eps: ε of the weight denominator.
         expert_chunk: See `repulsion_factors`.
+        kernel: The kernel K was built with (`axial` or `signed`).
 
     Returns:
         φ_rep, [E, d, f], in w2's dtype.
     """
     v = repulsion_weights(K, M_in, eps=eps, active=active)  # [E, E]
-    left, right = repulsion_factors(w2, u, v, tau=tau, iters=iters, expert_chunk=expert_chunk)
+    left, right = repulsion_factors(
+        w2, u, v, tau=tau, iters=iters, expert_chunk=expert_chunk, kernel=kernel
+    )
     return torch.bmm(left, right).to(w2.dtype)  # [E, d, f]
 
 
@@ -585,6 +652,7 @@ def repulsion_autograd(
     tau: float | Tensor,
     iters: int,
     u_all: Tensor | None = None,
+    kernel: str = "axial",
 ) -> Tensor:
     """Reference form of `repulsion_factors` through autograd (§7); slower, same result.
 
@@ -596,16 +664,19 @@ def repulsion_autograd(
         w2: [E_loc, d, f]. u: [E_loc, d]. V: [E_loc, E]. u_all: [E, d] (default `u`).
         tau: Kernel temperature.
         iters: Power-iteration steps n.
+        kernel: `axial` or `signed`.
 
     Returns:
         φ_rep, [E_loc, d, f], in the compute dtype (float32/float64).
     """
+    _check_kernel(kernel)
     u_all = (u if u_all is None else u_all).detach().to(_compute_dtype(w2))
     with torch.enable_grad():
         w = w2.detach().to(_compute_dtype(w2)).requires_grad_(True)
         up = power_iteration(w, u.detach(), iters=iters)  # [E_loc, d]
         c = up @ u_all.mT  # [E_loc, E]
-        objective = (V.to(c.dtype) * torch.exp(-(1.0 - c * c) / tau)).sum()
+        dist = 1.0 - c * c if kernel == "axial" else 1.0 - c
+        objective = (V.to(c.dtype) * torch.exp(-dist / tau)).sum()
         if not objective.requires_grad:  # iters = 0: u' = u does not depend on W2
             return torch.zeros_like(w)
         (grad,) = torch.autograd.grad(objective, w)
@@ -634,12 +705,15 @@ def transport(
     eps: float = 1e-12,
     attraction_norm: bool = False,
     tile_rows: int | None = None,
+    kernel: str = "axial",
+    attract: bool = True,
 ) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Stein-transformed expert gradients of one layer (§3, §5-§8, eq 10).
 
     `g̃_j = φ_att(j) + α φ_rep(j)` for active j (`C_jj > 0`), `g̃_j = g_j` otherwise. The kernel
     uses the stored prototypes `u` (§7). The repulsion goes to the output projection only:
-    `grads[w2_index]`, which must be viewable as [E, d, f].
+    `grads[w2_index]`, which must be viewable as [E, d, f]. With `attract=False`
+    (`vp2o.attraction = false`) `φ_att(j) = g_j`: `g̃_j = g_j + α φ_rep(j)`.
 
     Args:
         grads: One layer's expert gradients, each [E, ...] (e.g. fc1 [E, 2f, d], fc2 [E, d, f]).
@@ -658,6 +732,8 @@ def transport(
         attraction_norm: Also report `stein/attraction_norm` (one extra read of the output).
         tile_rows: Rows of d per tile of the W2 output (None: about 1 MiB, at least 16 rows, on
             CPU; all of d elsewhere).
+        kernel: `axial` (§5) or `signed` (`vp2o.kernel`).
+        attract: False replaces A by the identity (no attraction term).
 
     Returns:
         (g̃ per tensor of `grads`, metrics): `stein/active_frac`, `stein/attraction_self_weight`
@@ -669,11 +745,16 @@ def transport(
     e = u.shape[0]
     d, f = w2.shape[-2:]
     active = C.diagonal() > 0  # [E]
-    k = axial_kernel(u, tau=tau)  # [E, E]
+    k = prototype_kernel(u, tau=tau, kernel=kernel)  # [E, E]
     m_co, m_in = neighbour_masks(C, top_m=top_m, min_frac=min_frac)
-    a = attraction_weights(k, m_co, active=active)  # [E, E]
+    if attract:
+        a = attraction_weights(k, m_co, active=active)  # [E, E]
+    else:
+        a = torch.eye(e, dtype=k.dtype, device=k.device)
     v = repulsion_weights(k, m_in, eps=eps, active=active)  # [E, E]
-    left, right = repulsion_factors(w2, u, v, tau=tau, iters=iters, expert_chunk=expert_chunk)
+    left, right = repulsion_factors(
+        w2, u, v, tau=tau, iters=iters, expert_chunk=expert_chunk, kernel=kernel
+    )
 
     results: list[Tensor] = []
     att_sq = torch.zeros((), dtype=torch.float32, device=u.device)

@@ -210,6 +210,12 @@ def cross_section_rules(cfg: Config) -> None:
         expect(not p.overlap_grad_reduce, "parallel.overlap_grad_reduce", True,
                "false with algorithm=vp2o: the Stein transform mixes expert gradients before "
                "they are reduced, so the reduction cannot start during backward")
+        v = cfg.vp2o
+        if not v.transport_specialisation and (v.ortho_coeff > 0 or v.variance_coeff > 0):
+            expect(m.recompute == "none", "model.recompute", m.recompute,
+                   "none with vp2o.transport_specialisation=false (the specialisation losses' "
+                   "expert gradients come from a second backward, which megatron's activation "
+                   "checkpointing does not support)")
         if cfg.vp2o.ortho_coeff > 0:
             # The orthogonality loss reads each token's k expert outputs before megatron sums
             # them (VP2OMoELayer.postprocess): only the alltoall dispatcher hands them over

@@ -641,6 +641,9 @@ class TrustRegionConfig:
     on_violation: Literal["rollback", "refresh"] = "rollback"
     """rollback: restore parameters and optimizer state from before the step, then refresh the
     actors; refresh: keep the step and refresh (method §10)."""
+    enabled: bool = True
+    """false: the anchor budget never rejects or refreshes (D is still measured and logged as
+    trust/anchor_distance); for ablations such as GRPO's clip in place of the trust region."""
 
     def check(self) -> None:
         """The anchor budget is a distance (section ``vp2o.trust_region``)."""
@@ -682,6 +685,20 @@ class VP2OConfig:
 
     alpha: float = 0.1
     """Repulsion weight alpha in g~ = phi_att + alpha phi_rep (§8)."""
+    attraction: bool = True
+    """Apply the attraction phi_att = A G (§6); false: phi_att(j) = g_j, so g~ = g + alpha
+    phi_rep, and with alpha = 0 the expert gradients pass unchanged (the no-transport ablation)."""
+    kernel: Literal["axial", "signed"] = "axial"
+    """Prototype kernel (§5): axial, exp(-(1 - (u_i.u_j)^2) / tau), the method's, sign-invariant;
+    signed, exp(-(1 - u_i.u_j) / tau), a function of the angle (the Gaussian kernel of the chordal
+    distance), whose repulsion does not vanish for near-orthogonal prototypes
+    (docs/algorithm.md, "Kernel choice")."""
+    transport_specialisation: bool = True
+    """Transport the gradients of the specialisation losses (§9) too, as the method does (§6: g_j
+    is the gradient of the full training loss). false: only the policy-loss gradient is
+    transported and the specialisation-loss gradient is added untransformed; this costs a second
+    backward pass (from the specialisation losses to the expert weights) per micro-batch and
+    one fp32 copy of the rank's expert gradients."""
     tau0: float = 1.0
     """Kernel temperature numerator: tau = tau0 / log E (§5)."""
     tau_mode: Literal["log_e", "median"] = "log_e"

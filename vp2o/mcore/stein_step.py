@@ -167,6 +167,17 @@ class SteinTransform:
         self.anchor = self.prototypes.clone()
         self.last_geometry: list[LayerGeometry] = []
         self.coactivation: torch.Tensor | None = None  # [L, E, E] after reduce_statistics
+        # vp2o.transport_specialisation=false: the layers hand over their specialisation losses
+        # (the tensors megatron's aux-loss scaler attaches), whose expert gradients are kept
+        # apart (``capture_specialisation``) and added back untransformed.
+        self.separate_specialisation = (
+            transport and not cfg.transport_specialisation
+            and (cfg.ortho_coeff > 0 or cfg.variance_coeff > 0)
+        )
+        self._spec_grads: list[torch.Tensor] | None = None  # fp32, one per expert parameter
+        for layer in self.layers:
+            layer.live_losses = [] if self.separate_specialisation else None
+            layer.router.live_losses = [] if self.separate_specialisation else None
 
     # ---------------------------------------------------------------- statistics (§3)
     def reduce_statistics(self) -> dict[str, torch.Tensor]:
@@ -194,9 +205,70 @@ class SteinTransform:
         return {"C": self.coactivation, "tokens": tokens, "router_entropy": entropy / tokens}
 
     def reset_statistics(self) -> None:
-        """Zero the routers' per-step accumulators."""
+        """Zero the routers' per-step accumulators (and drop specialisation losses not taken
+        by ``capture_specialisation``)."""
         for layer in self.layers:
             layer.router.reset_step_statistics()
+            for live in (layer.live_losses, layer.router.live_losses):
+                if live is not None:
+                    live.clear()
+
+    # ---------------------------------------------------------------- specialisation gradients
+    def capture_specialisation(self) -> None:
+        """Keep apart the expert gradients of the specialisation losses of the forward just run
+        (``vp2o.transport_specialisation=false``; otherwise nothing to do).
+
+        Call after each micro-batch's forward, before its backward (the learner's loss
+        function). A second, partial backward (``torch.autograd.grad``, the graph kept for the
+        main backward) gives d(sum of the losses megatron's aux-loss scaler attached)/d(expert
+        weights); it is accumulated here unscaled and scaled in ``before_grad_reduction`` by the
+        scaler's ``main_loss_backward_scale``, the factor the main backward applied to the same
+        losses.
+        """
+        if not self.separate_specialisation:
+            return
+        losses = []
+        for layer in self.layers:
+            losses += layer.live_losses + layer.router.live_losses
+            layer.live_losses.clear()
+            layer.router.live_losses.clear()
+        if not losses:
+            return
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        params = self._expert_parameters()
+        total = torch.stack([loss.float().reshape(()) for loss in losses]).sum()
+        # A path from a later layer's loss passes the earlier layers' aux-loss scalers, whose
+        # backward would inject their losses' gradients a second time: scale 0 while this runs.
+        saved = MoEAuxLossAutoScaler.main_loss_backward_scale
+        MoEAuxLossAutoScaler.main_loss_backward_scale = total.new_zeros(1)
+        try:
+            grads = torch.autograd.grad(total, params, retain_graph=True, allow_unused=True)
+        finally:
+            MoEAuxLossAutoScaler.main_loss_backward_scale = saved
+        if self._spec_grads is None:
+            self._spec_grads = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        for acc, g in zip(self._spec_grads, grads, strict=True):
+            if g is not None:
+                acc.add_(g)
+
+    def _apply_specialisation(self, sign: float) -> None:
+        """main_grad += sign * (scaled specialisation gradients) of every local expert."""
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        scale = MoEAuxLossAutoScaler.main_loss_backward_scale
+        for p, g in zip(self._expert_parameters(), self._spec_grads, strict=True):
+            p.main_grad.add_(g if scale is None else g * scale.to(g.device), alpha=sign)
+
+    def _expert_parameters(self) -> list[torch.Tensor]:
+        """The distinct parameters holding this rank's expert weights (one per expert and
+        projection, or one grouped [E_loc, ...] parameter per projection), in a fixed order."""
+        seen: dict[int, torch.Tensor] = {}
+        for fc1, fc2 in self._expert_params:
+            for h in (*fc1, *fc2):
+                p = getattr(h, "param", h)  # a grouped weight's per-expert handle: its parameter
+                seen.setdefault(id(p), p)
+        return list(seen.values())
 
     # ---------------------------------------------------------------- transform (§5-§8)
     def geometry(self, index: int, C: torch.Tensor) -> LayerGeometry:
@@ -207,15 +279,18 @@ class SteinTransform:
         """`geometry` for u [..., E, d] and C [..., E, E]: one batched call for all layers."""
         cfg = self.cfg
         if cfg.tau_mode == "median":
-            tau = stein.median_temperature(u, tau0=cfg.tau0)
+            tau = stein.median_temperature(u, tau0=cfg.tau0, kernel=cfg.kernel)
         else:
             tau = stein.temperature(self.num_experts, tau0=cfg.tau0)
-        K = stein.axial_kernel(u, tau=tau)
+        K = stein.prototype_kernel(u, tau=tau, kernel=cfg.kernel)
         M_co, M_in = stein.neighbour_masks(
             C, top_m=cfg.top_m(topk), min_frac=cfg.coactive_min_frac
         )
         active = torch.diagonal(C, dim1=-2, dim2=-1) > 0
-        A = stein.attraction_weights(K, M_co, active=active)
+        if cfg.attraction:
+            A = stein.attraction_weights(K, M_co, active=active)
+        else:  # vp2o.attraction=false: phi_att(j) = g_j
+            A = torch.eye(C.shape[-1], dtype=K.dtype, device=K.device).expand(K.shape)
         V = stein.repulsion_weights(K, M_in, active=active)
         return LayerGeometry(C=C, K=K, A=A, V=V, active=active, tau=tau)
 
@@ -223,13 +298,19 @@ class SteinTransform:
     def before_grad_reduction(self, ddp_model) -> dict[str, torch.Tensor]:
         """Transform every local expert's ``main_grad`` in place (call before the DP reduction).
 
-        Returns logging tensors (no host sync): ``stein/attraction_norm`` (norm of the local,
-        pre-reduction attraction output), ``stein/repulsion_norm`` (norm of alpha*phi_rep over
-        all experts), ``router/entropy`` and the reduced ``C`` per layer.
+        Returns logging tensors (no host sync): ``stein/attraction_norm`` and
+        ``stein/repulsion_norm``, the Frobenius norms over every expert of every layer (all EP
+        ranks) of the two pieces this data-parallel replica adds to the expert-gradient reduction
+        (both before it: A g_r, and alpha phi_rep pre-divided as the reduction requires; with one
+        data-parallel replica exactly the pieces of the applied gradient; no attraction norm with
+        ``vp2o.attraction=false``), ``router/entropy`` and the reduced ``C`` per layer.
         """
         stats = self.reduce_statistics()
         if not self.transport:
             return {"C": stats["C"], "router/entropy": stats["router_entropy"].mean()}
+        spec = self.separate_specialisation and self._spec_grads is not None
+        if spec:  # transform the policy-loss gradient only
+            self._apply_specialisation(-1.0)
         repulsion_scale = self._repulsion_prescale(ddp_model)
         device = self.prototypes.device
         att_sq = torch.zeros((), dtype=torch.float32, device=device)
@@ -243,23 +324,45 @@ class SteinTransform:
                           active=every.active[i], tau=every.tau[i] if per_layer_tau else every.tau)
             for i in range(len(self.layers))
         ]
+        attract, scale = self.cfg.attraction, self.cfg.alpha * repulsion_scale
         for index, geo in enumerate(self.last_geometry):
             fc1, fc2 = self._expert_params[index]
-            att_sq += self._attract(self._bank(index, "fc1.grad", fc1, _main_grad), geo.A)
+            if attract:
+                att_sq += self._attract(self._bank(index, "fc1.grad", fc1, _main_grad), geo.A)
             bank2 = self._bank(index, "fc2.grad", fc2, _main_grad)
             low_rank = None
             if self.cfg.alpha > 0:
                 L, R = self._repulsion_factors(index, geo, bank2)  # rows: bank2.order
                 # ||L_i R_i||_F^2 = sum((L_i^T L_i) * (R_i R_i^T)): rank-2n Gram matrices only.
-                rep_sq += (self.cfg.alpha**2) * ((L.mT @ L) * (R @ R.mT)).sum().float()
-                low_rank = (L * (self.cfg.alpha * repulsion_scale), R)
-            att_sq += self._attract(bank2, geo.A, low_rank=low_rank)
-        return {
+                rep_sq += (scale**2) * ((L.mT @ L) * (R @ R.mT)).sum().float()
+                low_rank = (L * scale, R)
+            if attract:
+                att_sq += self._attract(bank2, geo.A, low_rank=low_rank)
+            elif low_rank is not None:
+                self._add_low_rank(bank2, *low_rank)
+        if spec:  # ... and add the specialisation losses' gradient back as it is
+            self._apply_specialisation(1.0)
+            for g in self._spec_grads:
+                g.zero_()
+        norms = self._sum_over_ep(torch.stack([att_sq, rep_sq])).sqrt()
+        out = {
             "C": stats["C"],
             "router/entropy": stats["router_entropy"].mean(),
-            "stein/attraction_norm": att_sq.sqrt(),
-            "stein/repulsion_norm": self._sum_over_ep(rep_sq).sqrt(),
+            "stein/repulsion_norm": norms[1],
         }
+        if attract:
+            out["stein/attraction_norm"] = norms[0]
+        return out
+
+    def _add_low_rank(self, bank: _ExpertBank, L: torch.Tensor, R: torch.Tensor) -> None:
+        """``bank.tensors[order[k]] += L[k] R[k]`` in place (the repulsion without attraction)."""
+        dtype = bank.tensors[0].dtype
+        L, R = L.to(dtype), R.to(dtype)
+        if bank.view is not None:
+            bank.view.baddbmm_(L, R)  # [E_loc, d, f], strided into the grad buffer
+            return
+        for k, i in enumerate(bank.order):
+            bank.tensors[i].addmm_(L[k], R[k])
 
     def _attract(self, bank: _ExpertBank, A: torch.Tensor, low_rank=None) -> torch.Tensor:
         """``bank.tensors`` (local experts' main_grads) <- rows of A.G (+ L R); one EP
@@ -342,15 +445,16 @@ class SteinTransform:
             tau=geo.tau,
             iters=self.cfg.power_iters,
             u_all=u_all,
+            kernel=self.cfg.kernel,
         )
 
     def _sum_over_ep(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum a 0-dim statistic over the EP group (one collective per step, not per layer)."""
+        """Sum statistics over the EP group (one collective per step, not per layer)."""
         if self.ep_size == 1:
             return value
-        value = value.reshape(1).clone()
+        value = value.clone()
         dist.all_reduce(value, group=self.groups.ep)
-        return value[0]
+        return value
 
     def _repulsion_prescale(self, ddp_model) -> float:
         """1 / (what the expert-gradient reduction multiplies a replicated addend by).

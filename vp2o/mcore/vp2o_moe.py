@@ -65,6 +65,7 @@ class VP2ORouter(TopKRouter):
             persistent=False,
         )
         self.variance_coeff = 0.0
+        self.live_losses: list[torch.Tensor] | None = None  # SteinTransform fills and empties it
         self.valid_rows: torch.Tensor | None = None
         self.record_routing = True
         self.last_routing: RoutingRecord | None = None
@@ -90,13 +91,15 @@ class VP2ORouter(TopKRouter):
             if self.training and self.variance_coeff > 0:
                 # Post-top-k scores renormalised to sum to 1 per token (method §9), over the
                 # real tokens (a mask, not a selection: no host sync).
-                loss = specialization.routing_variance_loss(
+                loss = self.variance_coeff * specialization.routing_variance_loss(
                     probs, renormalize=True, mask=self.valid_rows
                 )
+                if self.live_losses is not None:
+                    self.live_losses.append(loss)
                 probs = self.attach_and_log_load_balancing_loss(
                     probs,
                     self.variance_coeff,
-                    self.variance_coeff * loss,
+                    loss,
                     "routing_variance_loss",
                     self.tp_cp_group,
                 )
@@ -152,6 +155,7 @@ class VP2OMoELayer(MoELayer):
         super().__init__(*args, **kwargs)
         self.ortho_coeff = 0.0
         self.ortho_normalize = True
+        self.live_losses: list[torch.Tensor] | None = None  # SteinTransform fills and empties it
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: torch.Tensor | None):
         """Attach the orthogonality loss, then megatron's unpermute + shared-expert add."""
@@ -170,6 +174,8 @@ class VP2OMoELayer(MoELayer):
                 num_layers,
                 reduce_group=self.router.tp_cp_group,
             )
+            if self.live_losses is not None:
+                self.live_losses.append(self.ortho_coeff * loss)
             output = MoEAuxLossAutoScaler.apply(output, self.ortho_coeff * loss)
         return super().postprocess(output, shared_expert_output)
 
