@@ -147,29 +147,6 @@ def test_tensor_parallel_moe_needs_transformer_engine_norms():
     check_sequence_parallel_norms(load_config(None, ["model.transformer_impl=local"]))
 
 
-def test_grouped_gemm_needs_the_transformer_engine_spec(init_parallel):
-    """Without transformer-engine megatron builds its legacy GroupedMLP, which asserts that the
-    grouped_gemm package exists (and which the Stein transform does not read): a ConfigError
-    before the build, naming the key; and the megatron fact it stands for."""
-    from vp2o.mcore.model import build_model
-
-    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=64",
-                             "model.num_attention_heads=4", "model.num_query_groups=2",
-                             "model.ffn_hidden_size=128", "model.moe_ffn_hidden_size=64",
-                             "model.num_experts=4", "model.vocab_size=128",
-                             "model.moe_grouped_gemm=true", "model.transformer_impl=auto"])
-    init_parallel(cfg)
-    with pytest.raises(ConfigError, match=r"model.moe_grouped_gemm = True: expected false "
-                                          r"without transformer-engine \(model.transformer_impl "
-                                          r"= 'auto' builds the local spec here"):
-        build_model(cfg)
-    # The megatron fact the check stands for (if this stops raising, revisit the check).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mdl, "check_grouped_gemm", lambda m: None)
-        with pytest.raises(AssertionError, match="Grouped GEMM is not available"):
-            build_model(cfg)
-
-
 @pytest.mark.parametrize("impl", ["auto", "transformer_engine"])
 def test_train_and_eval_refuse_the_transformer_engine_spec_before_starting(monkeypatch, impl):
     """A config that may build transformer-engine's spec (auto does wherever TE imports: a GPU

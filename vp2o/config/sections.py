@@ -98,7 +98,10 @@ class ModelConfig:
     moe_shared_expert_gate: bool = False
     """Sigmoid gate on the shared expert's output (Qwen2-MoE)."""
     moe_grouped_gemm: bool = False
-    """Grouped-GEMM experts (GPU: TEGroupedMLP / GroupedMLP). False = SequentialMLP (CPU)."""
+    """All local experts in one grouped GEMM: transformer-engine's TEGroupedMLP with the TE
+    spec, vp2o's GroupedExperts (``torch._grouped_mm``, CPU and CUDA) with the local spec; both
+    load SequentialMLP's checkpoints and vice versa. False = megatron's SequentialMLP (one GEMM
+    per expert)."""
     moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "alltoall"
     """Token dispatcher. alltoall is megatron's recommendation with EP > 1 and what VP2O's
     orthogonality loss needs (``vp2o.ortho_coeff > 0``); flex needs DeepEP."""

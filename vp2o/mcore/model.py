@@ -44,19 +44,15 @@ def use_transformer_engine(m: ModelConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def check_grouped_gemm(m: ModelConfig) -> None:
-    """``moe_grouped_gemm`` needs the transformer-engine spec (TEGroupedMLP experts).
+def use_grouped_experts(m: ModelConfig) -> bool:
+    """Whether MoE layers get vp2o's ``GroupedExperts`` (vp2o/mcore/grouped_experts.py).
 
-    Without it megatron builds its legacy ``GroupedMLP``, which asserts that the ``grouped_gemm``
-    package is present and which the Stein transform does not read (it supports SequentialMLP
-    and TEGroupedMLP experts, vp2o/mcore/stein_step.py): refused here, before the build.
+    ``model.moe_grouped_gemm = true`` runs all local experts in one grouped GEMM: with the
+    transformer-engine spec megatron's ``TEGroupedMLP``, with the local spec vp2o's
+    ``GroupedExperts`` (``torch._grouped_mm``, CPU and CUDA; megatron's own local choice, the
+    legacy ``GroupedMLP``, needs the ``grouped_gemm`` package). False: ``SequentialMLP``.
     """
-    if m.moe_grouped_gemm and not use_transformer_engine(m):
-        raise ConfigError(
-            "model.moe_grouped_gemm = True: expected false without transformer-engine "
-            f"(model.transformer_impl = {m.transformer_impl!r} builds the local spec here, whose "
-            "grouped experts are megatron's legacy GroupedMLP: not supported)"
-        )
+    return m.moe_grouped_gemm and not use_transformer_engine(m)
 
 
 def transformer_config(cfg: Config):
@@ -112,7 +108,7 @@ def transformer_config(cfg: Config):
         moe_router_topk_scaling_factor=m.moe_router_topk_scaling_factor,
         moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
         moe_shared_expert_gate=m.moe_shared_expert_gate,
-        moe_grouped_gemm=m.moe_grouped_gemm,
+        moe_grouped_gemm=m.moe_grouped_gemm and not use_grouped_experts(m),
         moe_token_dispatcher_type=m.moe_token_dispatcher_type,
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_router_load_balancing_type=m.moe_router_load_balancing_type,
@@ -180,6 +176,14 @@ def decoder_block_spec(cfg: Config, tconfig, layer_spec_hook: LayerSpecHook | No
         block.layer_specs = [
             install_sdpa_attention(copy.deepcopy(spec)) for spec in block.layer_specs
         ]
+    if use_grouped_experts(cfg.model):
+        from vp2o.mcore.grouped_experts import GroupedExperts
+
+        block.layer_specs = [copy.deepcopy(spec) for spec in block.layer_specs]
+        for spec in block.layer_specs:
+            experts = getattr(getattr(spec.submodules.mlp, "submodules", None), "experts", None)
+            if experts is not None:
+                experts.module = GroupedExperts
     if layer_spec_hook is not None:
         # Specs are shared objects inside megatron's spec helpers: deep-copy before editing.
         block.layer_specs = [
@@ -208,7 +212,6 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
     from vp2o.mcore import cpu
 
     check_sequence_parallel_norms(cfg)
-    check_grouped_gemm(cfg.model)
     tconfig = transformer_config(cfg)
     m = cfg.model
     with cpu.cuda_as_cpu(), _quiet_subclassed_mlp_warning(layer_spec_hook is not None):

@@ -30,30 +30,14 @@ import torch.distributed as dist
 
 from vp2o.algo import stein
 from vp2o.config import VP2OConfig
+from vp2o.mcore import expert_layout
+from vp2o.mcore.expert_layout import local_expert_weights  # noqa: F401 (re-exported)
 from vp2o.mcore.parallel import ParallelGroups
-from vp2o.mcore.vp2o_moe import VP2OMoELayer, moe_layers
+from vp2o.mcore.vp2o_moe import moe_layers
 
 
-def _main_grad(param: torch.Tensor) -> torch.Tensor:
-    return param.main_grad
-
-
-def local_expert_weights(layer: VP2OMoELayer) -> tuple[list, list]:
-    """(fc1 weights [2f, d] or [f, d], fc2 weights [d, f]) of this rank's experts, local order."""
-    experts = layer.experts
-    if hasattr(experts, "local_experts"):  # SequentialMLP
-        fc1 = [e.linear_fc1.weight for e in experts.local_experts]
-        fc2 = [e.linear_fc2.weight for e in experts.local_experts]
-        return fc1, fc2
-    if hasattr(experts, "linear_fc1") and hasattr(experts.linear_fc1, "weight0"):  # TEGroupedMLP
-        n = experts.num_local_experts
-        fc1 = [getattr(experts.linear_fc1, f"weight{i}") for i in range(n)]
-        fc2 = [getattr(experts.linear_fc2, f"weight{i}") for i in range(n)]
-        return fc1, fc2
-    raise NotImplementedError(
-        f"VP2O supports SequentialMLP and TEGroupedMLP experts, not {type(experts).__name__} "
-        "(legacy GroupedMLP): set model.moe_grouped_gemm=false or install transformer-engine"
-    )
+def _main_grad(param) -> torch.Tensor:
+    return expert_layout.main_grad(param)
 
 
 def expert_bank_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, tuple[int, ...]] | None:
@@ -505,7 +489,7 @@ class SteinTransform:
         that order (the distributed optimizer's layout: the grad buffer's order), else a stacked
         copy.
         """
-        bank = self._bank(index, "fc2.weight", self._expert_params[index][1], torch.Tensor.detach)
+        bank = self._bank(index, "fc2.weight", self._expert_params[index][1], expert_layout.weight)
         rows = bank if rows is None else rows
         if bank.view is not None and bank.order == rows.order:
             return bank.view, rows
