@@ -143,7 +143,7 @@ def test_yaml_and_overrides(tmp_path):
          "train.updates_per_rollout = 0: expected >= 1, or null for the algorithm's default"),
         (["rollout.router_replay=true"], None,
          "model.moe_enable_routing_replay = False: expected true when rollout.router_replay"),
-        (["data.task=csv"], None, "data.task = 'csv': expected one of 'arith', 'jsonl'"),
+        (["data.task=csv"], None, "data.task = 'csv': expected one of 'arith', 'skills', 'jsonl'"),
         (["model.position_embedding_type=learned_absolute", "model.max_position_embeddings=64"],
          None, "model.max_position_embeddings = 64: expected >= data.max_prompt_tokens + "
          "rollout.max_new_tokens (80)"),

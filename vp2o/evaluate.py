@@ -12,7 +12,6 @@ instruction followed, strictly, for ``ifeval``).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -22,16 +21,26 @@ import torch.distributed as dist
 
 from vp2o.config import Config
 from vp2o.data.tasks import check_prompt_lengths, encode_rows
+from vp2o.engines import rollout_engine
+from vp2o.eval_stats import (
+    EvalHistory,
+    pass_at_k,
+    routing_counts,
+    routing_metrics,
+    skill_accuracy,
+)
 from vp2o.rewards.pool import RewardPool
-from vp2o.rollout import SamplingParams, generate
+from vp2o.rollout import SamplingParams
 from vp2o.session import Session
 
+__all__ = ["EVAL_TEMPERATURE", "EvalHistory", "evaluate", "evaluate_rows",
+           "median_solution_tokens", "pass_at_k", "run_eval", "write_eval"]
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al.)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+EVAL_TEMPERATURE = 1.0
+"""Temperature of the sampled held-out responses (``pass@k``, ``response_len``): the policy's own
+distribution, whatever ``rollout.temperature`` trains at."""
+PASS_KS = (1, 4, 8)
+"""The flat ``pass@<k>`` keys of :func:`evaluate` (for k <= ``train.eval_samples``)."""
 
 
 def median_solution_tokens(lengths: list[int], correct: list[bool]) -> float | None:
@@ -40,19 +49,16 @@ def median_solution_tokens(lengths: list[int], correct: list[bool]) -> float | N
     return float(statistics.median(solved)) if solved else None
 
 
-def _sample(s: Session, rows: list[dict], *, temperature: float, group: int, seed: int):
+def _sample(s: Session, rows: list[dict], *, temperature: float, group: int, seed: int,
+            record_routing: bool = False):
     params = SamplingParams(
         temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=s.cfg.rollout.max_new_tokens,
-        stop_strings=list(s.cfg.rollout.stop_strings), group_size=group, record_routing=False,
+        stop_strings=list(s.cfg.rollout.stop_strings), group_size=group,
+        record_routing=record_routing,
     )
     prompts = [s.tokenizer.encode(r["prompt"]) for r in rows]
     gen = torch.Generator().manual_seed(seed)
-    s.model.eval()
-    with torch.no_grad():
-        batch = generate(s.model, prompts, params, tokenizer=s.tokenizer, generator=gen,
-                         sync_group=dist.group.WORLD)
-    s.model.train()
-    return batch
+    return rollout_engine(s).generate(prompts, params, generator=gen)
 
 
 def _my_chunks(num_rows: int, size: int) -> list[range | None]:
@@ -82,32 +88,41 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
     :func:`_my_chunks`: the result does not depend on the number of ranks); results are gathered
     on all ranks.
 
-    Returns ``held_out_accuracy`` (greedy), ``pass_at_k`` ({k: value} for k up to
-    ``train.eval_samples``, sampled at the rollout temperature), ``mean_response_length`` (greedy
-    tokens), ``median_solution_tokens`` (greedy tokens of the correct responses) and
-    ``num_prompts``.
+    Greedy responses (one per prompt) give ``held_out_accuracy``, ``mean_response_length`` and
+    ``median_solution_tokens`` (tokens; of the correct responses, None when none is),
+    ``num_prompts``, ``skill/<name>/accuracy`` (rows with a ``skill`` field, e.g.
+    ``data.task=skills``), and the routing of their generated tokens
+    ``routing/expert_entropy/layer<i>`` and ``routing/mi_skill_expert/layer<i>`` (two skills or
+    more; see :mod:`vp2o.eval_stats`). With ``train.eval_samples`` = n > 1, n responses per
+    prompt sampled at ``EVAL_TEMPERATURE`` give ``pass@<k>`` for k in 1, 4, 8 (k <= n; unbiased
+    estimator), ``pass_at_k`` ({k: value} for k in 1, 2, 4, 8, 16 <= n; with n = 1 it holds
+    ``{"1": held_out_accuracy}``) and ``response_len`` (their mean tokens).
     """
     rows = s.task.eval
     k_max = max(1, s.cfg.train.eval_samples)
-    results = []  # (first row, correct, lengths, correct samples per prompt) per chunk
+    skills = _skill_names(rows)
+    results = []  # (first row, correct, lengths, correct samples per prompt, sampled lengths,
+    #               routing counts) per chunk
     for span in _my_chunks(len(rows), chunk):
         part = rows[:1] if span is None else [rows[i] for i in span]
-        greedy = _sample(s, part, temperature=0.0, group=1, seed=s.cfg.seed)
+        greedy = _sample(s, part, temperature=0.0, group=1, seed=s.cfg.seed, record_routing=True)
         sampled = None
         if k_max > 1:
-            sampled = _sample(s, part, temperature=s.cfg.rollout.temperature, group=k_max,
+            sampled = _sample(s, part, temperature=EVAL_TEMPERATURE, group=k_max,
                               seed=s.cfg.seed + 1)
         if span is None:
             continue
         scores = pool.score([r["prompt"] for r in part], greedy.completions, part)
-        per_prompt = []
+        per_prompt, sampled_lengths = [], []
         if sampled is not None:
             expanded = [r for r in part for _ in range(k_max)]
             sc = pool.score([r["prompt"] for r in expanded], sampled.completions, expanded)
             per_prompt = [sum(x >= 1.0 for x in sc.rewards[i * k_max : (i + 1) * k_max])
                           for i in range(len(part))]
+            sampled_lengths = sampled.response_lengths.tolist()
         results.append((span.start, [r >= 1.0 for r in scores.rewards],
-                        greedy.response_lengths.tolist(), per_prompt))
+                        greedy.response_lengths.tolist(), per_prompt, sampled_lengths,
+                        _routing_counts(s, greedy, part, skills)))
     ordered = _gather_in_order(results)
     correct = [c for r in ordered for c in r[1]]
     lengths = [n for r in ordered for n in r[2]]
@@ -123,8 +138,43 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
         out["pass_at_k"] = {
             str(k): sum(pass_at_k(k_max, c, k) for c in per_prompt) / len(per_prompt) for k in ks
         }
+        out.update(_sampled_metrics(per_prompt, [n for r in ordered for n in r[4]], k_max))
     else:
         out["pass_at_k"] = {"1": out["held_out_accuracy"]}
+    out.update(skill_accuracy([_skill_of(r) for r in rows], correct))  # both in row order
+    counts = [r[5] for r in ordered if r[5] is not None]
+    if counts:
+        out.update({k: v for k, v in routing_metrics(sum(counts)).items() if v is not None})
+    return out
+
+
+def _skill_of(row: dict) -> str | None:
+    return None if row.get("skill") is None else str(row["skill"])
+
+
+def _skill_names(rows: list[dict]) -> list[str | None]:
+    """The skills of ``rows``, sorted, then None when some row has none: the routing counts'
+    row order (the same on every rank: every rank holds every held-out row)."""
+    names = {_skill_of(r) for r in rows}
+    return sorted(n for n in names if n is not None) + ([None] if None in names else [])
+
+
+def _routing_counts(s: Session, batch, part: list[dict], skills: list[str | None]):
+    """[Lm, skills, E] counts of the experts chosen for the generated tokens of ``batch`` (the
+    responses to ``part``, one each), or None when the generation recorded no routing."""
+    if batch.routing_ids.numel() == 0:
+        return None
+    labels = torch.tensor([skills.index(_skill_of(r)) for r in part], dtype=torch.long)
+    return routing_counts(batch.routing_ids, batch.response_mask, labels,
+                          num_labels=len(skills), num_experts=s.cfg.model.num_experts)
+
+
+def _sampled_metrics(per_prompt: list[int], lengths: list[int], n: int) -> dict[str, float]:
+    """``pass@<k>`` (k in ``PASS_KS``, k <= n) from each prompt's correct samples out of n, and
+    ``response_len``, the mean of the sampled responses' lengths."""
+    out = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in per_prompt) / len(per_prompt)
+           for k in PASS_KS if k <= n}
+    out["response_len"] = sum(lengths) / max(len(lengths), 1)
     return out
 
 
@@ -205,8 +255,13 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     return result
 
 
-def write_eval(run_dir: Path, result: dict, *, name: str = "eval.json") -> Path:
-    """``run_dir/eval.json`` (read by ``vp2o report``), or another ``name``."""
+def write_eval(run_dir: Path, result: dict, *, name: str = "eval.json",
+               history: EvalHistory | None = None) -> Path:
+    """``run_dir/eval.json`` (read by ``vp2o report``), or another ``name``: ``result`` (the
+    final evaluation), and with a non-empty ``history`` its ``summary()`` under ``"history"``
+    (``final``, ``average`` over every evaluation, ``steps``)."""
+    if history is not None and len(history):
+        result = {**result, "history": history.summary()}
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / name
     path.write_text(json.dumps(result, indent=2) + "\n")

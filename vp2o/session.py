@@ -15,8 +15,8 @@ import torch
 
 from vp2o.config import Config, ConfigError
 from vp2o.data.tasks import (
+    BUILTIN_TASKS,
     TaskSplit,
-    arith_corpus,
     check_prompt_lengths,
     encode_rows,
     load_task,
@@ -59,16 +59,16 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, task: TaskSplit) -> Tokenizer:
     d = cfg.data
     if d.tokenizer_path:
         return load_tokenizer(d.tokenizer, d.tokenizer_path)
-    if d.task != "arith":
+    if d.task not in BUILTIN_TASKS:
         raise ConfigError(
             f"data.tokenizer_path = None: expected a tokenizer file for data.task={d.task!r} "
-            "(a tokenizer is trained here only for the built-in task)"
+            "(a tokenizer is trained here only for the built-in tasks)"
         )
     path = run_dir / "tokenizer.model"
     if torch.distributed.get_rank() == 0 and not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         SentencePieceTokenizer.train(
-            arith_corpus(task.train + task.eval),
+            BUILTIN_TASKS[d.task].corpus(task.train + task.eval),
             model_prefix=str(run_dir / "tokenizer"),
             vocab_size=d.tokenizer_vocab_size,
             model_type="char",

@@ -376,8 +376,9 @@ class OptimizerConfig:
 class DataConfig:
     """Prompts, answers and the tokenizer."""
 
-    task: Literal["arith", "jsonl"] = "arith"
-    """Built-in task (``arith``: multi-step integer arithmetic, shipped as code) or ``jsonl``."""
+    task: Literal["arith", "skills", "jsonl"] = "arith"
+    """Built-in task, shipped as code (``arith``: multi-step integer arithmetic; ``skills``: six
+    procedures, rows tagged with their ``skill``, vp2o.data.skills), or ``jsonl``."""
     train_path: str | None = None
     """JSONL of training rows (task=jsonl): one object per line with prompt_field, answer_field."""
     eval_path: str | None = None
@@ -403,7 +404,7 @@ class DataConfig:
     def check(self) -> None:
         """Files where the task reads them, none where it does not, and prompt counts the task
         can give (section ``data``)."""
-        from vp2o.data.tasks import ARITH_PROMPTS
+        from vp2o.data.tasks import BUILTIN_TASKS
 
         if self.task == "jsonl":
             expect(self.train_path is not None, "data.train_path", None,
@@ -421,11 +422,12 @@ class DataConfig:
                ">= 1")
         expect(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", self.max_prompt_tokens,
                ">= 1")
-        if self.task == "arith":
-            wanted = self.num_train_prompts + self.num_eval_prompts
-            expect(wanted <= ARITH_PROMPTS, "data.num_train_prompts", self.num_train_prompts,
-                   f"at most {ARITH_PROMPTS} - data.num_eval_prompts: the built-in task has "
-                   f"{ARITH_PROMPTS} distinct prompts")
+        if self.task in BUILTIN_TASKS:
+            most = BUILTIN_TASKS[self.task].num_prompts
+            expect(self.num_train_prompts + self.num_eval_prompts <= most,
+                   "data.num_train_prompts", self.num_train_prompts,
+                   f"at most {most} - data.num_eval_prompts: data.task={self.task} has {most} "
+                   "distinct prompts")
 
 
 @dataclass

@@ -1,0 +1,36 @@
+"""``vp2o eval`` of the tiny (untrained) MoE on the multi-skill task: the tokenizer trained for
+the task, the greedy and temperature-1 passes, and every metric of the evaluation protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+@pytest.mark.slow
+def test_eval_on_the_skills_task_reports_every_metric(tmp_path):
+    from tiny_train import TINY
+
+    from vp2o.config import load_config
+    from vp2o.data.skills import SKILLS
+    from vp2o.evaluate import run_eval
+
+    cfg = load_config(None, [*TINY, "data.task=skills", "data.num_eval_prompts=6",
+                             "rollout.max_new_tokens=8", "train.eval_samples=8",
+                             "reward.name=exact", f"train.run_dir={tmp_path}"], loop="eval")
+    result = run_eval(cfg, log=lambda _: None)
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(result))
+    assert result["num_prompts"] == 6  # one per skill
+    probabilities = [result["held_out_accuracy"], result["pass@1"], result["pass@4"],
+                     result["pass@8"], *(result[f"skill/{n}/accuracy"] for n in SKILLS)]
+    assert all(0.0 <= v <= 1.0 for v in probabilities)
+    assert result["pass@1"] <= result["pass@4"] <= result["pass@8"]
+    assert result["pass@4"] == result["pass_at_k"]["4"]
+    assert 1.0 <= result["response_len"] <= 8.0
+    for layer in range(2):  # TINY: 2 MoE layers of 4 experts, top-2
+        for key in ("mi_skill_expert", "expert_entropy"):
+            value = result[f"routing/{key}/layer{layer}"]
+            assert isinstance(value, float) and 0.0 <= value <= 1.0 and math.isfinite(value)
+    assert not any(k.startswith("routing/") and k.endswith("layer2") for k in result)
