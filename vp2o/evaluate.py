@@ -218,10 +218,11 @@ def evaluate_rows(s: Session, pool: RewardPool, rows: list[dict], *, samples: in
 def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
              log: Callable[[str], None] = print) -> dict:
     """What ``vp2o eval`` does: load ``train.init_checkpoint`` (its newest checkpoint when it is
-    a checkpoints folder; none = the initial weights), score the held-out prompts of the task or,
-    with ``benchmark``, that file (``train.eval_samples`` samples per prompt at
-    ``rollout.temperature``; greedy when it is 1), and write ``run_dir/eval.json`` (held-out) or
-    ``run_dir/eval_<file stem>.json`` (benchmark) on rank 0, which also logs the JSON.
+    a checkpoints folder; none = the initial weights), score the held-out prompts of the task
+    (:func:`evaluate`) or, with ``benchmark``, that file (``train.eval_samples`` samples per
+    prompt at ``rollout.temperature``; greedy when it is 1), and write ``run_dir/eval.json``
+    (held-out) or ``run_dir/eval_<file stem>.json`` (benchmark) on rank 0, which also logs the
+    JSON.
     """
     from vp2o.eval_formats import load_benchmark
     from vp2o.session import load_initial_weights, session
