@@ -60,7 +60,8 @@ from vp2o.arms import ARMS, BASELINE, arm_overrides  # noqa: E402
 
 TASKS: dict[str, list[str]] = {
     "arith": ["data.task=arith"],
-    "skills": ["data.task=skills"],
+    # answers of 8-14 characters: up to 15 response tokens with EOS (vp2o.data.skills)
+    "skills": ["data.task=skills", "rollout.max_new_tokens=16"],
 }
 """Task name -> the overrides that select it (on top of the demo's settings)."""
 
