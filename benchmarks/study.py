@@ -214,14 +214,17 @@ def read_run(run_dir: Path) -> dict:
     ``reward`` (``reward/mean``), and the evaluation points ``eval_step``, ``eval_tokens``,
     ``eval_wall_s``, ``eval_accuracy`` (the final evaluation last).
 
-    ``eval.json``'s own ``final`` / ``average`` summaries are used when it has them; otherwise
+    ``eval.json``'s own summaries (``history``: ``final``, ``average``, ``steps``, written by
+    ``vp2o.evaluate.write_eval``) are used when it has them; otherwise
     the final evaluation is ``eval.json`` and the average is over the ``eval/*`` lines of
     ``metrics.jsonl`` and the final one.
     """
     from vp2o.metrics import read_metrics
 
     result = json.loads((run_dir / "eval.json").read_text())
-    final = eval_numbers(result["final"] if isinstance(result.get("final"), dict) else result)
+    summary = result.get("history", result)  # vp2o.evaluate.write_eval(history=...)
+    final = eval_numbers(summary["final"] if isinstance(summary.get("final"), dict) and
+                         summary["final"] else result)
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     rows = [r for r in rows if "loss/sft" not in r]  # an SFT run's lines are no RL curve
     tokens = _cumulative(rows, "progress/generated_tokens", "perf/generated_tokens")
@@ -235,9 +238,9 @@ def read_run(run_dir: Path) -> dict:
     evals.append(final)
     if rows:
         points.append((rows[-1]["step"] + 1, tokens[-1], wall[-1], final.get("accuracy")))
-    if isinstance(result.get("average"), dict):
-        average = eval_numbers(result["average"])
-        n_evals = len(result["steps"]) if isinstance(result.get("steps"), list) else len(evals)
+    if isinstance(summary.get("average"), dict) and summary["average"]:
+        average = eval_numbers(summary["average"])
+        n_evals = len(summary["steps"]) if isinstance(summary.get("steps"), list) else len(evals)
     else:
         average, n_evals = _average(evals), len(evals)
     return {

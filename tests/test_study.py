@@ -164,9 +164,9 @@ def test_read_run_final_average_and_curves(tmp_path):
     # without progress/* keys the per-step numbers are summed
     _write_run(tmp_path / "b", "grpo", 1, progress=False)
     assert study.read_run(tmp_path / "b")["curves"] == c
-    # eval.json's own summaries win
+    # eval.json's own summaries win (vp2o.evaluate.write_eval with a history)
     summary = {"final": _eval(0.7), "average": _eval(0.6), "steps": [2, 4, 6, 8]}
-    (tmp_path / "a" / "eval.json").write_text(json.dumps({**_eval(0.7), **summary}))
+    (tmp_path / "a" / "eval.json").write_text(json.dumps({**_eval(0.7), "history": summary}))
     got = study.read_run(tmp_path / "a")
     assert (got["final"]["accuracy"], got["average"]["accuracy"], got["evals"]) == (0.7, 0.6, 4)
 
