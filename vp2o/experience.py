@@ -18,10 +18,11 @@ import torch.distributed as dist
 
 from vp2o.algo import grpo
 from vp2o.config import Config
+from vp2o.engines import rollout_engine
 from vp2o.mcore import packing
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.rewards.pool import RewardPool
-from vp2o.rollout import RolloutBatch, SamplingParams, generate
+from vp2o.rollout import RolloutBatch, SamplingParams
 from vp2o.session import Session
 
 
@@ -92,12 +93,10 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         cfg, record_routing=cfg.algorithm == "vp2o" or cfg.rollout.router_replay
     )
     t0 = time.perf_counter()
-    s.model.eval()
-    with torch.no_grad():
-        batch = generate(s.model, prompts, params, tokenizer=s.tokenizer, generator=gen,
-                         sync_group=dist.group.WORLD)
-    s.model.train()
-    t_gen = time.perf_counter() - t0
+    engine = rollout_engine(s)  # a vLLM engine is first synced with the learner's weights
+    t_sync = time.perf_counter() - t0
+    batch = engine.generate(prompts, params, generator=gen)
+    t_gen = time.perf_counter() - t0 - t_sync
     G = cfg.rollout.group_size
     expanded = [r for r in rows for _ in range(G)]
     scores = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
@@ -123,6 +122,7 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         "response/length_mean": (total[3] / n).float(),
         "reward/failures": float(total[5]),
         "perf/generate_s": t_gen,
+        "perf/sync_s": t_sync,
         "perf/reward_s": scores.seconds,
         "perf/generated_tokens": float(batch.response_lengths.sum()),
     }

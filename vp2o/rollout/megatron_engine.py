@@ -1,0 +1,60 @@
+"""``rollout.engine=megatron``: the learner's own megatron model through :func:`generate`.
+
+The engine holds a reference to the learner's model, so it always samples with the current
+weights (``update_weights`` has nothing to load) and its behaviour log-probs are the learner's
+forward at the same weights (``exact``). Routes come from :class:`RoutingRecorder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from vp2o.rollout.engine import ENGINES
+from vp2o.rollout.generate import generate
+from vp2o.rollout.sampling import SamplingParams
+from vp2o.rollout.types import RolloutBatch
+
+
+@ENGINES.register("megatron")
+class MegatronEngine:
+    """Generation with :func:`vp2o.rollout.generate` on ``model`` (the learner's, shared).
+
+    Args:
+        model: the megatron ``GPTModel`` of this rank.
+        tokenizer: has ``eos_id``, ``pad_id``, ``decode``.
+        sync_group: ranks that must run the same number of forwards (see ``generate``).
+    """
+
+    name = "megatron"
+    exact = True
+    shares_weights = True
+    returns_routes = True
+
+    def __init__(self, model: torch.nn.Module, tokenizer,
+                 sync_group: dist.ProcessGroup | None = None) -> None:
+        self.model, self.tokenizer, self.sync_group = model, tokenizer, sync_group
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams, *,
+                 generator: torch.Generator | Sequence[torch.Generator]) -> RolloutBatch:
+        """See :meth:`vp2o.rollout.engine.RolloutEngine.generate`; the model's train/eval mode
+        is restored after the call."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return generate(self.model, prompts, sampling, tokenizer=self.tokenizer,
+                                generator=generator, sync_group=self.sync_group)
+        finally:
+            self.model.train(was_training)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Nothing to load: the engine reads the learner's parameters."""
+
+    def sleep(self) -> None:
+        """No-op (nothing is held between rollouts)."""
+
+    def wake(self) -> None:
+        """No-op."""
