@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vp2o.algo import grpo, trust_region
+from vp2o.algo import grpo, mismatch, trust_region
 from vp2o.diagnostics import routing_diagnostics
 from vp2o.experience import PendingBatch, in_batch_order, micro_batches
 from vp2o.mcore import optim_state, packing, router_replay, training
@@ -29,7 +29,8 @@ from vp2o.session import Session, load_initial_weights
 
 # How the learner's own per-micro-batch statistics combine over micro-batches and data-parallel
 # ranks (``reduce_stats``); the policy loss declares its keys in ``grpo.POLICY_LOSS_STATS``.
-LEARNER_STATS = {"policy/entropy": "token_mean"}  # -log pi of the sampled tokens
+# policy/entropy: -log pi of the sampled tokens; mismatch/*, correction/*: engine vs learner.
+LEARNER_STATS = {"policy/entropy": "token_mean", **mismatch.MISMATCH_STATS}
 
 
 @dataclass
@@ -85,13 +86,25 @@ class Learner:
             with torch.no_grad():
                 logp_ref = logprobs(self.ref_model, batch, temperature=temperature)
         loss_cfg = cfg.loss
+        # Engine mismatch (docs/rollout.md): with a correction the ratio is taken against the
+        # learner's own log-probs at the rollout weights (this forward: one update per batch)
+        # and each token's term is weighted by TIS/MIS of learner vs engine.
+        logp_old, weights, fixes = batch.behavior_logprobs, None, {}
+        if cfg.loss_correction != "none":
+            logp_old = logp.detach()
+            weights, fixes = mismatch.correction_weights(
+                logp_old, batch.behavior_logprobs, batch.response_mask,
+                method=cfg.loss_correction, tis_cap=loss_cfg.tis_cap, mis_low=loss_cfg.mis_low,
+                mis_high=loss_cfg.mis_high, mis_level=loss_cfg.mis_level)
         loss, stats = grpo.policy_loss(
-            logp, batch.behavior_logprobs, mb["adv"], batch.response_mask,
+            logp, logp_old, mb["adv"], batch.response_mask,
             **clip_options(cfg), aggregation=loss_cfg.aggregation,
             pg_estimator=loss_cfg.estimator, logp_ref=logp_ref, kl_coeff=loss_cfg.kl_coeff,
             kl_estimator=loss_cfg.kl_estimator,
-            denominator=mb["denominator"],
+            denominator=mb["denominator"], token_weights=weights,
         )
+        stats.update(mismatch.mismatch_stats(logp, batch.behavior_logprobs, batch.response_mask))
+        stats.update(fixes)
         stats = {k: v.detach() for k, v in stats.items()}
         mask = batch.response_mask
         stats["_tokens"] = mask.sum()  # the weight of this micro-batch's token means

@@ -364,6 +364,7 @@ def policy_loss(
     kl_estimator: str = "k3",
     max_len: int | None = None,
     denominator: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO / VP2O policy loss (§1, §2): per-token surrogate, aggregation, optional KL penalty.
 
@@ -390,6 +391,8 @@ def policy_loss(
         kl_estimator: One of `KL_ESTIMATORS.names()`.
         max_len: L_max for `seq_mean_token_sum_norm`.
         denominator: Global normaliser, see `aggregate`.
+        token_weights: [B, L] detached per-token weights of the policy-gradient term (the
+            engine mismatch correction, `vp2o.algo.mismatch.correction_weights`), or None.
 
     Returns:
         (loss 0-dim, stats). Stats, detached 0-dim tensors: `loss/policy`, `ratio/mean`,
@@ -404,6 +407,8 @@ def policy_loss(
     pg_tok, ratio, flags = pg_fn(
         logp, logp_old, a, mask, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c
     )  # [B, L]
+    if token_weights is not None:
+        pg_tok = pg_tok * token_weights.to(pg_tok.dtype)
     stats: dict[str, Tensor] = {}
     pg = agg(pg_tok, mask, max_len=max_len, denominator=denominator)
     loss = pg
