@@ -215,6 +215,9 @@ def cross_section_rules(cfg: Config) -> None:
         expect(cfg.rollout.max_model_len >= longest, "rollout.max_model_len",
                cfg.rollout.max_model_len, f">= data.max_prompt_tokens + rollout.max_new_tokens "
                f"({longest}) with rollout.engine=vllm")
+        expect(cfg.rollout.max_model_len <= m.max_position_embeddings, "rollout.max_model_len",
+               cfg.rollout.max_model_len, f"<= model.max_position_embeddings "
+               f"({m.max_position_embeddings}): vLLM reads it from the model's config")
     if loss.clip_ratio_c is not None:
         expect(cfg.loss_clips, "loss.clip_ratio_c", loss.clip_ratio_c,
                f"null when the ratio is not clipped (loss.clip = {loss.clip!r} with "
