@@ -60,7 +60,7 @@ from vp2o.arms import ARMS, BASELINE, arm_overrides  # noqa: E402
 
 TASKS: dict[str, list[str]] = {
     "arith": ["data.task=arith"],
-    # answers of 8-14 characters: up to 15 response tokens with EOS (vp2o.data.skills)
+    # answers of 8-12 characters: up to 13 response tokens with EOS (vp2o.data.skills)
     "skills": ["data.task=skills", "rollout.max_new_tokens=16"],
 }
 """Task name -> the overrides that select it (on top of the demo's settings)."""
@@ -476,10 +476,11 @@ def cli() -> list[str]:
 
 def plan_runs(out: Path, tasks: list[str], seeds: list[int], arms: list[str],
               settings: dict, extra: list[str]) -> list[dict]:
-    """Every run of the study in the order they run (per task and seed: the warm start, then
+    """Every run of the study in the order they run (per seed and task: the warm start, then
     the arms), each ``{"task", "seed", "arm", "dir", "loop", "config", "overrides"}``."""
     runs = []
-    for task, seed in itertools.product(tasks, seeds):
+    for seed, task in itertools.product(seeds, tasks):  # seed by seed: a cut-short study
+        # still has every task and arm of its first seeds
         base = out / task / f"seed{seed}"
         common = [*TASKS[task], f"seed={seed}", "train.wandb_mode=disabled", *settings["eval"]]
         sft_dir = base / "sft"
