@@ -117,7 +117,7 @@ def test_vp2o_step_on_grouped_experts_equals_sequential(init_parallel):
         opt = training.build_optimizer(ddp, cfg)
         grads, losses = [], []
 
-        def loss_fn(m, mb):
+        def loss_fn(m, mb, losses=losses):
             loss = m(mb["tokens"], mb["pos"], None, labels=mb["labels"]).float().mean()
             losses.append(loss.detach())
             return loss, {}

@@ -48,8 +48,12 @@ def test_sgd_transformed_grads_and_params_match(single, ep2_sgd, tmp_path, ep):
 
 @pytest.mark.parametrize("ep", ["2", "1"], ids=["EP2", "EP1xDP2"])
 def test_distributed_optimizer_transformed_grads_match(single, tmp_path, ep):
-    multi = run_worker(tmp_path, 2, "--ep", ep, *VP2O, *ADAM_DO)
+    """EP=1 x DP=2 also checks the rollback in fp32 after its steps (see the rollback test)."""
+    rollback = ("--rollback",) if ep == "1" else ()
+    multi = run_worker(tmp_path, 2, "--ep", ep, *VP2O, *ADAM_DO, *rollback)
     compare(single["adam"], multi, check_params=False)
+    if rollback:
+        _assert_exact_rollback(multi)
 
 
 def test_coactivation_equals_brute_force_over_ranks(ep2_sgd):
@@ -102,13 +106,17 @@ def test_prototype_state_loads_under_another_ep_size(ep2_sgd):
         holder.load_state_dict({k: v[:, :4] for k, v in state.items()})
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_rollback_restores_every_rank_exactly_from_the_optimizer_shards(tmp_path, dtype):
+def test_rollback_restores_every_rank_exactly_from_the_optimizer_shards(tmp_path):
     """The trust region's rollback (optim_state.Rollback: save, restore) at EP=1 x DP=2 with the
-    distributed optimizer: each rank copies only its optimizer shard (main params and Adam
-    state), and the restore rebuilds the parameters by megatron's own copy and all-gather, so
-    every parameter, main param and state tensor on every rank is back to its value bit for bit."""
-    runs = run_worker(tmp_path, 2, "--ep", "1", *VP2O, *ADAM_DO, "--dtype", dtype, "--rollback")
+    distributed optimizer, bf16 parameters with fp32 main params (fp32: the distributed-optimizer
+    test above): each rank copies only its optimizer shard (main params and Adam state), and the
+    restore rebuilds the parameters by megatron's own copy and all-gather, so every parameter,
+    main param and state tensor on every rank is back to its value bit for bit."""
+    runs = run_worker(tmp_path, 2, "--ep", "1", *VP2O, *ADAM_DO, "--dtype", "bf16", "--rollback")
+    _assert_exact_rollback(runs)
+
+
+def _assert_exact_rollback(runs: list[dict]) -> None:
     for rank in runs:
         check = rank["rollback"]
         assert check["moved"] > 0  # the step changed something, so the restore had work to do
