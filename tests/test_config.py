@@ -131,16 +131,17 @@ def test_yaml_and_overrides(tmp_path):
         (["algorithm=vp2o", "loss.clip_ratio_c=3"], None,
          "loss.clip_ratio_c = 3.0: expected null when the ratio is not clipped (loss.clip = "
          "None with algorithm=vp2o"),
-        (["algorithm=vp2o", "loss.estimator=logprob"], None,
-         "train.updates_per_rollout = 'null (4 for algorithm=vp2o)': expected 1 with "
-         "loss.estimator=logprob"),
+        (["algorithm=vp2o", "loss.estimator=logprob", "train.updates_per_rollout=4"], None,
+         "train.updates_per_rollout = 4: expected 1 with loss.estimator=logprob"),
+        (["train.updates_per_rollout=null"], None,
+         "train.updates_per_rollout = None: expected an integer"),
         (["loss.estimator=logprob", "train.updates_per_rollout=2"], None,
          "train.updates_per_rollout = 2: expected 1 with loss.estimator=logprob"),
         (["loss.estimator=ppo"], None,
          "loss.estimator = 'ppo': expected one of 'ratio', 'logprob', 'gspo'"),
         (["loss.clip=3"], None, "loss.clip = 3: expected true or false or null"),
         (["train.updates_per_rollout=0"], None,
-         "train.updates_per_rollout = 0: expected >= 1, or null for the algorithm's default"),
+         "train.updates_per_rollout = 0: expected >= 1 (learner updates per rollout batch)"),
         (["rollout.router_replay=true"], None,
          "model.moe_enable_routing_replay = False: expected true when rollout.router_replay"),
         (["data.task=csv"], None, "data.task = 'csv': expected one of 'arith', 'skills', 'jsonl'"),
@@ -277,11 +278,16 @@ def test_the_grpo_section_is_gone():
 
 
 def test_loss_clip_and_updates_per_rollout_resolve_per_algorithm():
-    """null is the algorithm's default (GRPO clips and takes one step per batch; VP2O does not
-    clip and takes up to 4, §2, §12); an explicit value applies to either algorithm."""
+    """One update per batch by default in both algorithms (the same data and compute budget);
+    loss.clip null is the safe default: GRPO clips; VP2O clips only when it reuses a batch
+    (the reused updates need an off-policy correction), not at one update (§2: the trust
+    regions bound the step); an explicit value applies to either algorithm."""
     grpo, vp2o = load_config(None, ["algorithm=grpo"]), load_config(None, ["algorithm=vp2o"])
     assert (grpo.loss.clip, grpo.loss_clips, grpo.updates_per_rollout) == (None, True, 1)
-    assert (vp2o.loss.clip, vp2o.loss_clips, vp2o.updates_per_rollout) == (None, False, 4)
+    assert (vp2o.loss.clip, vp2o.loss_clips, vp2o.updates_per_rollout) == (None, False, 1)
+    assert load_config(None, ["algorithm=vp2o", "train.updates_per_rollout=2"]).loss_clips
+    assert not load_config(None, ["algorithm=vp2o", "train.updates_per_rollout=2",
+                                  "loss.clip=false"]).loss_clips
     both = ["loss.clip=true", "train.updates_per_rollout=2"]
     assert load_config(None, ["algorithm=vp2o", *both]).loss_clips
     assert load_config(None, ["algorithm=vp2o", *both]).updates_per_rollout == 2

@@ -105,6 +105,7 @@ def rollout_engine(s: Session) -> RolloutEngine:
     held = _ENGINES.get(s.model)
     if held is None:
         held = _ENGINES[s.model] = _build(s)
+        s.closers.append(lambda: close_engine(s))
     if not held.engine.shares_weights and held.version != _versions(s.model):
         sync_weights(s, held)
     return held.engine

@@ -125,6 +125,9 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         "perf/sync_s": t_sync,
         "perf/reward_s": scores.seconds,
         "perf/generated_tokens": float(batch.response_lengths.sum()),
+        "rollout/generated_tokens": float(total[3]),  # the global batch's (all ranks)
+        "rollout/samples": float(total[4]),
+        "rollout/prompts": float(total[4]) / cfg.rollout.group_size,
     }
     pending = PendingBatch(batch=batch, advantages=advantages, rewards=rewards, stats=stats)
     if cfg.advantage.dynamic_sampling:

@@ -2,7 +2,7 @@
 
     learner = Learner(session)              # after the weights are loaded (prototypes read them)
     update = learner.update(pending)        # forward/backward, [VP2O: Stein transform], step
-    check = learner.check(pending, update)  # §10 anchor budget D, §11 drift/ESS
+    check = learner.check(pending, update, more_updates=...)  # §11 drift/ESS, §10 anchor D
     learner.undo()                          # §10 rollback of a rejected step
 
 Nothing here reaches into megatron's optimizer: the rollback lives in ``vp2o.mcore.optim_state``,
@@ -173,16 +173,26 @@ class Learner:
         self.transform.load_state_dict(self._saved_transform)
 
     # --------------------------------------------------------------- budgets (§10, §11)
-    def check(self, p: PendingBatch, update: Update) -> dict:
-        """VP2O: drift/ESS (§11) and the anchor distance D (§10) of the step just taken;
-        GRPO (and a skipped step): drift/ESS of the log-probs before the step."""
-        if self.vp2o and update.finite:
-            return self.evaluate_update(p)
-        return self.behaviour(update.logp_before, p.batch)
+    def check(self, p: PendingBatch, update: Update, *, more_updates: bool) -> dict:
+        """Behaviour of the step just taken, measured at the same point under both algorithms.
+
+        ``behavior/drift`` and ``behavior/ess`` (§11) compare the actors with the learner's
+        log-probs *before* this update (the loss's own forward: free, and the same quantity for
+        GRPO and VP2O). VP2O also measures the policy *after* the update, which is what its
+        budgets decide on: the anchor distance ``trust/anchor_distance`` (§10, when the trust
+        region is on) and ``behavior/drift_after``/``behavior/ess_after`` (§11, when another
+        update on this batch could follow: ``more_updates``). That costs one forward, skipped
+        when neither is needed."""
+        out = self.behaviour(update.logp_before, p.batch)
+        trust = self.cfg.vp2o.trust_region.enabled
+        if self.vp2o and update.finite and (trust or more_updates):
+            out.update(self.evaluate_update(p, anchor=trust))
+        return out
 
     @torch.no_grad()
-    def evaluate_update(self, p: PendingBatch) -> dict:
-        """Log-probs and learner routing after the step: drift/ESS (§11) and D (§10)."""
+    def evaluate_update(self, p: PendingBatch, *, anchor: bool = True) -> dict:
+        """Log-probs and learner routing after the step: ``behavior/drift_after``,
+        ``behavior/ess_after`` (§11) and, with ``anchor``, D (§10)."""
         cfg, model = self.cfg, self.s.model
         model.eval()
         logps, ids, gates = [], [], []
@@ -196,8 +206,8 @@ class Learner:
         model.train()
         logp = torch.cat(logps).cpu()  # the rollout batch lives on the CPU; these are small
         batch = p.batch
-        out = self.behaviour(logp, batch)
-        if batch.routing_ids.numel():
+        out = {f"{k}_after": v for k, v in self.behaviour(logp, batch).items()}
+        if anchor and batch.routing_ids.numel():
             # [Lm, N, S]: response tokens (§10) where the actors logged their routing
             mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
             per_token = trust_region.anchor_distance_per_token(  # [Lm, N, S]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ class Session:
     ddp: object | None = None
     optimizer: object | None = None
     scheduler: object | None = None
+    closers: list = field(default_factory=list)
+    """Callables run (last added first) when the session ends, before the process groups go:
+    what a higher layer builds on the session (a rollout engine) registers its own teardown."""
 
     @property
     def is_main(self) -> bool:
@@ -82,10 +85,16 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, task: TaskSplit) -> Tokenizer:
 def session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Iterator[Session]:
     """``open_session`` for a ``with`` block; the process groups are torn down on the way out
     (error or not, also when opening fails half-way), so a job can run the next one."""
+    s = None
     try:
-        yield open_session(cfg, with_optimizer=with_optimizer, total_steps=total_steps)
+        s = open_session(cfg, with_optimizer=with_optimizer, total_steps=total_steps)
+        yield s
     finally:
-        parallel.destroy()
+        try:
+            while s is not None and s.closers:
+                s.closers.pop()()
+        finally:
+            parallel.destroy()
 
 
 def open_session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Session:

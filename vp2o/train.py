@@ -2,18 +2,19 @@
 
     vp2o train --config examples/vp2o/configs/demo_vp2o.yaml [key=value ...]
 
-Per learner step:
+Per step (``train.steps`` of them: the data budget, the same under both algorithms):
 
-    rollout (only when a refresh is due) -> rewards -> group advantages       (experience.py)
-    -> forward/backward over micro-batches, [VP2O: Stein transform of the expert gradients
-       before their data-parallel reduction], optimizer step, prototype refresh  (learner.py)
-    -> behaviour check: [VP2O: anchor budget D (§10: accept or roll back), drift + ESS (§11)]
-    -> log -> evaluate -> checkpoint
+    rollout: a new batch from the current weights -> rewards -> group advantages (experience.py)
+    -> up to train.updates_per_rollout learner updates on it                     (learner.py):
+         forward/backward over micro-batches, [VP2O: Stein transform of the expert gradients
+         before their data-parallel reduction], optimizer step, prototype refresh;
+         behaviour check [VP2O: anchor budget D (§10: keep or roll back), drift + ESS after the
+         update (§11): a violated budget ends the batch early]
+    -> scheduler step -> log -> evaluate -> checkpoint
 
-Actors and learner are colocated: "the actor" is the learner's weights at the last refresh, so
-generation uses the current weights when a refresh is due (the behaviour log-probs are recorded
-then). A refresh is due after ``train.updates_per_rollout`` steps on a batch (GRPO: a fixed
-schedule; VP2O: the most), or when a VP2O budget says so.
+Actors and learner are colocated: "the actor" is the learner's weights at the step's rollout
+(the behaviour log-probs are recorded then). GRPO takes every update of the step (a fixed
+schedule); VP2O takes at most that many.
 
 Every way out of the loop (the last step, a stop signal, too many non-finite steps) goes
 through the one checkpoint at the end of the step. Host-device syncs are marked ``# sync``.
@@ -25,7 +26,7 @@ import signal
 import threading
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ import torch.distributed as dist
 
 from vp2o.config import Config, to_dict
 from vp2o.data.prompts import PromptStream
+from vp2o.eval_stats import EvalHistory
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.experience import PendingBatch, make_rollouts
 from vp2o.learner import Learner
@@ -79,59 +81,53 @@ def train(cfg: Config) -> dict:
 def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
           logger: MetricsLogger, stop: StopRequest, progress: Progress, ckpt_root: Path) -> dict:
     cfg, vp2o = s.cfg, learner.vp2o
-    budget = cfg.vp2o.trust_region.delta
-    rejected = 0  # consecutive trust-region rejections
     metrics: dict = {}
     for step in range(progress.step, cfg.train.steps):
         t_step = time.perf_counter()
-        m: dict = {"events/refresh": 0.0}
-        # ---- rollout: a new batch from the current weights, and a new anchor (§10) ----
-        if progress.pending is None:
+        # ---- rollout: this step's batch from the current weights, and a new anchor (§10) ----
+        if progress.pending is None:  # else the batch of a failed step, retried after a resume
             progress.pending = make_rollouts(s, stream.take(cfg.rollout.prompts_per_step), pool,
                                              step)
-            learner.transform.snapshot_anchor()
-            m.update({"events/refresh": 1.0, **progress.pending.stats})
         pending = progress.pending
-        # ---- learner step ----
-        update = learner.update(pending)
-        m.update(update.metrics)
-        progress.skips = 0 if update.finite else progress.skips + 1
-        # ---- behaviour check: VP2O's budgets decide to keep the step and when to refresh ----
-        check = learner.check(pending, update)
-        m.update(check)
-        refresh, accepted = pending.updates >= cfg.updates_per_rollout, True
-        if vp2o and update.finite:
-            accepted = bool(check.get("trust/anchor_distance", 0.0) <= budget)  # sync
-            m["trust/accepted"] = float(accepted)
-            rejected = 0 if accepted else rejected + 1
-            if not accepted:  # §10: outside the anchor budget
-                refresh = True
-                if learner.rollback is not None:
-                    learner.undo()
-                    _warn_repeated_rejections(s, rejected, check)
-            b = cfg.vp2o.behavior
-            if (float(check["behavior/drift"]) > b.eps_drift  # sync
-                    or float(check["behavior/ess"]) < b.ess_min):  # §11
-                refresh = True
-        if update.finite and accepted:
-            s.scheduler.step(1)
-        if refresh:
+        learner.transform.snapshot_anchor()
+        m: dict = {"events/refresh": 1.0, **pending.stats}
+        # ---- learner updates on it: GRPO all of them, VP2O until a budget asks for a refresh --
+        updates = []
+        for k in range(cfg.updates_per_rollout):
+            more = k + 1 < cfg.updates_per_rollout
+            update = learner.update(pending)
+            check = learner.check(pending, update, more_updates=more)
+            progress.skips = 0 if update.finite else progress.skips + 1
+            refresh = progress.skips >= cfg.train.max_consecutive_skips
+            if vp2o and update.finite:
+                refresh |= _vp2o_budgets(s, learner, progress, check, more)
+            updates.append({**update.metrics, **check})
+            if refresh:
+                break
+        m.update(_combine_updates(updates))
+        m["train/updates"] = float(len(updates))
+        m["events/early_refresh"] = float(len(updates) < cfg.updates_per_rollout)
+        failed = progress.skips >= cfg.train.max_consecutive_skips
+        if not failed:  # a failed step is retried on resume, at the same learning rate
+            s.scheduler.step(1)  # once per step (rollout batch): the same schedule in both modes
             progress.pending = None
         # ---- log, evaluate (at eval_every; the final evaluation follows the loop) ----
         last = step + 1 == cfg.train.steps
         m["lr"] = s.optimizer.param_groups[0]["lr"]
         m["perf/step_s"] = time.perf_counter() - t_step
         m["perf/tokens_per_s"] = float(pending.batch.valid.sum()) / m["perf/step_s"]
-        failed = progress.skips >= cfg.train.max_consecutive_skips
+        progress.count(m)
+        m.update({f"progress/{k}": v for k, v in progress.totals.items()})
         stopped = not (last or failed) and stop.anywhere()  # a collective: every rank asks
         if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
                 and not (last or failed or stopped)):
-            m.update({f"eval/{k}": v for k, v in evaluate(s, pool).items()
-                      if isinstance(v, float)})
+            result = evaluate(s, pool)
+            progress.history.add(step + 1, result)
+            m.update({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
         metrics = {k: v for k, v in m.items() if v is not None}
         logger.log(step, metrics)
         # ---- checkpoint: also the one way out of the loop ----
-        progress.step = step if failed else step + 1  # a failed step is retried on resume
+        progress.step = step if failed else step + 1
         if last or failed or stopped or (cfg.train.save_every
                                          and (step + 1) % cfg.train.save_every == 0):
             save_progress(s, ckpt_root, progress, stream, learner)
@@ -145,9 +141,52 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
                   "exiting (resume continues from it)", flush=True)
             return {**to_python(metrics), "stopped_at_step": step + 1}
     result = evaluate(s, pool)
-    if s.is_main:
-        write_eval(s.run_dir, result)
+    progress.history.add(cfg.train.steps, result)
+    if s.is_main:  # the final evaluation, and the average over every evaluation (history)
+        write_eval(s.run_dir, result, history=progress.history)
     return {**to_python(metrics), **result}
+
+
+def _vp2o_budgets(s: Session, learner: Learner, progress: Progress, check: dict,
+                  more: bool) -> bool:
+    """VP2O's decisions on the update just taken (method §10-§11): keep it or roll it back, and
+    whether the batch must be refreshed (no more updates on it). Adds ``trust/accepted``."""
+    cfg = s.cfg
+    refresh = False
+    if "trust/anchor_distance" in check:  # §10: the anchor budget (trust region on)
+        accepted = bool(check["trust/anchor_distance"] <= cfg.vp2o.trust_region.delta)  # sync
+        check["trust/accepted"] = float(accepted)
+        progress.rejected = 0 if accepted else progress.rejected + 1
+        if not accepted:
+            refresh = True
+            if learner.rollback is not None:
+                learner.undo()
+                _warn_repeated_rejections(s, progress.rejected, check)
+    b = cfg.vp2o.behavior
+    if more and (float(check["behavior/drift_after"]) > b.eps_drift  # sync
+                 or float(check["behavior/ess_after"]) < b.ess_min):  # §11
+        refresh = True
+    return refresh
+
+
+def _combine_updates(updates: list[dict]) -> dict:
+    """One step's metrics from its learner updates: times and event counts add up, every other
+    scalar is the mean over the updates that logged it; a vector (e.g. ``experts/load``) is the
+    last update's."""
+    if len(updates) == 1:
+        return updates[0]
+    out: dict = {}
+    for key in dict.fromkeys(k for u in updates for k in u):
+        values = [u[key] for u in updates if u.get(key) is not None]
+        if not values:
+            continue
+        if any(torch.is_tensor(v) and v.numel() != 1 or isinstance(v, list | tuple)
+               for v in values):
+            out[key] = values[-1]
+            continue
+        total = sum(float(v) for v in values)  # sync (one per key; these are scalars)
+        out[key] = total if key.startswith(("perf/", "events/")) else total / len(values)
+    return out
 
 
 def _warn_repeated_rejections(s: Session, rejected: int, check: dict) -> None:
@@ -161,6 +200,17 @@ def _warn_repeated_rejections(s: Session, rejected: int, check: dict) -> None:
 
 
 # ------------------------------------------------------------------ trainer state in checkpoints
+TOTALS = {
+    "generated_tokens": "rollout/generated_tokens",
+    "samples": "rollout/samples",
+    "prompts": "rollout/prompts",
+    "updates": "train/updates",
+    "wall_s": "perf/step_s",
+}
+"""Cumulative counters (``progress/<name>``) and the per-step metric each one adds up: the
+x-axes on which runs with the same data budget are compared (benchmarks/study.py)."""
+
+
 @dataclass
 class Progress:
     """Where the run is: the loop's state that checkpoints carry besides weights and optimizer.
@@ -171,6 +221,9 @@ class Progress:
         skips: consecutive non-finite steps.
         prompts: the prompt stream's state (None: from the start).
         transform: the Stein transform's prototypes and anchor (None: from the weights).
+        rejected: consecutive §10 rejections (for the warning).
+        totals: the run's budget so far, summed over steps (``TOTALS``).
+        history: the evaluations so far (``train.eval_every``), for eval.json's average.
     """
 
     step: int = 0
@@ -178,6 +231,14 @@ class Progress:
     skips: int = 0
     prompts: dict | None = None
     transform: dict | None = None
+    rejected: int = 0
+    totals: dict = field(default_factory=lambda: dict.fromkeys(TOTALS, 0.0))
+    history: EvalHistory = field(default_factory=EvalHistory)
+
+    def count(self, m: dict) -> None:
+        """Add one step to the cumulative budget counters (``progress/*`` in metrics.jsonl)."""
+        for key, source in TOTALS.items():
+            self.totals[key] += float(m.get(source, 0.0))
 
 
 def load_progress(s: Session, root: Path) -> Progress:
@@ -202,9 +263,13 @@ def load_progress(s: Session, root: Path) -> Progress:
     if cfg.loss.kl_coeff > 0 and not cfg.train.init_checkpoint and rank == 0:
         print("vp2o: warning: resumed without train.init_checkpoint: the KL reference is the "
               "resumed weights, not the run's starting weights", flush=True)
+    history = EvalHistory()
+    if "eval_history" in extra:
+        history.load_state_dict(extra["eval_history"])
     return Progress(step=extra["step"], pending=pending, skips=extra.get("consecutive_skips", 0),
                     prompts=extra.get("prompts", {"position": extra.get("data_position", 0)}),
-                    transform=extra["transform"])
+                    transform=extra["transform"],
+                    totals={**Progress().totals, **extra.get("totals", {})}, history=history)
 
 
 def save_progress(s: Session, root: Path, progress: Progress, stream: PromptStream,
@@ -220,6 +285,8 @@ def save_progress(s: Session, root: Path, progress: Progress, stream: PromptStre
         "transform": learner.transform.state_dict(),
         "pending": gathered,
         "consecutive_skips": progress.skips,
+        "totals": progress.totals,
+        "eval_history": progress.history.state_dict(),
         "config": to_dict(s.cfg),
     }
     save_checkpoint(root, progress.step, model=s.model, optimizer=s.optimizer,

@@ -7,8 +7,8 @@
   ranks of the first batch is the single-process batch.
   What is compared for the loss: at the first step the learner is the actor, so the ratio is 1
   and the token_mean loss is ``-sum_i A_i |y_i| / sum_i |y_i|``. The single process's logged
-  loss must equal that formula over the *union* of the 4 ranks' batches (read from the
-  checkpoint, which holds every rank's pending batch), and so must rank 0's: every rank
+  loss must equal that formula over the *union* of the 4 ranks' batches (dumped by
+  tests/reliability/train_hooks.py), and so must rank 0's: every rank
   divides by the global token count / 4 (so the gradient averaged over ranks is the global one),
   and the logged loss is the mean of the ranks' losses, with the batch statistics (reward,
   accuracy, length, entropy) gathered over the ranks the same way.
@@ -60,10 +60,13 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-def _pending(run_dir: Path) -> list[dict]:
-    (ckpt,) = sorted((run_dir / "checkpoints").glob("step_*"))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    return state["extra"]["pending"]
+HOOKS = HERE.parent / "reliability" / "train_hooks.py"
+
+
+def _pending(dump: Path) -> list[dict]:
+    """Every rank's first rollout batch, in rank order (train_hooks.py --dump)."""
+    files = sorted(dump.glob("rollout_0000_rank*.pt"), key=lambda f: int(f.stem.split("rank")[1]))
+    return [torch.load(f, weights_only=True)["pending"] for f in files]
 
 
 def _first_step_loss(pendings: list[dict]) -> float:
@@ -102,15 +105,15 @@ def sft(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path, sft):
-    common = [*TINY, "algorithm=grpo", "train.steps=1", "train.updates_per_rollout=2",
+    common = [*TINY, "algorithm=grpo", "train.steps=1",
               f"train.init_checkpoint={sft / 'checkpoints'}",
               f"data.tokenizer_path={sft / 'tokenizer.model'}"]
-    _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",
-          f"train.run_dir={tmp_path / 'single'}"])
-    _run([*launcher(4), "-m", "vp2o.cli", "train", *common,
+    _run([sys.executable, str(HOOKS), "--dump", str(tmp_path / "dump1"), "--", "train", *common,
+          "rollout.prompts_per_step=4", f"train.run_dir={tmp_path / 'single'}"])
+    _run([*launcher(4), str(HOOKS), "--dump", str(tmp_path / "dump4"), "--", "train", *common,
           "rollout.prompts_per_step=1", "parallel.expert_parallel=2",
           f"train.run_dir={tmp_path / 'four'}"])
-    single, four = _pending(tmp_path / "single"), _pending(tmp_path / "four")
+    single, four = _pending(tmp_path / "dump1"), _pending(tmp_path / "dump4")
     assert len(single) == 1 and len(four) == 4
     # rank r took global prompt r: the union over ranks, in rank order, is the single batch
     expected, got = _rows(single), _rows(four)
@@ -166,8 +169,10 @@ def test_trust_region_statistics_are_the_whole_batch_s_on_every_rank(tmp_path, s
           "parallel.expert_parallel=2", f"train.run_dir={tmp_path / 'two'}"])
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")
-    assert single[0]["behavior/drift"] > 1e-3  # the step moved the policy: a real comparison
-    for key in ("behavior/drift", "behavior/ess"):  # smooth in the weights: rounding only
+    # drift and ESS after the update (what VP2O's §11 budget decides on; before it, the
+    # learner's log-probs equal the actors' up to rounding)
+    assert single[0]["behavior/drift_after"] > 1e-3  # the step moved the policy: a real test
+    for key in ("behavior/drift_after", "behavior/ess_after"):  # smooth: rounding only
         assert two[0][key] == pytest.approx(single[0][key], rel=1e-4), key
     # D also counts which experts each token picks after the update: a near-tie that rounds the
     # other way under the other layout moves it by ~1/(tokens x layers) of a distance.
@@ -253,13 +258,14 @@ def test_resume_on_more_ranks_than_the_checkpoint_was_saved_on(tmp_path):
 @pytest.mark.slow
 def test_every_loss_statistic_reaches_metrics_with_its_reduction(tmp_path, sft):
     """Every statistic the policy loss returns (KL and dual clip on) is in metrics.jsonl of a
-    2-process run, reduced as declared: at step 1 (the second update on one batch, so ratios
-    differ from 1) rank 0 logs the single process's values. A per-rank or per-micro-batch value
-    would differ: ratio/max is the largest ratio of the global batch, the token means weigh
-    every response token of the global batch alike, the loss is the global batch's."""
+    2-process run, reduced as declared: at step 0 (two updates on one batch, so the second one's
+    ratios differ from 1; the step logs their mean) rank 0 logs the single process's values. A
+    per-rank or per-micro-batch value would differ: ratio/max is the largest ratio of the global
+    batch, the token means weigh every response token of the global batch alike, the loss is the
+    global batch's."""
     from vp2o.algo import grpo
 
-    common = [*TINY, "algorithm=grpo", "train.steps=2", "train.updates_per_rollout=2",
+    common = [*TINY, "algorithm=grpo", "train.steps=1", "train.updates_per_rollout=2",
               "loss.kl_coeff=0.05", "loss.clip_ratio_c=3.0", "loss.clip_high=0.01",
               "loss.clip_low=0.01", "optimizer.lr=2e-2", "rollout.micro_batch_size=3",
               f"train.init_checkpoint={sft / 'checkpoints'}",
@@ -268,8 +274,8 @@ def test_every_loss_statistic_reaches_metrics_with_its_reduction(tmp_path, sft):
           f"train.run_dir={tmp_path / 'single'}"])
     _run([*launcher(2), "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=2",
           f"train.run_dir={tmp_path / 'two'}"])
-    single = read_metrics(tmp_path / "single" / "metrics.jsonl")[1]
-    two = read_metrics(tmp_path / "two" / "metrics.jsonl")[1]
+    single = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")[0]
     produced = {"loss/policy", "loss/kl", "ratio/mean", "ratio/max", "clip/low_frac",
                 "clip/high_frac", "clip/dual_frac", "kl/k3", "policy/entropy"}
     assert produced <= set(grpo.POLICY_LOSS_STATS) | {"policy/entropy"}

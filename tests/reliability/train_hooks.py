@@ -4,7 +4,8 @@
         [--remount-ro-at STEP --mount PATH] -- train [key=value ...]
 
 - ``--dump DIR``: after each rollout, ``DIR/rollout_{step:04d}_rank{r}.pt`` holds the prompts,
-  tokens and behaviour log-probs of the batch, and ``DIR/rank{r}.pid`` this process's pid.
+  tokens and behaviour log-probs of the batch (and under ``pending`` the whole batch's
+  ``PendingBatch.state_dict()``), and ``DIR/rank{r}.pid`` this process's pid.
 - ``--pause-save STEP --ready FILE``: the save of checkpoint ``STEP`` writes megatron's files into
   its temporary directory, then touches ``FILE`` and sleeps (the test SIGKILLs the process).
 - ``--remount-ro-at STEP --mount PATH``: before the rollout of loop step ``STEP``, remount the
@@ -44,7 +45,8 @@ def install(args) -> None:
                 b = pending.batch
                 torch.save(
                     {"prompts": [r["prompt"] for r in rows], "tokens": b.tokens,
-                     "behavior_logprobs": b.behavior_logprobs, "rewards": pending.rewards},
+                     "behavior_logprobs": b.behavior_logprobs, "rewards": pending.rewards,
+                     "pending": pending.state_dict()},
                     out / f"rollout_{step:04d}_rank{rank}.pt",
                 )
                 (out / f"rank{rank}.pid").write_text(str(os.getpid()))

@@ -43,7 +43,7 @@ def env():
     parallel.initialize(cfg, seed=1234)
     torch.manual_seed(0)
     model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
-    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=char_tokenizer(64))
+    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=char_tokenizer(64), closers=[])
     engine = engines.rollout_engine(s)
     yield s, engine
     engines.close_engine(s)

@@ -46,13 +46,10 @@ __all__ = [
     "cross_section_rules", "from_dict", "load_config", "to_dict",
 ]
 
-UPDATES_PER_ROLLOUT = {"grpo": 1, "vp2o": 4}
-"""``train.updates_per_rollout: null`` per algorithm: GRPO's fixed schedule (a new batch every
-step); VP2O's most steps on one batch before a forced refresh (§12)."""
-
 CLIPS = {"grpo": True, "vp2o": False}
-"""``loss.clip: null`` per algorithm: GRPO clips the ratio (§1); VP2O does not (§2: the trust
-regions bound the step)."""
+"""``loss.clip: null`` per algorithm at one update per rollout batch: GRPO clips the ratio (§1);
+VP2O does not (§2: the trust regions bound the step). With ``train.updates_per_rollout > 1``
+both clip: the reused updates need an off-policy correction (docs/configuration.md)."""
 
 _LOSS = "(the policy loss of both algorithms)"
 MOVED = {
@@ -70,12 +67,13 @@ MOVED = {
     "grpo.normalize_std": "moved to advantage.normalize_std (both algorithms)",
     "grpo.dynamic_sampling": "moved to advantage.dynamic_sampling (both algorithms)",
     "grpo.router_replay": "moved to rollout.router_replay (both algorithms)",
-    "grpo.updates_per_rollout": "moved to train.updates_per_rollout (null = the algorithm's "
-                                "default: grpo 1, vp2o 4)",
-    "vp2o.clip": "moved to loss.clip (null = the algorithm's default: grpo true, vp2o false)",
+    "grpo.updates_per_rollout": "moved to train.updates_per_rollout (the same option for both "
+                                "algorithms, default 1)",
+    "vp2o.clip": "moved to loss.clip (null = the safe default: grpo true; vp2o true only "
+                 "with train.updates_per_rollout > 1)",
     "vp2o.pg_estimator": "moved to loss.estimator (ratio, logprob or gspo; both algorithms)",
-    "vp2o.max_updates_per_rollout": "moved to train.updates_per_rollout (null = the "
-                                    "algorithm's default: grpo 1, vp2o 4)",
+    "vp2o.max_updates_per_rollout": "moved to train.updates_per_rollout (the same option "
+                                    "for both algorithms, default 1)",
 }
 """Keys of the schema before the loss section (issue 19), each with where it went."""
 
@@ -84,8 +82,7 @@ MOVED = {
 class Config:
     """The whole run: one field per section (unknown sections are refused like unknown keys).
 
-    Read ``loss.clip`` and ``train.updates_per_rollout`` resolved, as :attr:`loss_clips` and
-    :attr:`updates_per_rollout` (their null means the algorithm's default).
+    Read ``loss.clip`` resolved, as :attr:`loss_clips` (its null means the safe default).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -117,11 +114,14 @@ class Config:
 
     @property
     def loss_clips(self) -> bool:
-        """Whether the policy loss clips the ratio: ``loss.clip``, or when it is null the
-        algorithm's default (grpo true, vp2o false; false with ``loss.estimator=logprob``)."""
+        """Whether the policy loss clips the ratio: ``loss.clip``, or when it is null the safe
+        default (grpo true; vp2o true with ``train.updates_per_rollout > 1``, else false; false
+        with ``loss.estimator=logprob``)."""
         if self.loss.clip is not None:
             return self.loss.clip
-        return CLIPS[self.algorithm] and self.loss.estimator != "logprob"
+        if self.loss.estimator == "logprob":
+            return False
+        return CLIPS[self.algorithm] or self.train.updates_per_rollout > 1
 
     @property
     def loss_correction(self) -> str:
@@ -133,11 +133,8 @@ class Config:
 
     @property
     def updates_per_rollout(self) -> int:
-        """Learner steps on one rollout batch: ``train.updates_per_rollout``, or when it is null
-        the algorithm's default (grpo 1, vp2o 4)."""
-        if self.train.updates_per_rollout is not None:
-            return self.train.updates_per_rollout
-        return UPDATES_PER_ROLLOUT[self.algorithm]
+        """Learner updates per rollout batch (``train.updates_per_rollout``; the most for VP2O)."""
+        return self.train.updates_per_rollout
 
     def validate(self, world_size: int | None = None) -> Config:
         """Check every section, the rules between them and, given ``world_size``, the layout.
@@ -225,8 +222,7 @@ def cross_section_rules(cfg: Config) -> None:
                "loss.clip=true to clip)")
     if loss.estimator == "logprob":
         expect(cfg.updates_per_rollout == 1, "train.updates_per_rollout",
-               cfg.updates_per_rollout if cfg.train.updates_per_rollout is not None
-               else f"null ({cfg.updates_per_rollout} for algorithm={cfg.algorithm})",
+               cfg.updates_per_rollout,
                "1 with loss.estimator=logprob (no importance ratio corrects the loss on a "
                "batch that earlier steps already changed the policy on)")
     if cfg.algorithm == "vp2o":

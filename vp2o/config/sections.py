@@ -516,9 +516,11 @@ class LossConfig:
     A log pi (REINFORCE-style, §2: no ratio, so no clipping and no reuse of a batch); ``gspo``,
     the sequence ratio exp(mean_t log rho) (GSPO)."""
     clip: bool | None = None
-    """Clip the ratio to [1 - clip_low, 1 + clip_high]. null = the algorithm's default: grpo
-    true, vp2o false (§2: the trust regions bound the step instead), and false with
-    estimator=logprob (there is no ratio); read it resolved, as ``Config.loss_clips``."""
+    """Clip the ratio to [1 - clip_low, 1 + clip_high]. null = the safe default: grpo true;
+    vp2o true when it reuses a batch (``train.updates_per_rollout > 1``: the clip is the
+    off-policy correction of the reused updates) and false at one update per batch (§2: the
+    trust regions bound the step); false with estimator=logprob (there is no ratio). Read it
+    resolved, as ``Config.loss_clips``."""
     clip_low: float = 0.2
     """epsilon_low of the clipped ratio (in [0, 1))."""
     clip_high: float = 0.2
@@ -615,7 +617,9 @@ class TrainConfig:
     """The loop, evaluation, logging and checkpoints."""
 
     steps: int = 100
-    """Learner optimizer steps."""
+    """Steps of the loop, each one rollout batch (rollout.prompts_per_step x rollout.group_size
+    samples) and then up to ``updates_per_rollout`` learner updates on it: the same data budget
+    under both algorithms (method §12; docs/configuration.md, "Budgets")."""
     run_dir: str = "runs/default"
     """Output directory: metrics.jsonl, checkpoints/, wandb/, eval.json."""
     init_checkpoint: str | None = None
@@ -636,10 +640,10 @@ class TrainConfig:
     """wandb project."""
     max_consecutive_skips: int = 5
     """Stop (with a checkpoint of the last good state) after this many non-finite steps."""
-    updates_per_rollout: int | None = None
-    """Learner steps on one rollout batch. null = the algorithm's default: grpo 1 (a fixed
-    schedule: a new batch every step), vp2o 4 (the most before a forced refresh, §12; the
-    budgets of §10-§11 may refresh sooner). Read it resolved, as ``Config.updates_per_rollout``."""
+    updates_per_rollout: int = 1
+    """Learner updates on each step's rollout batch, the same option for both algorithms: GRPO
+    takes exactly this many; VP2O at most this many, fewer when a budget of §10-§11 asks for a
+    refresh (then the step ends and the next step samples a new batch)."""
     max_tokens_per_microbatch: int | None = None
     """Token budget of a learner micro-batch (vp2o.mcore.packing): the forward/backward of an
     update packs whole sequences (their real tokens, no padding) back to back into one row per
@@ -658,9 +662,8 @@ class TrainConfig:
         expect(self.eval_samples >= 1, "train.eval_samples", self.eval_samples, ">= 1")
         expect(self.max_consecutive_skips >= 1, "train.max_consecutive_skips",
                self.max_consecutive_skips, ">= 1")
-        expect(self.updates_per_rollout is None or self.updates_per_rollout >= 1,
-               "train.updates_per_rollout", self.updates_per_rollout,
-               ">= 1, or null for the algorithm's default (grpo 1, vp2o 4)")
+        expect(self.updates_per_rollout >= 1, "train.updates_per_rollout",
+               self.updates_per_rollout, ">= 1 (learner updates per rollout batch)")
         expect(self.max_tokens_per_microbatch is None or self.max_tokens_per_microbatch >= 0,
                "train.max_tokens_per_microbatch", self.max_tokens_per_microbatch,
                "null, 0 (micro-batches of rollout.micro_batch_size sequences) or a token "
