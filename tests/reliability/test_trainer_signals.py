@@ -1,6 +1,6 @@
 """`vp2o train` killed or signalled from outside (subprocesses, tiny config).
 
-SIGKILL while a checkpoint is being written, SIGTERM (checkpoint, exit 0, exact
+SIGKILL while a checkpoint is being written, SIGTERM (checkpoint, exit 0,
 resume), the checkpoint directory becoming unwritable mid-run, and a rank that dies in a
 2-process torchrun job. The checkpoint-level versions (SIGKILL of the saving process, ENOSPC,
 read-only directories) are in tests/checkpoint/test_faults.py.
@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from rel_helpers import checkpoint_tensors, popen_train, run_train, trainer_extra
 
 from vp2o.mcore.checkpoint import MARKER, latest_checkpoint
@@ -41,16 +40,6 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def _steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """The reference run: STEPS steps, rollouts dumped."""
-    root = tmp_path_factory.mktemp("full")
-    proc = run_train("--dump", str(root / "dump"),
-                     train_args=[f"train.steps={STEPS}", f"train.run_dir={root / 'run'}"])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return root
 
 
 def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
@@ -83,17 +72,16 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert trainer_extra(ckpts / "step_00000004")["step"] == 4
 
 
-def test_stop_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, uninterrupted):
-    """SIGTERM arrives during step >= 2; the trainer finishes the step, checkpoints, exits 0.
-    The resumed run starts at that step, with the uninterrupted run's prompts (data position),
-    sampled tokens and behaviour log-probs, bit for bit, and the same losses. (SIGUSR1, the same
-    handler, is sent through the launcher in tests/e2e/test_scaleout.py.)"""
-    sig = signal.SIGTERM
+def test_stop_signal_checkpoints_exits_0_and_resume_continues(tmp_path):
+    """SIGTERM arrives during step >= 2; the trainer finishes the step, checkpoints (with the
+    prompt stream's position), exits 0, and the resumed run starts at that step. (That a resume
+    reproduces the uninterrupted run bit for bit is tests/e2e/test_train.py's resume test;
+    SIGUSR1, the same handler, is sent through the launcher in tests/e2e/test_scaleout.py.)"""
     run = tmp_path / "run"
     args = [f"train.steps={STEPS}", f"train.run_dir={run}"]
     proc = popen_train("--dump", str(tmp_path / "dump"), train_args=args)
     _wait_for(tmp_path / "dump" / "rollout_0002_rank0.pt", proc)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:] + err[-4000:]
     stopped = int(re.search(r"stopped at step (\d+) \(checkpoint written\)", out).group(1))
@@ -109,24 +97,12 @@ def test_stop_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, uninterru
     assert sorted(p.name for p in (tmp_path / "resumed").glob("rollout_*"))[0] == (
         f"rollout_{stopped:04d}_rank0.pt"
     )
-    for step in range(stopped, STEPS):
-        want = torch.load(uninterrupted / "dump" / f"rollout_{step:04d}_rank0.pt")
-        got = torch.load(tmp_path / "resumed" / f"rollout_{step:04d}_rank0.pt")
-        assert got["prompts"] == want["prompts"], step
-        assert torch.equal(got["tokens"], want["tokens"]), step
-        assert torch.equal(got["behavior_logprobs"], want["behavior_logprobs"]), step
-    full = read_metrics(uninterrupted / "run" / "metrics.jsonl")
-    split = read_metrics(run / "metrics.jsonl")
-    for a, b in zip(full, split, strict=True):
-        for key in ("loss/policy", "reward/mean", "behavior/drift", "experts/overlap"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a["step"], key)
-    assert any(abs(r["loss/policy"]) > 0 for r in full)  # the comparison is not vacuous
 
 
 def test_unwritable_checkpoint_directory_fails_clearly(tmp_path, tmpfs):
     """The checkpoint directory (a tmpfs) turns read-only before step 2: the save of checkpoint 3
     fails with a CheckpointError naming the path and the cause; checkpoints 1 and 2 are intact
-    and a resumed run continues from 2."""
+    and 2 is the latest."""
     run = tmp_path / "run"
     ckpts = tmpfs(run / "checkpoints")
     args = [f"train.run_dir={run}", "train.steps=5", "train.save_every=1"]
@@ -139,13 +115,11 @@ def test_unwritable_checkpoint_directory_fails_clearly(tmp_path, tmpfs):
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000001", "step_00000002"]
     # step 2 is logged before its checkpoint; a resume from step_00000002 drops that line
     assert _steps(run) == [0, 1, 2]
-    before = checkpoint_tensors(ckpts / "step_00000002", tmp_path)
-    subprocess.run(["mount", "-o", "remount,rw", str(ckpts)], check=True)
-    resumed = run_train(train_args=[args[0], "train.steps=3"])
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
-    assert _steps(run) == [0, 1, 2] and "step 2 |" in resumed.stdout
-    assert "step 1 |" not in resumed.stdout
-    assert before.keys() == checkpoint_tensors(ckpts / "step_00000002", tmp_path).keys()
+    # the last good checkpoint is whole: it loads (the resume after a failed save is the
+    # SIGKILL test's)
+    assert latest_checkpoint(ckpts) == ckpts / "step_00000002"
+    assert trainer_extra(ckpts / "step_00000002")["step"] == 2
+    assert checkpoint_tensors(ckpts / "step_00000002", tmp_path)
 
 
 def test_a_dead_rank_ends_the_job_in_bounded_time(tmp_path):
