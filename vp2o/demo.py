@@ -4,7 +4,7 @@
    sentencepiece tokenizer;
 2. supervised warm start of the tiny MoE (4 layers, d=128, 8 experts, top-2) to a partial
    held-out accuracy;
-3. GRPO and VP2O from that same checkpoint, same seed, same budget (learner steps);
+3. GRPO and VP2O from that same checkpoint, same seed, same budget (rollout batches);
 4. ``runs/demo/report.md`` with the held-out accuracy table, routing diagnostics and plots.
 
 Every phase is a normal vp2o job (the same code as ``vp2o sft`` / ``vp2o train``), run one after

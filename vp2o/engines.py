@@ -69,7 +69,7 @@ def _build(s: Session) -> _Held:
     r = cfg.rollout
     engine = VLLMEngine(
         tmp.name, s.tokenizer, topk=cfg.model.moe_router_topk,
-        renormalize=not cfg.model.moe_router_pre_softmax, max_model_len=r.max_model_len,
+        renormalize=not cfg.model.moe_router_pre_softmax, max_model_len=cfg.max_model_len,
         max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
         enforce_eager=r.enforce_eager, tensor_parallel=r.tensor_parallel,
         kv_cache_gib=r.kv_cache_gib, dtype=engine_dtype(cfg), routes=True,

@@ -166,6 +166,14 @@ def test_bad_settings_are_refused():
         load_config(None, SHAPE + ["rollout.tensor_parallel=2"], world_size=3)
     with pytest.raises(ConfigError, match="rollout.max_model_len"):
         load_config(None, SHAPE + ["rollout.max_model_len=20"])
+    # null: the model's own limit, which must still hold the longest prompt and response
+    unset = [o for o in SHAPE if not o.startswith("rollout.max_model_len=")]
+    cfg = load_config(None, unset + ["model.max_position_embeddings=96",
+                                     "data.max_prompt_tokens=32"])
+    assert cfg.rollout.max_model_len is None and cfg.max_model_len == 96
+    with pytest.raises(ConfigError, match=r"rollout.max_model_len = 96: expected >= "):
+        load_config(None, unset + ["model.max_position_embeddings=96",
+                                   "data.max_prompt_tokens=90"])
     # pre-softmax routing with a shared expert but no gate: no registered family expresses it
     odd = load_config(None, SHAPE + ["model.moe_shared_expert_intermediate_size=32",
                                      "model.qk_layernorm=true"])

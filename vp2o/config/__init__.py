@@ -132,6 +132,12 @@ class Config:
         return "tis" if self.rollout.engine == "vllm" else "none"
 
     @property
+    def max_model_len(self) -> int:
+        """vLLM's longest prompt + response in tokens: ``rollout.max_model_len``, or when it is
+        null the model's ``max_position_embeddings``."""
+        return self.rollout.max_model_len or self.model.max_position_embeddings
+
+    @property
     def updates_per_rollout(self) -> int:
         """Learner updates per rollout batch (``train.updates_per_rollout``; the most for VP2O)."""
         return self.train.updates_per_rollout
@@ -209,11 +215,11 @@ def cross_section_rules(cfg: Config) -> None:
                "update of a batch has; set loss.correction=none to reuse batches)")
     if cfg.rollout.engine == "vllm":
         longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-        expect(cfg.rollout.max_model_len >= longest, "rollout.max_model_len",
-               cfg.rollout.max_model_len, f">= data.max_prompt_tokens + rollout.max_new_tokens "
-               f"({longest}) with rollout.engine=vllm")
-        expect(cfg.rollout.max_model_len <= m.max_position_embeddings, "rollout.max_model_len",
-               cfg.rollout.max_model_len, f"<= model.max_position_embeddings "
+        expect(cfg.max_model_len >= longest, "rollout.max_model_len", cfg.max_model_len,
+               f">= data.max_prompt_tokens + rollout.max_new_tokens ({longest}) with "
+               "rollout.engine=vllm")
+        expect(cfg.max_model_len <= m.max_position_embeddings, "rollout.max_model_len",
+               cfg.max_model_len, f"<= model.max_position_embeddings "
                f"({m.max_position_embeddings}): vLLM reads it from the model's config")
     if loss.clip_ratio_c is not None:
         expect(cfg.loss_clips, "loss.clip_ratio_c", loss.clip_ratio_c,

@@ -468,8 +468,9 @@ class RolloutConfig:
     kv_cache_gib: int = 1
     """vLLM on a CPU: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE; vLLM would otherwise
     reserve most of the RAM)."""
-    max_model_len: int = 1024
-    """vLLM: longest prompt + response in tokens; a longer prompt is refused before work."""
+    max_model_len: int | None = None
+    """vLLM: longest prompt + response in tokens (null: model.max_position_embeddings); a
+    longer prompt is refused before work."""
     max_num_seqs: int = 256
     """vLLM: sequences batched in one engine step."""
     enforce_eager: bool = True
@@ -498,7 +499,7 @@ class RolloutConfig:
         expect(self.kv_cache_gib >= 1, "rollout.kv_cache_gib", self.kv_cache_gib,
                ">= 1 (whole GiB)")
         expect(self.max_num_seqs >= 1, "rollout.max_num_seqs", self.max_num_seqs, ">= 1")
-        if self.engine == "vllm":
+        if self.engine == "vllm" and self.max_model_len is not None:
             expect(self.max_model_len > self.max_new_tokens, "rollout.max_model_len",
                    self.max_model_len, f"> rollout.max_new_tokens ({self.max_new_tokens})")
 
