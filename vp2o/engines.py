@@ -17,8 +17,9 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from vp2o.config import Config
+from vp2o.config import Config, ConfigError
 from vp2o.convert import engine_weights
+from vp2o.rollout import vllm_cpu
 from vp2o.rollout.engine import ENGINES, RolloutEngine
 from vp2o.rollout.megatron_engine import MegatronEngine
 from vp2o.rollout.vllm_engine import VLLMEngine, require_vllm
@@ -42,16 +43,25 @@ def needs_routes(cfg: Config) -> bool:
 def check_engine_settings(cfg: Config, world_size: int = 1) -> None:
     """Refuse, before any work, what ``rollout.engine`` cannot run (each message names the
     setting): vllm not installed, a model no supported family expresses, a rollout TP that does
-    not divide the world."""
+    not divide the world, VP2O's anchor trust region where the engine returns no gates."""
     ENGINES.get(cfg.rollout.engine)
     if cfg.rollout.engine != "vllm":
         return
     require_vllm()
     engine_weights.engine_family(cfg.model)
+    if cfg.algorithm == "vp2o" and cfg.vp2o.trust_region.enabled and not vllm_cpu.on_cpu():
+        # CUDA vLLM returns the routed experts' ids only (enable_return_routed_experts); the
+        # §10 anchor distance weighs the actors' experts by their gates. Refused rather than
+        # computed from zero gates (docs/rollout.md, "Routes").
+        raise ConfigError("vp2o.trust_region.enabled = true needs the actors' routing gates, "
+                          "which rollout.engine=vllm does not return on this platform (ids "
+                          "only): set vp2o.trust_region.enabled=false (loss.clip=true bounds "
+                          "the step instead: the vp2o_clip arm) or rollout.engine=megatron",
+                          key="vp2o.trust_region.enabled")
     tp = cfg.rollout.tensor_parallel
     if world_size % tp:
-        raise ValueError(f"rollout.tensor_parallel = {tp} does not divide the world size "
-                         f"({world_size} processes)")
+        raise ConfigError(f"rollout.tensor_parallel = {tp} does not divide the world size "
+                          f"({world_size} processes)", key="rollout.tensor_parallel")
 
 
 def _build(s: Session) -> _Held:

@@ -12,6 +12,7 @@ instruction followed, strictly, for ``ifeval``).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from vp2o.config import Config
 from vp2o.data.tasks import check_prompt_lengths, encode_rows
-from vp2o.engines import rollout_engine
+from vp2o.engines import check_engine_settings, rollout_engine
 from vp2o.eval_stats import (
     EvalHistory,
     pass_at_k,
@@ -228,6 +229,7 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
     from vp2o.session import load_initial_weights, session
 
     cfg.require_loop("eval")  # before any process group: free when loaded with loop="eval"
+    check_engine_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any weights
     rows = reward = None
     if benchmark is not None:  # a bad file fails before any process group exists
         rows, reward = load_benchmark(benchmark, fmt)

@@ -22,6 +22,7 @@ through the one checkpoint at the end of the step. Host-device syncs are marked 
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -34,6 +35,7 @@ import torch.distributed as dist
 
 from vp2o.config import Config, to_dict
 from vp2o.data.prompts import PromptStream
+from vp2o.engines import check_engine_settings
 from vp2o.eval_stats import EvalHistory
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.experience import PendingBatch, make_rollouts
@@ -54,6 +56,7 @@ def train(cfg: Config) -> dict:
     """Run RL training; returns the last step's metrics and the final evaluation (python
     floats), or the last metrics and ``stopped_at_step`` after a stop signal."""
     cfg.require_loop("train")
+    check_engine_settings(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any weights
     claim_run_dir(cfg, "train")
     with session(cfg, with_optimizer=True, total_steps=cfg.train.steps) as s:
         # ---- build: weights (resumed or initial) first, then what is derived from them ----

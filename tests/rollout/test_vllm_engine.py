@@ -174,6 +174,11 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match=r"rollout.max_model_len = 96: expected >= "):
         load_config(None, unset + ["model.max_position_embeddings=96",
                                    "data.max_prompt_tokens=90"])
+    # the weight sync streams whole parameters: data parallelism only, refused at load
+    with pytest.raises(ConfigError, match="parallel.expert_parallel = 2: expected 1 with "
+                                          "rollout.engine=vllm"):
+        load_config(None, SHAPE + ["parallel.expert_parallel=2", "model.num_experts=4"],
+                    world_size=2)
     # pre-softmax routing with a shared expert but no gate: no registered family expresses it
     odd = load_config(None, SHAPE + ["model.moe_shared_expert_intermediate_size=32",
                                      "model.qk_layernorm=true"])
@@ -196,3 +201,18 @@ def test_vllm_missing_is_refused(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(ImportError, match="rollout.engine=vllm needs the vllm package"):
         require_vllm()
+
+
+def test_vp2o_trust_region_is_refused_where_the_engine_returns_no_gates(monkeypatch):
+    """CUDA vLLM returns routed-expert ids only; the §10 anchor distance needs the gates: the
+    trust region is refused (naming the key) before any work instead of computed from zeros."""
+    from vp2o.engines import check_engine_settings
+    from vp2o.rollout import vllm_cpu
+
+    cfg = load_config(None, SHAPE + ["algorithm=vp2o"])
+    check_engine_settings(cfg)  # the CPU build captures gates: accepted
+    monkeypatch.setattr(vllm_cpu, "on_cpu", lambda: False)
+    with pytest.raises(ConfigError, match="vp2o.trust_region.enabled = true needs the actors'"):
+        check_engine_settings(cfg)
+    for ok in (["algorithm=vp2o", "vp2o.trust_region.enabled=false"], ["algorithm=grpo"]):
+        check_engine_settings(load_config(None, SHAPE + ok))
