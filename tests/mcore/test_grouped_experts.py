@@ -194,3 +194,17 @@ def test_checkpoints_load_across_sequential_and_grouped(init_parallel, tmp_path,
         for ha, hb in zip(sum(local_expert_weights(la), []), sum(local_expert_weights(lb), []),
                           strict=True):
             torch.testing.assert_close(hb.detach(), ha.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_engine_weight_stream_is_the_same_for_grouped_experts(init_parallel):
+    """The vLLM weight sync (engine_weights.hf_named_tensors) streams GroupedExperts' stacked
+    weights per expert under the HF names, the same tensors as from SequentialMLP."""
+    from vp2o.convert.engine_weights import hf_named_tensors
+
+    _, (seq_cfg, seq), (grp_cfg, grp) = _pair(init_parallel)
+    want = dict(hf_named_tensors(seq, seq_cfg.model))
+    got = dict(hf_named_tensors(grp, grp_cfg.model))
+    assert got.keys() == want.keys()
+    assert any(".experts.7." in k for k in got)  # every expert, per expert
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name

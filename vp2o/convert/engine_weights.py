@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def hf_named_tensors(model: torch.nn.Module, m: ModelConfig,
         ConvertError: a converter rule names a parameter the model does not have.
     """
     family = family or engine_family(m)
-    params = dict(_unwrap(model).named_parameters())
+    params = sequential_expert_names(_unwrap(model).named_parameters())
     geo = fam.geometry(m)
     for rule in family.rules(m):
         if rule.mcore not in params:
@@ -111,6 +112,25 @@ def hf_named_tensors(model: torch.nn.Module, m: ModelConfig,
             )
         tensor = params[rule.mcore].detach()
         yield from zip(rule.hf, get_layout(rule.layout).to_hf(tensor, geo), strict=True)
+
+
+_GROUPED = re.compile(r"(.*\.mlp\.experts)\.weight([12])")
+
+
+def sequential_expert_names(named: Iterator[tuple[str, torch.nn.Parameter]]) -> dict:
+    """``name -> parameter`` with vp2o's GroupedExperts weights (``...mlp.experts.weight1|2``,
+    [E, out, in]) presented per expert under megatron SequentialMLP's names
+    (``...mlp.experts.local_experts.<e>.linear_fc1|2.weight``, views), the names the
+    converter's rules map; every other parameter as it is."""
+    params = {}
+    for name, p in named:
+        hit = _GROUPED.fullmatch(name)
+        if hit is None:
+            params[name] = p
+            continue
+        for e in range(p.shape[0]):
+            params[f"{hit[1]}.local_experts.{e}.linear_fc{hit[2]}.weight"] = p[e]
+    return params
 
 
 def model_bytes(model: torch.nn.Module) -> int:
