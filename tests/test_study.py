@@ -240,8 +240,8 @@ def test_plan_shares_one_warm_start_per_task_and_seed(tmp_path):
 @pytest.mark.slow
 def test_the_real_script_at_a_tiny_size(tmp_path):
     """benchmarks/study.py itself (its --quick takes longer than the suite's budget): one task,
-    one seed, a warm start and two arms of the tiny model, every run a real ``vp2o``
-    subprocess; both arms consume the same data budget and evaluate at the same steps."""
+    one seed, a warm start and one arm of the tiny model, each run a real ``vp2o`` subprocess,
+    and the report. (That the arms consume the same budget: tests/e2e/test_train.py.)"""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -249,20 +249,18 @@ def test_the_real_script_at_a_tiny_size(tmp_path):
 
     out = tmp_path / "study"
     study.main(["--quick", "--out", str(out), "--tasks", "arith", "--seeds", "3",
-                "--arms", "grpo", "vp2o", "--set", *TINY, "sft.steps=3", "train.steps=2",
+                "--arms", "vp2o", "--set", *TINY, "sft.steps=3", "train.steps=2",
                 "train.eval_every=1", "data.num_eval_prompts=8"])
     data = json.loads((out / "study.json").read_text())
     runs = {r["arm"]: r for r in data["runs"]}
-    assert {a: r["status"] for a, r in runs.items()} == dict.fromkeys(("sft", "grpo", "vp2o"),
-                                                                     "ok"), data["runs"]
-    grpo, vp2o = runs["grpo"], runs["vp2o"]
-    assert grpo["evals"] == vp2o["evals"] == 2  # after step 1 and the final one
-    assert grpo["curves"]["eval_step"] == vp2o["curves"]["eval_step"] == [1, 2]
-    for arm in ("grpo", "vp2o"):
-        rows = [json.loads(ln) for ln in (out / "arith" / "seed3" / arm / "metrics.jsonl")
-                .read_text().splitlines()]
-        assert rows[-1]["progress/samples"] == 2 * 4 * 4  # steps x prompts x group (TINY)
-        assert rows[-1]["progress/prompts"] == 2 * 4
+    assert {a: r["status"] for a, r in runs.items()} == {"sft": "ok", "vp2o": "ok"}, data["runs"]
+    vp2o = runs["vp2o"]
+    assert vp2o["evals"] == 2  # after step 1 and the final one
+    assert vp2o["curves"]["eval_step"] == [1, 2]
+    rows = [json.loads(ln) for ln in (out / "arith" / "seed3" / "vp2o" / "metrics.jsonl")
+            .read_text().splitlines()]
+    assert rows[-1]["progress/samples"] == 2 * 4 * 4  # steps x prompts x group (TINY)
+    assert rows[-1]["progress/prompts"] == 2 * 4
     text = (out / "study.md").read_text()
-    assert "| grpo | 1/1 |" in text and "| vp2o | 1/1 |" in text
+    assert "| sft | 1/1 |" in text and "| vp2o | 1/1 |" in text
     assert (out / "study_arith.png").read_bytes()[:8] == PNG_MAGIC

