@@ -36,7 +36,10 @@ class _Held:
 
 
 def needs_routes(cfg: Config) -> bool:
-    """Whether rollouts must carry the actors' routes (VP2O's §10 anchor budget, R3 replay)."""
+    """Whether training rollouts must carry the actors' routes (VP2O's §10 anchor budget, R3
+    replay; recording them costs ~10 % of a generation, docs/benchmarks.md). The vLLM engine
+    is built able to return routes whatever this says (prefix cache off): the evaluation's
+    routing statistics read them from the same engine."""
     return cfg.algorithm == "vp2o" or cfg.rollout.router_replay
 
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from vp2o.algo import grpo
 from vp2o.config import Config
-from vp2o.engines import rollout_engine
+from vp2o.engines import needs_routes, rollout_engine
 from vp2o.mcore import packing
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.rewards.pool import RewardPool
@@ -88,10 +88,7 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         indices = [s.groups.dp_rank * len(rows) + i for i in range(len(rows))]
     gen = [torch.Generator().manual_seed((cfg.seed * 7919 + step) * 1_000_003 + i)
            for i in indices]
-    # The actors' routing is read by VP2O's anchor budget (§10) and by router replay only.
-    params = sampling_params(
-        cfg, record_routing=cfg.algorithm == "vp2o" or cfg.rollout.router_replay
-    )
+    params = sampling_params(cfg, record_routing=needs_routes(cfg))
     t0 = time.perf_counter()
     engine = rollout_engine(s)  # a vLLM engine is first synced with the learner's weights
     t_sync = time.perf_counter() - t0
