@@ -344,6 +344,21 @@ def one_round(learners: dict, device: torch.device) -> dict[str, float]:
     return out
 
 
+def profile_step(learners: dict, device: torch.device, label: str, top: int) -> None:
+    """One step of each learner under torch.profiler; print its ``top`` ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for key, learner in learners.items():
+        with profile(activities=activities) as prof:
+            learner.step()
+        print(f"\nprofile {label} {key}: one step, top {top} ops by self time")
+        print(prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=48))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="default: demo large")
@@ -361,6 +376,9 @@ def main() -> None:
                     help="max |log-prob difference| allowed between the two models")
     ap.add_argument("--quick", "--tiny", action="store_true",
                     help="smoke run: demo shape, 2 sequences of 64 tokens, 1 round")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after each case's timed rounds, one more step of each learner under "
+                         "torch.profiler: print its N most expensive ops (self time)")
     args = ap.parse_args()
     base = QUICK if args.quick else DEFAULTS
     for key, value in base.items():
@@ -440,6 +458,8 @@ def main() -> None:
             print(f"{label:<14}{len(parts):>4}{rounds:>7}{tps['vp2o']:>12.1f}{tps['hf']:>12.1f}"
                   f"{ratio:>9.2f}{100 * frac['vp2o']:>10.1f}%{100 * frac['hf']:>8.1f}%")
             results.append((flop, label, ratio))
+            if args.profile:
+                profile_step(pair, device, label, args.profile)
         del a, b, pair
         gc.collect()
     parallel.destroy()

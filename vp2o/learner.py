@@ -122,6 +122,7 @@ class Learner:
             self.rollback.save()
             self._saved_transform = self.transform.state_dict()
         training.zero_grads(s.ddp, s.optimizer)
+        specialisation_losses(0)  # drop what forwards outside a step left (megatron accumulates)
         t0 = time.perf_counter()
         mbs = micro_batches(p, cfg.rollout.micro_batch_size, s.device,
                             loss_normaliser(p, cfg, s.groups),
@@ -279,7 +280,12 @@ def routing_in_batch_layout(records: list, b: int, s: int) -> torch.Tensor:
 
 def specialisation_losses(num_microbatches: int) -> dict:
     """The step's orthogonality and routing-variance losses (§9), mean over MoE layers and
-    micro-batches, from megatron's aux-loss tracker (which this then clears)."""
+    micro-batches, from megatron's aux-loss tracker (which this then clears).
+
+    Our two entries are removed, not zeroed as megatron's clear does, so that a run without
+    them after one with them in the same process (the demo, tests) reports none. The learner
+    also calls this before a step's forwards: megatron's tracker adds to what is there, and
+    forwards outside a step (evaluation, another run in the process) leave values."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -289,7 +295,7 @@ def specialisation_losses(num_microbatches: int) -> dict:
     tracker = get_moe_layer_wise_logging_tracker()
     for name, key in (("expert_orthogonality_loss", "loss/orthogonality"),
                       ("routing_variance_loss", "loss/routing_variance")):
-        values = tracker.get(name, {}).get("values")  # [layers], 0 where a layer has none
+        values = tracker.pop(name, {}).get("values")  # [layers], 0 where a layer has none
         if values is not None:  # the loss is configured; no host sync here
             layers = (values != 0).sum().clamp_min(1)
             out[key] = values.sum() / layers / max(num_microbatches, 1)

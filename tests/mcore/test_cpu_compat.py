@@ -154,3 +154,33 @@ def test_megatron_names_we_rely_on_are_pinned():
         assert hasattr(DistributedOptimizer, name), name
     assert hasattr(MegatronOptimizer, "init_state_fn") or "init_state_fn" in inspect.signature(
         MegatronOptimizer.__init__).parameters
+
+
+def test_collectives_over_one_rank_are_skipped_with_the_collectives_result(init_parallel):
+    """megatron's DDP buffers call these over the data-parallel group even with one rank; the
+    skip (no gloo transport) must leave what gloo's collective leaves: checked against gloo on
+    a one-rank group, aliased (megatron's case: a shard view of the buffer) and not."""
+    import torch.distributed as dist
+
+    buffers = importlib.import_module("megatron.core.distributed.param_and_grad_buffer")
+    init_parallel()
+    group = dist.new_group([0], backend="gloo")
+    gather, scatter = buffers.dist_all_gather_func, buffers.dist_reduce_scatter_func
+    assert gather.__vp2o_single_rank__ and scatter.__vp2o_single_rank__
+    assert buffers._coalescing_manager.__vp2o_single_rank__
+    real = {gather: gather.__wrapped__, scatter: scatter.__wrapped__}
+    for fn in (gather, scatter):
+        kw = {} if fn is gather else {"op": dist.ReduceOp.SUM}
+        src = torch.randn(6)
+        want, got = torch.empty(6), torch.full((6,), float("nan"))
+        real[fn](want, src, group=group, **kw)
+        with buffers._coalescing_manager(group, async_ops=True) as cm:
+            assert fn(got, src, group=group, async_op=True, **kw) is not None
+        cm.wait()
+        assert torch.equal(got, want) and torch.equal(want, src)
+        alias = src.clone()
+        assert fn(alias, alias.view(6), group=group, **kw) is None
+        assert torch.equal(alias, src)
+    # The real collectives still run over more than one rank (tests/mcore/test_distributed.py
+    # and the other multi-process tests compare DP = 2 runs with one process).
+    assert gather.__wrapped__ is dist.all_gather_into_tensor

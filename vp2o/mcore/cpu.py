@@ -4,7 +4,7 @@ megatron-core assumes a CUDA device in a handful of places on the paths vp2o use
 without CUDA, :func:`install` patches exactly those, so that tests and the laptop demo run the
 real megatron-core MoE layers, its DistributedDataParallel and its DistributedOptimizer over gloo.
 
-Two mechanisms, chosen for cost:
+Three mechanisms, chosen for cost:
 
 1. Global function patches, for things a CPU-only torch cannot do at all (each would raise):
    ``torch.cuda.current_device``, streams and events, ``synchronize``, ``Tensor.cuda``, the CUDA
@@ -16,6 +16,12 @@ Two mechanisms, chosen for cost:
    op, so it is *not* active globally: it wraps only the megatron-core entry points listed in
    ``_SCOPED`` (construction, optimizer step, checkpointing, the aux-loss tracker), none of which
    is a per-token hot path. Forward and backward run without it at full speed.
+3. Collectives over one rank skipped (:func:`_skip_single_rank_collectives`): megatron's DDP
+   buffers reduce-scatter their gradients and all-gather their parameters over the data-parallel
+   group even when it has one rank (DP = 1, the expert-data-parallel group at EP = world), where
+   both are identities. NCCL does that at memory speed on the device; gloo copies every buffer
+   through its transport (at bench_learner's 425 M-parameter shape ~2-5 s of a ~12 s step). Not a
+   CUDA hard-code, but gloo is the CPU's backend, so it lives here.
 
 Every patch names the megatron-core function it covers. ``tests/mcore/test_cpu_compat.py`` pins
 them, so a megatron-core upgrade that moves one fails loudly instead of silently.
@@ -346,10 +352,72 @@ def install() -> bool:
             originals[id(fn)] = _scoped(fn)
             setattr(owner, attr, originals[id(fn)])
     _rebind_imported_names(originals)
+    _skip_single_rank_collectives()
 
     _INSTALLED = True
     logger.info("vp2o.mcore.cpu: megatron-core patched for CPU execution")
     return True
+
+
+class _NoWork:
+    """The handle of a skipped collective: nothing to wait for."""
+
+    def wait(self, *args, **kwargs) -> None:  # noqa: D102
+        return None
+
+
+def _one_rank(group) -> bool:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) == 1
+
+
+def _single_rank_identity(collective: Callable) -> Callable:
+    """``collective(output, input, ..., group=)`` (all-gather or reduce-scatter into one
+    tensor): over a group of one rank, ``output`` becomes ``input`` (no copy when they alias),
+    as the collective would leave it, without gloo."""
+
+    @functools.wraps(collective)
+    def wrapper(output, input, *args, group=None, async_op=False, **kwargs):
+        if not _one_rank(group):
+            return collective(output, input, *args, group=group, async_op=async_op, **kwargs)
+        if output.data_ptr() != input.data_ptr() or output.shape != input.shape:
+            output.copy_(input.view_as(output))
+        return _NoWork() if async_op else None
+
+    wrapper.__vp2o_single_rank__ = True
+    return wrapper
+
+
+def _single_rank_coalescing(manager: Callable) -> Callable:
+    """torch's ``_coalescing_manager``, except over a group of one rank: a handle with nothing
+    to wait for (the collectives inside are the skipped ones above, or run uncoalesced)."""
+
+    @contextlib.contextmanager
+    def wrapper(group=None, device=None, async_ops: bool = False):
+        if _one_rank(group):
+            yield _NoWork()
+            return
+        with manager(group, device=device, async_ops=async_ops) as cm:
+            yield cm
+
+    wrapper.__vp2o_single_rank__ = True
+    return wrapper
+
+
+def _skip_single_rank_collectives() -> None:
+    """Covers megatron.core.distributed.param_and_grad_buffer's module-level
+    ``dist_all_gather_func`` (``_ParamAndGradBucketGroup.start_param_sync``),
+    ``dist_reduce_scatter_func`` (``start_grad_sync``, distributed optimizer) and
+    ``_coalescing_manager`` (both; with it skipped, ``start_grad_sync``'s all-reduce without
+    the distributed optimizer runs uncoalesced, which gloo does at once over one rank)."""
+    buffers = importlib.import_module("megatron.core.distributed.param_and_grad_buffer")
+    for name, wrap in (("dist_all_gather_func", _single_rank_identity),
+                       ("dist_reduce_scatter_func", _single_rank_identity),
+                       ("_coalescing_manager", _single_rank_coalescing)):
+        fn = getattr(buffers, name)
+        if not getattr(fn, "__vp2o_single_rank__", False):
+            setattr(buffers, name, wrap(fn))
 
 
 def _define_names_missing_without_te() -> None:
