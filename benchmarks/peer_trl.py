@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/peer_trl.py                    # 3 rounds x 10 steps per system
     .venv/bin/python benchmarks/peer_trl.py --rounds 5 --steps 12
+    .venv/bin/python benchmarks/peer_trl.py --new-tokens 128   # longer generations
+    .venv/bin/python benchmarks/peer_trl.py --vp2o-set ""      # vp2o without its fast options
 
 Model: a Hugging Face ``Qwen3MoeConfig`` (4 layers, hidden 128, 4 heads, 2 KV heads, head dim 32,
 8 experts top-2, expert ffn 128, vocab 512); TRL trains ``Qwen3MoeForCausalLM`` built from it,
@@ -9,8 +11,11 @@ vp2o trains its megatron-core twin (``vp2o.convert.families``: the same config r
 converter). Tokens are characters: one alphabet of 509 characters ("0123456789+=" first) plus
 ``<pad> <bos> <eos>`` (ids 0, 1, 2), the same ids on both sides (vp2o's ``CharTokenizer``, an
 HF ``PreTrainedTokenizerFast`` for TRL). Task: "12+35=" -> "47", exact-match reward.
-Per step: 4 prompts x 8 samples, 16 new tokens at temperature 1, one update per rollout, beta 0,
-Adam at a constant lr, grad clip 1.0; TRL without vLLM, both on the CPU, fp32.
+Per step: 4 prompts x 8 samples, 16 new tokens (``--new-tokens``) at temperature 1, one update
+per rollout, beta 0, Adam at a constant lr, grad clip 1.0; TRL without vLLM, both on the CPU,
+fp32. vp2o runs with the options that are faster at this shape (``--vp2o-set``, default
+``FAST``: its grouped experts, sdpa attention, the allgather dispatcher at EP = 1); TRL with
+transformers' defaults (grouped-mm experts, sdpa attention).
 
 Each system runs in its own subprocess (so megatron's CPU patches never touch TRL), alternating
 TRL, vp2o, TRL, vp2o, ...; the first 2 steps of every run are warm-up and dropped. Step time:
@@ -44,7 +49,14 @@ SHAPE = dict(
     mlp_only_layers=[], max_position_embeddings=64, tie_word_embeddings=False,
     output_router_logits=False, router_aux_loss_coef=0.0, rms_norm_eps=1e-6,
 )
-PROMPTS_PER_STEP, GROUP, NEW_TOKENS, LR, WARMUP = 4, 8, 16, 1e-5, 2
+PROMPTS_PER_STEP, GROUP, LR, WARMUP = 4, 8, 1e-5, 2
+PROMPT_TOKENS = 7  # <bos> + "12+35=": the longest prompt
+PHASES = ("generate_s", "reward_s", "train_s")  # vp2o's perf/* phases, printed as medians
+# vp2o's options that are faster at this shape (docs/benchmarks.md, bench_generate.py): one
+# grouped GEMM for the experts, torch's fused attention, no all-to-all at EP = 1 (GRPO has no
+# orthogonality loss, which needs alltoall).
+FAST = ("model.moe_grouped_gemm=true model.core_attention=sdpa "
+        "model.moe_token_dispatcher_type=allgather")
 
 
 def alphabet() -> str:
@@ -63,11 +75,12 @@ def rows(n: int = 256, seed: int = 0) -> list[dict]:
     return out
 
 
-def hf_config():
-    """The shared architecture as a transformers config."""
+def hf_config(new_tokens: int):
+    """The shared architecture as a transformers config (positions for ``new_tokens``)."""
     from transformers import Qwen3MoeConfig
 
-    return Qwen3MoeConfig(**SHAPE)
+    positions = max(SHAPE["max_position_embeddings"], PROMPT_TOKENS + new_tokens)
+    return Qwen3MoeConfig(**{**SHAPE, "max_position_embeddings": positions})
 
 
 # ------------------------------------------------------------------------------------ TRL
@@ -87,7 +100,7 @@ def hf_tokenizer():
                                    eos_token="<eos>", padding_side="left")
 
 
-def run_trl(steps: int, out_dir: Path) -> list[dict]:
+def run_trl(steps: int, new_tokens: int, out_dir: Path) -> list[dict]:
     """``steps`` GRPOTrainer steps; per step: seconds, generated and trained tokens."""
     import torch
     from datasets import Dataset
@@ -95,7 +108,7 @@ def run_trl(steps: int, out_dir: Path) -> list[dict]:
     from trl import GRPOConfig, GRPOTrainer
 
     torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(hf_config()).float()
+    model = Qwen3MoeForCausalLM(hf_config(new_tokens)).float()
     tok = hf_tokenizer()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
@@ -126,7 +139,7 @@ def run_trl(steps: int, out_dir: Path) -> list[dict]:
     args = GRPOConfig(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=PROMPTS_PER_STEP
         * GROUP, gradient_accumulation_steps=1, num_generations=GROUP,
-        max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
+        max_completion_length=new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
         num_iterations=1, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
         max_grad_norm=1.0, warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, bf16=False, fp16=False, use_vllm=False, dataloader_num_workers=0,
@@ -143,7 +156,7 @@ def run_trl(steps: int, out_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------ vp2o
 
 
-def vp2o_overrides(work: Path) -> list[str]:
+def vp2o_overrides(work: Path, new_tokens: int) -> list[str]:
     """``vp2o train`` overrides: the twin of ``hf_config()`` and the same task and batch."""
     import dataclasses
 
@@ -151,7 +164,7 @@ def vp2o_overrides(work: Path) -> list[str]:
     from vp2o.convert.families import get_family
     from vp2o.data.tokenizer import CharTokenizer
 
-    twin = get_family("qwen3_moe").model_config(hf_config())
+    twin = get_family("qwen3_moe").model_config(hf_config(new_tokens))
     model = [f"model.{f.name}={json.dumps(getattr(twin, f.name))}"
              for f in dataclasses.fields(ModelConfig)
              if getattr(twin, f.name) != f.default and f.name != "params_dtype"]
@@ -165,7 +178,7 @@ def vp2o_overrides(work: Path) -> list[str]:
         f"data.eval_path={work / 'eval.jsonl'}", "data.tokenizer=char",
         f"data.tokenizer_path={work / 'chars.json'}", "reward.name=exact", "reward.workers=1",
         f"rollout.prompts_per_step={PROMPTS_PER_STEP}", f"rollout.group_size={GROUP}",
-        f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
+        f"rollout.max_new_tokens={new_tokens}", "rollout.temperature=1.0",
         f"rollout.micro_batch_size={PROMPTS_PER_STEP * GROUP}", "train.updates_per_rollout=1",
         "loss.kl_coeff=0.0", f"optimizer.lr={LR}", "optimizer.decay_style=constant",
         "optimizer.warmup_steps=0", "optimizer.weight_decay=0.0", "optimizer.clip_grad=1.0",
@@ -174,32 +187,36 @@ def vp2o_overrides(work: Path) -> list[str]:
     ]
 
 
-def run_vp2o(steps: int, work: Path) -> list[dict]:
-    """``steps`` steps of vp2o's GRPO (``vp2o.train.train``); per step as ``run_trl``."""
+def run_vp2o(steps: int, new_tokens: int, work: Path, extra: list[str]) -> list[dict]:
+    """``steps`` steps of vp2o's GRPO (``vp2o.train.train``) with the overrides ``extra`` after
+    the shared ones; per step as ``run_trl``."""
     from vp2o.config import load_config
     from vp2o.console import quiet_third_party_warnings
     from vp2o.metrics import read_metrics
     from vp2o.train import train
 
     quiet_third_party_warnings()
-    cfg = load_config(None, [*vp2o_overrides(work), f"train.steps={steps}"])
+    cfg = load_config(None, [*vp2o_overrides(work, new_tokens), *extra, f"train.steps={steps}"])
     train(cfg)
     out = []
     for r in read_metrics(work / "run"):
         out.append({"s": r["perf/step_s"], "generated": r["perf/generated_tokens"],
-                    "trained": r["perf/tokens_per_s"] * r["perf/step_s"]})
+                    "trained": r["perf/tokens_per_s"] * r["perf/step_s"],
+                    **{k: r[f"perf/{k}"] for k in PHASES if f"perf/{k}" in r}})
     return out
 
 
 # ------------------------------------------------------------------------------------ driver
 
 
-def worker(system: str, steps: int) -> None:
+def worker(system: str, steps: int, new_tokens: int, vp2o_set: str) -> None:
     """Run one system in this process; print its steps as one JSON line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        fn = run_trl if system == "trl" else run_vp2o
-        result = fn(steps, Path(tmp))
+        if system == "trl":
+            result = run_trl(steps, new_tokens, Path(tmp))
+        else:
+            result = run_vp2o(steps, new_tokens, Path(tmp), vp2o_set.split())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -207,10 +224,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="steps per run (2 are warm-up)")
+    ap.add_argument("--new-tokens", type=int, default=16, help="generated tokens per sample")
+    ap.add_argument("--vp2o-set", default=FAST,
+                    help="extra vp2o overrides, space-separated (default: %(default)s)")
     ap.add_argument("--worker", choices=["trl", "vp2o"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.steps)
+        worker(args.worker, args.steps, args.new_tokens, args.vp2o_set)
         return
     per: dict[str, list[dict]] = {"trl": [], "vp2o": []}
     rounds: list[dict[str, float]] = []  # per round: each system's median tokens/s
@@ -218,7 +238,8 @@ def main() -> None:
         rounds.append({})
         for system in ("trl", "vp2o"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--worker", system, "--steps", str(args.steps)],
+                [sys.executable, __file__, "--worker", system, "--steps", str(args.steps),
+                 "--new-tokens", str(args.new_tokens), "--vp2o-set", args.vp2o_set],
                 capture_output=True, text=True, check=False,
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -239,6 +260,9 @@ def main() -> None:
         tps[system] = statistics.median((s["generated"] + s["trained"]) / s["s"] for s in steps)
         print(f"{system:>4}: {step_s:.3f} s/step, {gen:.0f} generated + {trained:.0f} trained "
               f"tokens/step, {tps[system]:,.0f} tokens/s (median of {len(steps)} steps)")
+    phases = [f"{k[:-2]} {statistics.median(x[k] for x in per['vp2o']):.3f}"
+              for k in PHASES if all(k in x for x in per["vp2o"])]
+    print("vp2o phases, median s/step: " + ", ".join(phases))
     ratios = [r["vp2o"] / r["trl"] for r in rounds]
     print("per-round ratios vp2o/trl: " + ", ".join(f"{x:.2f}" for x in ratios)
           + f"; pooled-median ratio {tps['vp2o'] / tps['trl']:.2f}")
