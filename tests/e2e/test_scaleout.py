@@ -238,16 +238,19 @@ def test_every_loss_statistic_reaches_metrics_with_its_reduction(tmp_path, sft):
     batch, the token means weigh every response token of the global batch alike, the loss is the
     global batch's."""
     from vp2o.algo import grpo
+    from vp2o.config import load_config
+    from vp2o.train import train
 
     common = [*TINY, "algorithm=grpo", "train.steps=1", "train.updates_per_rollout=2",
               "loss.kl_coeff=0.05", "loss.clip_ratio_c=3.0", "loss.clip_high=0.01",
               "loss.clip_low=0.01", "optimizer.lr=2e-2", "rollout.micro_batch_size=3",
               f"train.init_checkpoint={sft / 'checkpoints'}",
               f"data.tokenizer_path={sft / 'tokenizer.model'}"]
-    _run([sys.executable, "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=4",
-          f"train.run_dir={tmp_path / 'single'}"])
     _run([*launcher(2), "-m", "vp2o.cli", "train", *common, "rollout.prompts_per_step=2",
           f"train.run_dir={tmp_path / 'two'}"])
+    # The single-process reference runs in this process (the reward module is on sys.path).
+    train(load_config(None, [*common, "rollout.prompts_per_step=4",
+                             f"train.run_dir={tmp_path / 'single'}"]))
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")[0]
     produced = {"loss/policy", "loss/kl", "ratio/mean", "ratio/max", "clip/low_frac",
