@@ -368,8 +368,10 @@ def _collect(proc: subprocess.Popen, deadline: float, limit: int) -> tuple[Statu
         if remaining <= 0:
             return "timeout", b"".join(chunks)
         if not poller.poll(max(1, int(min(remaining, 0.05) * 1000))):
-            if proc.poll() is not None:
-                break  # main process gone and the pipe is idle: a leftover child holds it
+            # Main process gone and the pipe idle: a leftover child holds it. Polled again after
+            # the exit is seen: output written just before exiting arrives between the two.
+            if proc.poll() is not None and not poller.poll(0):
+                break
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
