@@ -50,7 +50,6 @@ SHAPE = dict(
     output_router_logits=False, router_aux_loss_coef=0.0, rms_norm_eps=1e-6,
 )
 PROMPTS_PER_STEP, GROUP, LR, WARMUP = 4, 8, 1e-5, 2
-PROMPT_TOKENS = 7  # <bos> + "12+35=": the longest prompt
 PHASES = ("generate_s", "reward_s", "train_s")  # vp2o's perf/* phases, printed as medians
 # vp2o's options that are faster at this shape (docs/benchmarks.md, bench_generate.py): one
 # grouped GEMM for the experts, torch's fused attention, no all-to-all at EP = 1 (GRPO has no
@@ -79,7 +78,8 @@ def hf_config(new_tokens: int):
     """The shared architecture as a transformers config (positions for ``new_tokens``)."""
     from transformers import Qwen3MoeConfig
 
-    positions = max(SHAPE["max_position_embeddings"], PROMPT_TOKENS + new_tokens)
+    prompt_tokens = 1 + max(len(r["prompt"]) for r in rows())  # <bos> + characters
+    positions = max(SHAPE["max_position_embeddings"], prompt_tokens + new_tokens)
     return Qwen3MoeConfig(**{**SHAPE, "max_position_embeddings": positions})
 
 

@@ -122,7 +122,7 @@ class Learner:
             self.rollback.save()
             self._saved_transform = self.transform.state_dict()
         training.zero_grads(s.ddp, s.optimizer)
-        specialisation_losses(0)  # drop what forwards outside a step left (megatron accumulates)
+        drop_specialisation_losses()  # megatron's tracker adds to what other forwards left
         t0 = time.perf_counter()
         mbs = micro_batches(p, cfg.rollout.micro_batch_size, s.device,
                             loss_normaliser(p, cfg, s.groups),
@@ -278,14 +278,26 @@ def routing_in_batch_layout(records: list, b: int, s: int) -> torch.Tensor:
     return torch.stack([r.view(s, b, -1).transpose(0, 1) for r in records])
 
 
+_SPECIALISATION_LOSSES = (("expert_orthogonality_loss", "loss/orthogonality"),
+                          ("routing_variance_loss", "loss/routing_variance"))
+"""(megatron aux-loss tracker entry, metric key) of the §9 losses."""
+
+
+def drop_specialisation_losses() -> None:
+    """Remove the §9 losses' entries from megatron's aux-loss tracker. Its clear only zeroes an
+    entry, and a saved loss adds to it: without this, training forwards outside a step (a
+    previous run in the same process, a test) would reach the next step's value, and a run
+    without the losses would still report them."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    for name, _ in _SPECIALISATION_LOSSES:
+        tracker.pop(name, None)
+
+
 def specialisation_losses(num_microbatches: int) -> dict:
     """The step's orthogonality and routing-variance losses (§9), mean over MoE layers and
-    micro-batches, from megatron's aux-loss tracker (which this then clears).
-
-    Our two entries are removed, not zeroed as megatron's clear does, so that a run without
-    them after one with them in the same process (the demo, tests) reports none. The learner
-    also calls this before a step's forwards: megatron's tracker adds to what is there, and
-    forwards outside a step (evaluation, another run in the process) leave values."""
+    micro-batches, from megatron's aux-loss tracker (whose entries this then removes)."""
     from megatron.core.transformer.moe.moe_utils import (
         clear_aux_losses_tracker,
         get_moe_layer_wise_logging_tracker,
@@ -293,8 +305,7 @@ def specialisation_losses(num_microbatches: int) -> dict:
 
     out = {}
     tracker = get_moe_layer_wise_logging_tracker()
-    for name, key in (("expert_orthogonality_loss", "loss/orthogonality"),
-                      ("routing_variance_loss", "loss/routing_variance")):
+    for name, key in _SPECIALISATION_LOSSES:
         values = tracker.pop(name, {}).get("values")  # [layers], 0 where a layer has none
         if values is not None:  # the loss is configured; no host sync here
             layers = (values != 0).sum().clamp_min(1)

@@ -485,3 +485,50 @@ def test_vp2o_layers_add_no_host_synchronising_ops(init_parallel):
     plain, ours = count(mdl.build_model(cfg)), count(vp2o_model)
     assert plain  # megatron's own dispatcher syncs: the counter sees what it should
     assert ours == plain, f"VP2O layers add host syncs: {ours} vs megatron's {plain}"
+
+
+def test_step_losses_are_the_mean_over_layers_and_micro_batches_and_never_leak(init_parallel):
+    """`specialisation_losses` reports each §9 loss as the mean over MoE layers and
+    micro-batches of what the layers saved (an explicit loop over the tracker's per-layer
+    values as reference) and removes the entries; `drop_specialisation_losses` removes what a
+    forward outside a step left, so the next step reports its own forwards only."""
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        get_moe_layer_wise_logging_tracker,
+    )
+
+    from vp2o.learner import drop_specialisation_losses, specialisation_losses
+
+    cfg, _, model = _build(init_parallel)
+    vp2o_moe.configure_losses(model, ortho_coeff=1.0, variance_coeff=1.0)
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    tokens, pos = _inputs(cfg)
+    names = {"expert_orthogonality_loss": "loss/orthogonality",
+             "routing_variance_loss": "loss/routing_variance"}
+
+    def forward(rows):
+        with torch.enable_grad():
+            model(tokens[rows], pos[rows], None).sum().backward()
+
+    def per_layer():
+        tracker = get_moe_layer_wise_logging_tracker()
+        return {key: [float(v) for v in tracker[name]["values"]] for name, key in names.items()}
+
+    drop_specialisation_losses()
+    forward(slice(0, 1))  # a forward outside any step (evaluation, an earlier run)
+    drop_specialisation_losses()
+    assert not set(names) & set(get_moe_layer_wise_logging_tracker())
+
+    forward(slice(0, 1))  # the step's two micro-batches
+    first = per_layer()
+    forward(slice(1, 2))
+    both = per_layer()
+    got = {k: float(v) for k, v in specialisation_losses(2).items()}
+    assert set(got) == set(names.values())
+    for key, values in both.items():
+        layers = [v for v in values if v != 0.0]
+        assert len(layers) == cfg.model.num_layers
+        assert got[key] == pytest.approx(sum(layers) / len(layers) / 2, rel=1e-6)
+        assert abs(sum(values)) > abs(sum(first[key])) > 0  # the tracker adds them up
+    assert not set(names) & set(get_moe_layer_wise_logging_tracker())
+    assert specialisation_losses(1) == {}  # nothing saved since: nothing reported
