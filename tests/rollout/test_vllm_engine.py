@@ -174,11 +174,12 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match=r"rollout.max_model_len = 96: expected >= "):
         load_config(None, unset + ["model.max_position_embeddings=96",
                                    "data.max_prompt_tokens=90"])
-    # the weight sync streams whole parameters: data parallelism only, refused at load
-    with pytest.raises(ConfigError, match="parallel.expert_parallel = 2: expected 1 with "
+    # each rank's engine gets whole parameters: data and expert parallelism only, at load
+    with pytest.raises(ConfigError, match="parallel.pipeline_parallel = 2: expected 1 with "
                                           "rollout.engine=vllm"):
-        load_config(None, SHAPE + ["parallel.expert_parallel=2", "model.num_experts=4"],
-                    world_size=2)
+        load_config(None, SHAPE + ["parallel.pipeline_parallel=2"], world_size=2)
+    load_config(None, SHAPE + ["parallel.expert_parallel=2", "model.num_experts=4"],
+                world_size=2)
     # pre-softmax routing with a shared expert but no gate: no registered family expresses it
     odd = load_config(None, SHAPE + ["model.moe_shared_expert_intermediate_size=32",
                                      "model.qk_layernorm=true"])

@@ -218,11 +218,12 @@ def cross_section_rules(cfg: Config) -> None:
         expect(cfg.max_model_len >= longest, "rollout.max_model_len", cfg.max_model_len,
                f">= data.max_prompt_tokens + rollout.max_new_tokens ({longest}) with "
                "rollout.engine=vllm")
-        for key in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
+        for key in ("tensor_parallel", "pipeline_parallel"):
             expect(getattr(cfg.parallel, key) == 1, f"parallel.{key}",
                    getattr(cfg.parallel, key), "1 with rollout.engine=vllm (the weight sync "
-                   "streams whole parameters from each rank: data parallelism only; "
-                   "rollout.engine=megatron runs the other layouts, docs/rollout.md)")
+                   "streams whole parameters to each rank's engine: data and expert "
+                   "parallelism only; rollout.engine=megatron runs the other layouts, "
+                   "docs/rollout.md)")
         expect(cfg.max_model_len <= m.max_position_embeddings, "rollout.max_model_len",
                cfg.max_model_len, f"<= model.max_position_embeddings "
                f"({m.max_position_embeddings}): vLLM reads it from the model's config")

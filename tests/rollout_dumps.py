@@ -1,0 +1,46 @@
+"""Reading the rollout batches that tests/reliability/train_hooks.py ``--dump`` writes, and the
+first step's loss they imply (the tests that compare a multi-process run with one process).
+
+At the first step the learner is the actor (ratio 1), so the token_mean policy loss of the
+global batch is ``-sum_i A_i |y_i| / sum_i |y_i|`` over the union of the ranks' batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+HOOKS = Path(__file__).resolve().parent / "reliability" / "train_hooks.py"
+
+
+def pending(dump: Path, step: int = 0) -> list[dict]:
+    """Every rank's rollout batch of ``step``, in rank order."""
+    files = sorted(dump.glob(f"rollout_{step:04d}_rank*.pt"),
+                   key=lambda f: int(f.stem.split("rank")[1]))
+    return [torch.load(f, weights_only=True)["pending"] for f in files]
+
+
+def first_step_loss(pendings: list[dict]) -> float:
+    """-sum_i A_i |y_i| / sum_i |y_i| (token_mean at ratio 1)."""
+    num = sum(float((p["advantages"] * p["batch"]["response_mask"].sum(1)).sum())
+              for p in pendings)
+    return -num / response_tokens(pendings)
+
+
+def response_tokens(pendings: list[dict]) -> float:
+    """Response tokens of the ranks' batches together."""
+    return sum(float(p["batch"]["response_mask"].sum()) for p in pendings)
+
+
+def rows(pendings: list[dict]) -> list[tuple]:
+    """(completion, response tokens, reward, advantage, behaviour log-probs) per sequence, in
+    rank order (global prompt order when rank r took the prompts r, r + W, ...)."""
+    out = []
+    for p in pendings:
+        b = p["batch"]
+        for n, text in enumerate(b["completions"]):
+            tokens = b["tokens"][n][b["response_mask"][n]].tolist()
+            logp = b["behavior_logprobs"][n][b["response_mask"][n]]
+            out.append((text, tokens, float(p["rewards"][n]), float(p["advantages"][n]), logp))
+    return out
