@@ -126,9 +126,24 @@ def rollout_engine(s: Session) -> RolloutEngine:
     if held is None:
         held = _ENGINES[s.model] = _build(s)
         s.closers.append(lambda: close_engine(s))
-    if not held.engine.shares_weights and held.version != _versions(s.model):
+    if not held.engine.shares_weights and _any_rank_changed(
+            held.version != _versions(s.model), next(s.model.parameters()).device):
         sync_weights(s, held)
     return held.engine
+
+
+def _any_rank_changed(changed: bool, device: torch.device) -> bool:
+    """Whether any rank of the expert-parallel group saw its parameters change: under expert
+    parallelism the sync's gathers are collectives, so the group decides together (a rank whose
+    own shard happened not to change must still join)."""
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()
+            and ps.get_expert_model_parallel_world_size() > 1):
+        return changed
+    flag = torch.tensor([int(changed)], device=device)  # NCCL groups need a CUDA tensor
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.get_expert_model_parallel_group())
+    return bool(flag.item())
 
 
 def last_sync_stats(s: Session) -> dict:
