@@ -35,7 +35,7 @@ def response_tokens(pendings: list[dict]) -> float:
 
 def rows(pendings: list[dict]) -> list[tuple]:
     """(completion, response tokens, reward, advantage, behaviour log-probs) per sequence, in
-    rank order (global prompt order when rank r took the prompts r, r + W, ...)."""
+    rank order."""
     out = []
     for p in pendings:
         b = p["batch"]
@@ -43,4 +43,15 @@ def rows(pendings: list[dict]) -> list[tuple]:
             tokens = b["tokens"][n][b["response_mask"][n]].tolist()
             logp = b["behavior_logprobs"][n][b["response_mask"][n]]
             out.append((text, tokens, float(p["rewards"][n]), float(p["advantages"][n]), logp))
+    return out
+
+
+def rows_in_global_order(pendings: list[dict], group: int) -> list[tuple]:
+    """:func:`rows` of the ranks' batches in global prompt order: rank r's j-th prompt is global
+    prompt j * W + r (``group`` sequences per prompt)."""
+    per_rank = [rows([p]) for p in pendings]
+    out = []
+    for j in range(len(per_rank[0]) // group):
+        for mine in per_rank:
+            out += mine[j * group:(j + 1) * group]
     return out

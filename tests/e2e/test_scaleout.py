@@ -30,7 +30,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from rollout_dumps import HOOKS, first_step_loss, pending, response_tokens, rows
+from rollout_dumps import (
+    HOOKS,
+    first_step_loss,
+    pending,
+    response_tokens,
+    rows,
+    rows_in_global_order,
+)
 from torchrun import launcher
 
 from vp2o.mcore.parallel import free_port
@@ -90,7 +97,7 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     single, four = pending(tmp_path / "dump1"), pending(tmp_path / "dump4")
     assert len(single) == 1 and len(four) == 4
     # rank r took global prompt r: the union over ranks, in rank order, is the single batch
-    expected, got = rows(single), rows(four)
+    expected, got = rows(single), rows_in_global_order(four, group=4)
     assert len(got) == len(expected) == 16
     for (t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2) in zip(expected, got, strict=True):
         assert (t1, y1, r1) == (t2, y2, r2)

@@ -23,7 +23,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from rollout_dumps import HOOKS, first_step_loss, pending, rows  # noqa: E402
+from rollout_dumps import (  # noqa: E402
+    HOOKS,
+    first_step_loss,
+    pending,
+    rows,
+    rows_in_global_order,
+)
 from torchrun import launcher, worker_env  # noqa: E402
 
 from vp2o.metrics import read_metrics  # noqa: E402
@@ -57,16 +63,6 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def _by_global_prompt(ranks: list[dict], group: int) -> list[tuple]:
-    """The ranks' rows in global prompt order: rank r's j-th prompt is global j * W + r."""
-    per_rank = [rows([p]) for p in ranks]
-    world, order = len(ranks), []
-    for j in range(len(per_rank[0]) // group):
-        for r in range(world):
-            order += per_rank[r][j * group:(j + 1) * group]
-    return order
-
-
 @pytest.mark.slow
 def test_vp2o_on_vllm_one_process_and_expert_parallel(tmp_path):
     sft = tmp_path / "sft"
@@ -96,7 +92,7 @@ def test_vp2o_on_vllm_one_process_and_expert_parallel(tmp_path):
 
     single, ranks = pending(tmp_path / "dump1"), pending(tmp_path / "dump2")
     assert len(single) == 1 and len(ranks) == 2
-    expected, got = rows(single), _by_global_prompt(ranks, group=4)
+    expected, got = rows(single), rows_in_global_order(ranks, group=4)
     assert len(got) == len(expected) == 16
     for (t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2) in zip(expected, got, strict=True):
         assert (t1, y1, r1) == (t2, y2, r2)
