@@ -55,3 +55,15 @@ def rows_in_global_order(pendings: list[dict], group: int) -> list[tuple]:
         for mine in per_rank:
             out += mine[j * group:(j + 1) * group]
     return out
+
+
+def assert_same_rows(expected: list[tuple], got: list[tuple], *, logprob_atol: float,
+                     logprob_rtol: float = 0.0) -> None:
+    """Row by row: the same completion, response tokens and reward, the advantage within 1e-6,
+    the behaviour log-probs within the tolerances."""
+    assert len(got) == len(expected), (len(got), len(expected))
+    pairs = enumerate(zip(expected, got, strict=True))
+    for n, ((t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2)) in pairs:
+        assert (t1, y1, r1) == (t2, y2, r2), n
+        assert abs(a1 - a2) <= 1e-6, (n, a1, a2)
+        torch.testing.assert_close(lp1, lp2, rtol=logprob_rtol, atol=logprob_atol)

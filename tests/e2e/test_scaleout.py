@@ -32,6 +32,7 @@ import pytest
 import torch
 from rollout_dumps import (
     HOOKS,
+    assert_same_rows,
     first_step_loss,
     pending,
     response_tokens,
@@ -99,10 +100,7 @@ def test_four_process_expert_parallel_matches_single_process_first_step(tmp_path
     # rank r took global prompt r: the union over ranks, in rank order, is the single batch
     expected, got = rows(single), rows_in_global_order(four, group=4)
     assert len(got) == len(expected) == 16
-    for (t1, y1, r1, a1, lp1), (t2, y2, r2, a2, lp2) in zip(expected, got, strict=True):
-        assert (t1, y1, r1) == (t2, y2, r2)
-        assert a1 == pytest.approx(a2, abs=1e-6)
-        torch.testing.assert_close(lp1, lp2, rtol=1e-4, atol=1e-5)
+    assert_same_rows(expected, got, logprob_atol=1e-5, logprob_rtol=1e-4)
     assert any(a != 0 for *_, a, _ in expected), "the reward should give non-zero advantages"
     single = read_metrics(tmp_path / "single" / "metrics.jsonl")[0]
     rank0 = read_metrics(tmp_path / "four" / "metrics.jsonl")[0]
