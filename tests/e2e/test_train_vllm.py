@@ -10,13 +10,19 @@ the expert-parallel group, so a wrong gather shows as a mismatch. Both runs star
 SFT checkpoint; prompts and sampling are layout-independent (each prompt samples from seeds of
 (seed, step, global index), vLLM's per-request seeds), so the ranks' first batches together are
 the single process's, and rank 0 logs the single process's loss and batch statistics
-(tests/e2e/test_scaleout.py does the same for the megatron engine)."""
+(tests/e2e/test_scaleout.py does the same for the megatron engine).
+
+A third run is SIGKILLed in the middle of step 1's generation (requests in flight in vLLM) and
+resumed: its step 1 is the uninterrupted single-process run's."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,18 +70,30 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.slow
-def test_vp2o_on_vllm_one_process_and_expert_parallel(tmp_path):
-    sft = tmp_path / "sft"
+def _common(sft: Path) -> list[str]:
+    return [*MODEL, *RL, f"train.init_checkpoint={sft / 'checkpoints'}",
+            f"data.tokenizer_path={sft / 'tokenizer.model'}", "rollout.prompts_per_step=4"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    """An SFT checkpoint and the uninterrupted one-process run from it (directory ``one``,
+    rollout dumps in ``dump1``)."""
+    root = tmp_path_factory.mktemp("vllm_train")
+    sft = root / "sft"
     _run([sys.executable, "-m", "vp2o.cli", "sft", *MODEL, "sft.steps=3", "sft.batch_size=8",
           f"train.run_dir={sft}"])
-    common = [*MODEL, *RL, f"train.init_checkpoint={sft / 'checkpoints'}",
-              f"data.tokenizer_path={sft / 'tokenizer.model'}"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, str(HOOKS), "--dump", str(tmp_path / "dump1"), "--", "train",
-          *common, "rollout.prompts_per_step=4", f"train.run_dir={one}"])
-    _run([*launcher(2), str(HOOKS), "--dump", str(tmp_path / "dump2"), "--", "train", *common,
-          "rollout.prompts_per_step=2", "parallel.expert_parallel=2", f"train.run_dir={two}"])
+    _run([sys.executable, str(HOOKS), "--dump", str(root / "dump1"), "--", "train",
+          *_common(sft), f"train.run_dir={root / 'one'}"])
+    return root
+
+
+@pytest.mark.slow
+def test_vp2o_on_vllm_one_process_and_expert_parallel(single, tmp_path):
+    one, two = single / "one", tmp_path / "two"
+    _run([*launcher(2), str(HOOKS), "--dump", str(tmp_path / "dump2"), "--", "train",
+          *_common(single / "sft"), "rollout.prompts_per_step=2", "parallel.expert_parallel=2",
+          f"train.run_dir={two}"])
 
     for run_dir in (one, two):
         logged = read_metrics(run_dir / "metrics.jsonl")
@@ -91,9 +109,9 @@ def test_vp2o_on_vllm_one_process_and_expert_parallel(tmp_path):
         assert (run_dir / "checkpoints" / "step_00000002").is_dir()
         assert (run_dir / "eval.json").is_file()
 
-    single, ranks = pending(tmp_path / "dump1"), pending(tmp_path / "dump2")
-    assert len(single) == 1 and len(ranks) == 2
-    expected, got = rows(single), rows_in_global_order(ranks, group=4)
+    alone, ranks = pending(single / "dump1"), pending(tmp_path / "dump2")
+    assert len(alone) == 1 and len(ranks) == 2
+    expected, got = rows(alone), rows_in_global_order(ranks, group=4)
     assert len(got) == len(expected) == 16
     assert_same_rows(expected, got, logprob_atol=1e-4)
     assert any(a != 0 for *_, a, _ in expected), "the reward should give non-zero advantages"
@@ -103,3 +121,41 @@ def test_vp2o_on_vllm_one_process_and_expert_parallel(tmp_path):
     for key in ("loss/policy", "reward/mean", "reward/std", "accuracy", "response/length_mean",
                 "mismatch/abs_diff_max", "behavior/drift_after", "behavior/ess_after"):
         assert rank0[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_kill_during_vllm_generation_then_resume_gives_the_uninterrupted_step(single, tmp_path):
+    """SIGKILL (the process group, as a scheduler does) while vLLM generates step 1's batch;
+    checkpoint 1 is whole, and `train.resume=auto` redoes step 1 from it: the same batch (the
+    rollout dumps) and the same logged step as the run that was never interrupted."""
+    run, ready = tmp_path / "run", tmp_path / "ready"
+    cmd = [sys.executable, str(HOOKS), "--dump", str(tmp_path / "dump"), "--pause-generate",
+           "1", "--ready", str(ready), "--", "train", *_common(single / "sft"),
+           f"train.run_dir={run}"]
+    env = worker_env()
+    env["PYTHONPATH"] = f"{HERE}:{env['PYTHONPATH']}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"never paused in generation ({proc.returncode}):\n{err[-4000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (tmp_path / "dump" / "rollout_0001_rank0.pt").exists()  # killed mid-rollout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+
+    _run([sys.executable, str(HOOKS), "--dump", str(tmp_path / "dump"), "--", "train",
+          *_common(single / "sft"), f"train.run_dir={run}", "train.resume=auto"])
+    assert_same_rows(rows(pending(single / "dump1", step=1)),
+                     rows(pending(tmp_path / "dump", step=1)), logprob_atol=1e-6)
+    full, resumed = (read_metrics(d / "metrics.jsonl") for d in (single / "one", run))
+    assert [r["step"] for r in resumed] == [0, 1]
+    for key in ("loss/policy", "reward/mean", "mismatch/abs_diff_max", "mismatch/k3",
+                "trust/anchor_distance", "behavior/drift_after", "progress/samples",
+                "progress/updates"):
+        assert key in full[1] and key in resumed[1], key
+        assert resumed[1][key] == pytest.approx(full[1][key], rel=1e-5, abs=1e-7), key
