@@ -28,6 +28,7 @@ SHAPE = [
     "model.init_method_std=0.05", "model.params_dtype=fp32",
     "rollout.engine=vllm", "rollout.max_model_len=64", "rollout.max_num_seqs=16",
     "rollout.kv_cache_gib=1", "data.max_prompt_tokens=16", "rollout.max_new_tokens=12",
+    "model.moe_enable_routing_replay=true",  # R3 (test_learner_replays_the_engines_routes)
 ]
 TOL = 2e-4
 
@@ -47,6 +48,9 @@ def env():
     engine = engines.rollout_engine(s)
     yield s, engine
     engines.close_engine(s)
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    RouterReplay.clear_global_router_replay_instances()
     parallel.destroy()
     torch.manual_seed(0)
 
@@ -113,6 +117,56 @@ def test_routes_equal_megatron_router_topk(env):
     assert same.float().mean() > 0.99, f"route agreement {same.float().mean():.3f}"
     gates = (ours.routing_gates - ref.routing_gates).abs()[have]
     assert gates.max() < 1e-3
+
+
+def test_learner_replays_the_engines_routes(env):
+    """R3 on vLLM's routes: the learner's routers move (its own top-k would differ), and its
+    forward replaying the routes vLLM returned gives the log-probs of replaying the routes
+    megatron's own forward takes at the rollout weights (recorded by RouterReplay, an
+    independent source), token for token; without the replay they differ by far more."""
+    from vp2o.mcore import router_replay
+    from vp2o.rollout import attention_mask, replay_indices
+
+    s, engine = env
+    model = s.model
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, group_size=2, record_routing=True)
+    batch = engine.generate(PROMPTS, params, generator=[torch.Generator().manual_seed(i)
+                                                        for i in range(len(PROMPTS))])
+    model.eval()
+    with torch.no_grad():
+        router_replay.record(model)  # megatron's routes at the rollout weights
+        model(batch.tokens, batch.position_ids, attention_mask(batch.valid))
+        megatron_ids = router_replay.recorded(model)
+        router_replay.stop(model)
+    routers = {n: p for n, p in model.named_parameters() if "router" in n}
+    assert routers
+    saved = {n: p.detach().clone() for n, p in routers.items()}
+    g = torch.Generator().manual_seed(3)
+    try:
+        with torch.no_grad():
+            for p in routers.values():  # the learner's update moved its routers
+                p.add_(torch.randn(p.shape, generator=g) * p.std())
+
+            def logprobs(ids=None):
+                if ids is not None:
+                    router_replay.replay(model, ids)
+                try:
+                    return sequence_logprobs(model, batch, temperature=batch.logprob_temperature)
+                finally:
+                    router_replay.stop(model)
+
+            from_vllm = logprobs(replay_indices(batch.routing_ids))
+            reference = logprobs(megatron_ids)
+            own = logprobs()
+    finally:
+        with torch.no_grad():
+            for n, p in routers.items():
+                p.copy_(saved[n])
+        model.train()
+    mask = batch.response_mask
+    diff = (from_vllm - reference).abs()[mask]
+    assert diff.max() < TOL, f"replaying vLLM's routes vs megatron's: max |diff| {diff.max():.2e}"
+    assert (own - reference).abs()[mask].max() > 100 * TOL  # the replay is what made them equal
 
 
 def test_moe_repack_workaround_still_needed(env):
