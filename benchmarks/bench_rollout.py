@@ -72,7 +72,7 @@ def run_shape(name: str, args) -> dict:
     torch.manual_seed(0)
     model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
     tok = CharTokenizer([chr(ord("!") + i) for i in range(cfg.model.vocab_size - 3)])
-    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok)
+    s = types.SimpleNamespace(cfg=cfg, model=model, tokenizer=tok, closers=[])
     t0 = time.perf_counter()
     vllm_engine = engines.rollout_engine(s)
     start_s = time.perf_counter() - t0
