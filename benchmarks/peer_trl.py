@@ -239,7 +239,11 @@ def worker(system: str, steps: int, new_tokens: int, vp2o_set: str) -> None:
         if system.startswith("trl"):
             result = run_trl(steps, new_tokens, Path(tmp), use_vllm=system == "trl_vllm")
         else:
-            engine = ["rollout.engine=vllm", f"rollout.kv_cache_gib={KV_CACHE_GIB}"]
+            prompt_tokens = 1 + max(len(r["prompt"]) for r in rows())  # <bos> + characters
+            engine = ["rollout.engine=vllm", f"rollout.kv_cache_gib={KV_CACHE_GIB}",
+                      f"data.max_prompt_tokens={prompt_tokens}",
+                      f"rollout.max_model_len={prompt_tokens + new_tokens}",
+                      f"rollout.max_num_seqs={PROMPTS_PER_STEP * GROUP}"]
             extra = [*vp2o_set.split(), *(engine if system == "vp2o_vllm" else [])]
             result = run_vp2o(steps, new_tokens, Path(tmp), extra)
     print("RESULT " + json.dumps(result), flush=True)

@@ -25,6 +25,7 @@ from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
 from vp2o.rollout import RolloutBatch, replay_indices, sequence_logprobs
+from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session, load_initial_weights
 
 # How the learner's own per-micro-batch statistics combine over micro-batches and data-parallel
@@ -271,11 +272,6 @@ def reference_model(s: Session):
     else:  # a resumed run without init_checkpoint: the trainer warns
         ref.load_state_dict(s.model.state_dict())
     return ref
-
-
-def routing_in_batch_layout(records: list, b: int, s: int) -> torch.Tensor:
-    """Per-layer [S*b, k] router rows (megatron order s*b + n) -> [layers, b, S, k]."""
-    return torch.stack([r.view(s, b, -1).transpose(0, 1) for r in records])
 
 
 _SPECIALISATION_LOSSES = (("expert_orthogonality_loss", "loss/orthogonality"),

@@ -169,6 +169,42 @@ def test_learner_replays_the_engines_routes(env):
     assert (own - reference).abs()[mask].max() > 100 * TOL  # the replay is what made them equal
 
 
+def test_gates_recomputed_from_the_engines_ids_equal_the_engines_gates(env):
+    """Where vLLM returns ids only (CUDA), ``fill_routing_gates`` recomputes the actors' gates
+    with the learner's forward replaying them. On the CPU the engine's own gates (from its
+    router logits) are the reference; the recompute runs in micro-batches of 4 of 6 rows. With
+    random ids (not the router's choice) it still routes exactly those experts (else it
+    raises) and each token's gates sum to 1 (top-k renormalised)."""
+    import dataclasses
+
+    from vp2o.experience import fill_routing_gates
+
+    s, engine = env
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, group_size=2, record_routing=True)
+    batch = engine.generate(PROMPTS, params, generator=[torch.Generator().manual_seed(i)
+                                                        for i in range(len(PROMPTS))])
+    cfg = dataclasses.replace(s.cfg, rollout=dataclasses.replace(s.cfg.rollout,
+                                                                 micro_batch_size=4))
+    small = types.SimpleNamespace(cfg=cfg, model=s.model)
+    reference, batch.routing_gates = batch.routing_gates, torch.empty(0)
+    fill_routing_gates(small, batch)
+    have = batch.routing_ids[..., 0] >= 0
+    assert batch.routing_gates.shape == reference.shape and s.model.training
+    diff = (batch.routing_gates - reference).abs()[have]
+    assert diff.max() < 1e-3, f"recomputed vs engine gates: max |diff| {diff.max():.2e}"
+    assert (batch.routing_gates[~have] == 0).all()
+
+    g = torch.Generator().manual_seed(5)
+    experts, k = s.cfg.model.num_experts, s.cfg.model.moe_router_topk
+    shape = batch.routing_ids.shape[:-1]
+    random_ids = torch.rand(*shape, experts, generator=g).argsort(-1)[..., :k].sort(-1).values
+    batch.routing_ids = torch.where(have.unsqueeze(-1), random_ids, batch.routing_ids)
+    batch.routing_gates = torch.empty(0)
+    fill_routing_gates(small, batch)
+    torch.testing.assert_close(batch.routing_gates.sum(-1)[have],
+                               torch.ones(int(have.sum())), rtol=0, atol=1e-5)
+
+
 def test_moe_repack_workaround_still_needed(env):
     """When this fails, vLLM repacks its CPU fused-MoE weights on reload by itself: remove
     vllm_cpu.repack_moe_after_reload (and this test)."""
@@ -258,16 +294,20 @@ def test_vllm_missing_is_refused(monkeypatch):
         require_vllm()
 
 
-def test_vp2o_trust_region_is_refused_where_the_engine_returns_no_gates(monkeypatch):
-    """CUDA vLLM returns routed-expert ids only; the §10 anchor distance needs the gates: the
+def test_vp2o_trust_region_needs_router_replay_where_the_engine_returns_no_gates(monkeypatch):
+    """CUDA vLLM returns routed-expert ids only; the §10 anchor distance needs the gates, which
+    the learner recomputes by replaying the ids: without model.moe_enable_routing_replay the
     trust region is refused (naming the key) before any work instead of computed from zeros."""
     from vp2o.engines import check_engine_settings
     from vp2o.rollout import vllm_cpu
 
-    cfg = load_config(None, SHAPE + ["algorithm=vp2o"])
+    no_replay = [x for x in SHAPE if not x.startswith("model.moe_enable_routing_replay")]
+    cfg = load_config(None, no_replay + ["algorithm=vp2o"])
     check_engine_settings(cfg)  # the CPU build captures gates: accepted
     monkeypatch.setattr(vllm_cpu, "on_cpu", lambda: False)
-    with pytest.raises(ConfigError, match="vp2o.trust_region.enabled = true needs the actors'"):
+    with pytest.raises(ConfigError, match="needs model.moe_enable_routing_replay=true") as err:
         check_engine_settings(cfg)
+    assert err.value.key == "model.moe_enable_routing_replay"
     for ok in (["algorithm=vp2o", "vp2o.trust_region.enabled=false"], ["algorithm=grpo"]):
-        check_engine_settings(load_config(None, SHAPE + ok))
+        check_engine_settings(load_config(None, no_replay + ok))
+    check_engine_settings(load_config(None, SHAPE + ["algorithm=vp2o"]))  # replay on: accepted

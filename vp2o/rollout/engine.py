@@ -114,7 +114,7 @@ def batch_from_sequences(
     finished: list[bool],
     completions: list[str],
     logprob_temperature: float,
-    routes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    routes: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> RolloutBatch:
     """A :class:`RolloutBatch` in the padded layout from per-row token lists.
 
@@ -128,7 +128,9 @@ def batch_from_sequences(
         completions: N decoded responses.
         logprob_temperature: the temperature the learner scores at.
         routes: N (ids [T_n, Lm, k], gates [T_n, Lm, k]) with T_n <= prompt + response tokens
-            (missing trailing positions stay -1 / 0).
+            (missing trailing positions stay -1 / 0); gates None where the engine returns ids
+            only (the batch's ``routing_gates`` then stays empty:
+            ``vp2o.experience.fill_routing_gates``).
     """
     n = len(responses)
     width = max(len(p) for p in prompts)
@@ -143,7 +145,8 @@ def batch_from_sequences(
     if routes is not None:
         layers, k = routes[0][0].shape[1:]
         ids = torch.full((layers, n, total, k), -1, dtype=torch.long)
-        gates = torch.zeros((layers, n, total, k), dtype=torch.float32)
+        if all(g is not None for _, g in routes):
+            gates = torch.zeros((layers, n, total, k), dtype=torch.float32)
     for row, (resp, lps) in enumerate(zip(responses, logprobs, strict=True)):
         prompt = prompts[row // group_size]
         start = width - len(prompt)
@@ -158,7 +161,8 @@ def batch_from_sequences(
             r_ids, r_gates = routes[row]
             t = min(r_ids.shape[0], len(seq))
             ids[:, row, start : start + t] = r_ids[:t].transpose(0, 1)
-            gates[:, row, start : start + t] = r_gates[:t].transpose(0, 1).float()
+            if gates is not None:
+                gates[:, row, start : start + t] = r_gates[:t].transpose(0, 1).float()
     batch = RolloutBatch(
         tokens=tokens,
         position_ids=positions,
@@ -172,5 +176,7 @@ def batch_from_sequences(
         logprob_temperature=logprob_temperature,
     )
     if routes is not None:
-        batch.routing_ids, batch.routing_gates = ids, gates
+        batch.routing_ids = ids
+        if gates is not None:
+            batch.routing_gates = gates
     return batch

@@ -103,6 +103,12 @@ class RoutingRecorder:
         return torch.stack(ids), torch.stack(gates)
 
 
+def routing_in_batch_layout(records: list[torch.Tensor], b: int, s: int) -> torch.Tensor:
+    """Per-layer [S * b, k] router rows (megatron order s * b + n) -> [layers, b, S, k]
+    (the inverse of :func:`replay_indices`'s layout)."""
+    return torch.stack([r.view(s, b, -1).transpose(0, 1) for r in records])
+
+
 def replay_indices(routing_ids: torch.Tensor) -> list[torch.Tensor]:
     """Recorded ids as megatron's router replay wants them for a learner forward.
 

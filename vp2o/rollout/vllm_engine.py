@@ -209,14 +209,14 @@ class VLLMEngine:
             routes=routes if sampling.record_routing else None,
         )
 
-    def _routes(self, out, capture, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, gates) [T, Lm, k] of one request's fed tokens."""
+    def _routes(self, out, capture, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ids, gates) [T, Lm, k] of one request's fed tokens; gates None where vLLM returns
+        ids only (CUDA: the learner recomputes them, ``vp2o.experience.fill_routing_gates``)."""
         if capture is not None:
             return routes_from_logits(capture.take(_engine_request_id(capture, out.request_id)),
                                       self.topk, renormalize=self.renormalize)
         ids = torch.as_tensor(out.outputs[0].routed_experts).long()  # [T - 1, Lm, k]
-        ids = torch.sort(ids, dim=-1).values
-        return ids, torch.zeros(ids.shape, dtype=torch.float32)
+        return torch.sort(ids, dim=-1).values, None
 
 
 def _engine_request_id(capture: vllm_cpu.RouterLogitsCapture, request_id: str) -> str:
