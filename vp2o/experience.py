@@ -38,6 +38,9 @@ class PendingBatch:
         rewards: [N] rewards.
         updates: learner steps taken on it so far.
         stats: the batch's logged statistics (global batch: every data-parallel rank's).
+        rollout_logprobs: [N, S] the learner's log-probs at the rollout weights, where a
+            mismatch correction reuses the batch (``Learner.update`` computes them before the
+            first update); None otherwise.
     """
 
     batch: RolloutBatch
@@ -45,13 +48,15 @@ class PendingBatch:
     rewards: torch.Tensor
     updates: int = 0
     stats: dict = field(default_factory=dict)
+    rollout_logprobs: torch.Tensor | None = None
 
     def state_dict(self) -> dict:
         """Plain tensors/numbers/strings, for a checkpoint's ``extra``."""
         batch = {f.name: getattr(self.batch, f.name) for f in dataclasses.fields(self.batch)}
         stats = {k: v if torch.is_tensor(v) else float(v) for k, v in self.stats.items()}
         return {"batch": batch, "advantages": self.advantages, "rewards": self.rewards,
-                "updates": self.updates, "stats": stats}
+                "updates": self.updates, "stats": stats,
+                "rollout_logprobs": self.rollout_logprobs}
 
     @classmethod
     def from_state(cls, state: dict | None) -> PendingBatch | None:
@@ -59,7 +64,8 @@ class PendingBatch:
         if state is None:
             return None
         return cls(batch=RolloutBatch(**state["batch"]), advantages=state["advantages"],
-                   rewards=state["rewards"], updates=state["updates"], stats=state["stats"])
+                   rewards=state["rewards"], updates=state["updates"], stats=state["stats"],
+                   rollout_logprobs=state.get("rollout_logprobs"))
 
 
 def sampling_params(cfg: Config, *, record_routing: bool) -> SamplingParams:
@@ -210,9 +216,13 @@ def micro_batches(p: PendingBatch, size: int, device: torch.device,
         groups = _token_budget_groups(p.batch, max_tokens)
     else:
         groups = [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
-    return [{"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
-             "denominator": denominator, "index": idx, "packed": bool(max_tokens)}
-            for idx in groups]
+    out = [{"batch": p.batch.select(idx).to(device), "adv": p.advantages[idx].to(device),
+            "denominator": denominator, "index": idx, "packed": bool(max_tokens)}
+           for idx in groups]
+    if p.rollout_logprobs is not None:
+        for mb in out:
+            mb["logp_rollout"] = p.rollout_logprobs[mb["index"]].to(device)
+    return out
 
 
 def _token_budget_groups(batch: RolloutBatch, max_tokens: int) -> list[torch.Tensor]:

@@ -92,7 +92,9 @@ class Learner:
         # and each token's term is weighted by TIS/MIS of learner vs engine.
         logp_old, weights, fixes = batch.behavior_logprobs, None, {}
         if cfg.loss_correction != "none":
-            logp_old = logp.detach()
+            # the rollout weights' log-probs: this forward's at the first update, else the
+            # pre-update forward's (rollout_logprobs) when the batch is reused
+            logp_old = mb.get("logp_rollout", logp.detach())
             weights, fixes = mismatch.correction_weights(
                 logp_old, batch.behavior_logprobs, batch.response_mask,
                 method=cfg.loss_correction, tis_cap=loss_cfg.tis_cap, mis_low=loss_cfg.mis_low,
@@ -113,6 +115,26 @@ class Learner:
         stats["_logp"] = logp.detach()
         return loss, stats
 
+    def rollout_logprobs(self, p: PendingBatch) -> torch.Tensor:
+        """[N, S] the learner's log-probs of the batch at the current (rollout) weights, the
+        reference of a mismatch correction's PPO ratio on every update of a reused batch: one
+        no-grad forward, the first update's forward without the gradient (the same
+        micro-batches, router replay where the loss replays)."""
+        cfg, model = self.cfg, self.s.model
+        out = []
+        with torch.no_grad():
+            for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
+                batch = mb["batch"]
+                if cfg.rollout.router_replay:
+                    router_replay.replay(model, replay_indices(batch.routing_ids))
+                try:
+                    out.append(sequence_logprobs(model, batch,
+                                                 temperature=batch.logprob_temperature))
+                finally:
+                    if cfg.rollout.router_replay:
+                        router_replay.stop(model)
+        return torch.cat(out).cpu()
+
     # --------------------------------------------------------------- one step
     def update(self, p: PendingBatch) -> Update:
         """Forward/backward over the batch's micro-batches, [VP2O: the Stein transform of the
@@ -122,6 +144,9 @@ class Learner:
         if self.rollback is not None:  # §10: what a rejected step restores
             self.rollback.save()
             self._saved_transform = self.transform.state_dict()
+        if (cfg.loss_correction != "none" and cfg.updates_per_rollout > 1
+                and p.rollout_logprobs is None):
+            p.rollout_logprobs = self.rollout_logprobs(p)  # before any update on the batch
         training.zero_grads(s.ddp, s.optimizer)
         drop_specialisation_losses()  # megatron's tracker adds to what other forwards left
         t0 = time.perf_counter()

@@ -1,9 +1,12 @@
 """Token-budget micro-batches (``train.max_tokens_per_microbatch``, vp2o.mcore.packing): the plan,
 the block-diagonal mask, and the learner's loss, log-probs and gradients on packed micro-batches
-against the padded computation (tiny model, one process, fp32), with and without router replay."""
+against the padded computation (tiny model, one process, fp32), with and without router replay;
+and, on the same batch, the rollout-weight log-probs that a mismatch correction takes its ratio
+against when a batch is reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -158,3 +161,77 @@ def test_replay_follows_the_packed_order(tiny):
             out.append(packing.packed_logprobs(model, batch, temperature=1.0))
             router_replay.stop(model)
     assert not torch.allclose(out[0], out[1], atol=1e-3)
+
+
+def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
+    """``loss.correction=tis`` with two updates per batch: ``Learner.rollout_logprobs`` (the
+    pre-update forward, router replay on) equals the learner's log-probs at those weights; at
+    those weights a micro-batch's loss with them equals the one-update loss (its own forward's
+    log-probs); once the weights move, the ratio is taken against them (not against the new
+    forward: the loss differs from the one-update form) and the loss equals policy_loss
+    called with them directly."""
+    from vp2o.algo import grpo, mismatch
+    from vp2o.learner import clip_options
+    from vp2o.rollout import sequence_logprobs
+
+    _, groups, model, pending = tiny
+    cfg = load_config(None, [*TINY, "loss.correction=tis", "train.updates_per_rollout=2",
+                             "rollout.router_replay=true", "rollout.micro_batch_size=4"])
+    p = PendingBatch(batch=pending.batch, advantages=pending.advantages, rewards=pending.rewards)
+    learner = types.SimpleNamespace(
+        cfg=cfg, s=types.SimpleNamespace(model=model, device=torch.device("cpu")),
+        ref_model=None, transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+    p.rollout_logprobs = Learner.rollout_logprobs(learner, p)
+    batch = p.batch
+    with torch.no_grad():
+        router_replay.replay(model, replay_indices(batch.routing_ids))
+        expected = sequence_logprobs(model, batch, temperature=batch.logprob_temperature)
+        router_replay.stop(model)
+    mask = batch.response_mask
+    torch.testing.assert_close(p.rollout_logprobs[mask], expected[mask], rtol=0, atol=1e-6)
+
+    def losses():
+        stored = micro_batches(p, 4, torch.device("cpu"), loss_normaliser(p, cfg, groups))
+        own = micro_batches(dataclasses.replace(p, rollout_logprobs=None), 4,
+                            torch.device("cpu"), loss_normaliser(p, cfg, groups))
+        assert all("logp_rollout" in mb for mb in stored)
+        assert not any("logp_rollout" in mb for mb in own)
+        out = []
+        for mbs in (stored, own):
+            total = 0.0
+            for mb in mbs:
+                loss, _ = Learner.loss_fn(learner, model, mb)
+                total += float(loss.detach())
+            router_replay.stop(model)
+            out.append(total)
+        return out, stored
+
+    (with_stored, with_own), _ = losses()
+    assert with_stored == pytest.approx(with_own, rel=1e-5, abs=1e-7)
+    saved = {n: q.detach().clone() for n, q in model.named_parameters()}
+    try:
+        with torch.no_grad():  # an update moved the weights
+            for q in model.parameters():
+                q.add_(0.05 * torch.randn(q.shape, generator=torch.Generator().manual_seed(7)))
+        (with_stored, with_own), stored = losses()
+        assert abs(with_stored - with_own) > 1e-4
+        mb = stored[0]
+        b = mb["batch"]
+        router_replay.replay(model, replay_indices(b.routing_ids))
+        logp = sequence_logprobs(model, b, temperature=b.logprob_temperature)
+        router_replay.stop(model)
+        weights, _ = mismatch.correction_weights(
+            mb["logp_rollout"], b.behavior_logprobs, b.response_mask, method="tis",
+            tis_cap=cfg.loss.tis_cap, mis_low=cfg.loss.mis_low, mis_high=cfg.loss.mis_high,
+            mis_level=cfg.loss.mis_level)
+        ref, _ = grpo.policy_loss(
+            logp, mb["logp_rollout"], mb["adv"], b.response_mask, **clip_options(cfg),
+            aggregation=cfg.loss.aggregation, pg_estimator=cfg.loss.estimator,
+            denominator=mb["denominator"], token_weights=weights)
+        loss, _ = Learner.loss_fn(learner, model, mb)
+        router_replay.stop(model)
+        assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-6, abs=1e-8)
+    finally:
+        with torch.no_grad():
+            for n, q in model.named_parameters():
+                q.copy_(saved[n])

@@ -207,12 +207,6 @@ def cross_section_rules(cfg: Config) -> None:
     if cfg.rollout.router_replay:
         expect(m.moe_enable_routing_replay, "model.moe_enable_routing_replay", False,
                "true when rollout.router_replay is on (routers are built with RouterReplay)")
-    if cfg.loss_correction != "none":
-        expect(cfg.updates_per_rollout == 1, "train.updates_per_rollout",
-               cfg.updates_per_rollout,
-               f"1 with loss.correction = {cfg.loss_correction} (the correction compares the "
-               "engine with the learner's forward at the rollout weights, which only the first "
-               "update of a batch has; set loss.correction=none to reuse batches)")
     if cfg.rollout.engine == "vllm":
         longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
         expect(cfg.max_model_len >= longest, "rollout.max_model_len", cfg.max_model_len,
