@@ -1,7 +1,8 @@
 """The session's rollout engine (``rollout.engine``), built once and fed the learner's weights.
 
-    engine = rollout_engine(s)        # built on first use; a vLLM engine is synced when the
-    batch = engine.generate(...)      # learner's parameters changed since its last sync
+    with awake_engine(s) as engine:   # built on first use, awake; a vLLM engine is synced
+        batch = engine.generate(...)  # when the learner's parameters changed since its last
+                                      # sync, and sleeps again after (GPU sleep mode)
 
 ``make_rollouts`` and ``vp2o eval`` call only this and the engine interface
 (:mod:`vp2o.rollout.engine`). Settings an engine cannot serve are refused before any generation,
@@ -10,6 +11,7 @@ naming the setting.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 import weakref
@@ -133,13 +135,26 @@ def sync_weights(s: Session, held: _Held) -> dict:
     return held.last_sync
 
 
+@contextlib.contextmanager
+def awake_engine(s: Session):
+    """The session's engine (:func:`rollout_engine`) for one rollout, then asleep again: with
+    ``rollout.sleep_between_rollouts`` a GPU vLLM engine frees its weights and KV cache for the
+    learner's update (a no-op for every other engine and on the CPU)."""
+    engine = rollout_engine(s)
+    try:
+        yield engine
+    finally:
+        engine.sleep()
+
+
 def rollout_engine(s: Session) -> RolloutEngine:
-    """The session's engine, built on first use; a vLLM engine gets the learner's current
-    weights first when they changed since its last sync."""
+    """The session's engine, built on first use and awake; a vLLM engine gets the learner's
+    current weights first when they changed since its last sync."""
     held = _ENGINES.get(s.model)
     if held is None:
         held = _ENGINES[s.model] = _build(s)
         s.closers.append(lambda: close_engine(s))
+    held.engine.wake()  # before the sync: the weights must be on the card to be overwritten
     if not held.engine.shares_weights and _any_rank_changed(
             held.version != _versions(s.model), next(s.model.parameters()).device):
         sync_weights(s, held)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from vp2o.config import Config
 from vp2o.data.tasks import check_prompt_lengths, encode_rows
-from vp2o.engines import check_engine_settings, rollout_engine
+from vp2o.engines import awake_engine, check_engine_settings
 from vp2o.eval_stats import (
     EvalHistory,
     pass_at_k,
@@ -59,7 +59,8 @@ def _sample(s: Session, rows: list[dict], *, temperature: float, group: int, see
     )
     prompts = [s.tokenizer.encode(r["prompt"]) for r in rows]
     gen = torch.Generator().manual_seed(seed)
-    return rollout_engine(s).generate(prompts, params, generator=gen)
+    with awake_engine(s) as engine:
+        return engine.generate(prompts, params, generator=gen)
 
 
 def _my_chunks(num_rows: int, size: int) -> list[range | None]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from vp2o.algo import grpo
 from vp2o.config import Config
-from vp2o.engines import needs_gates, needs_routes, rollout_engine
+from vp2o.engines import awake_engine, needs_gates, needs_routes
 from vp2o.mcore import packing, router_replay
 from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.vp2o_moe import moe_layers
@@ -98,9 +98,9 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
            for i in indices]
     params = sampling_params(cfg, record_routing=needs_routes(cfg))
     t0 = time.perf_counter()
-    engine = rollout_engine(s)  # a vLLM engine is first synced with the learner's weights
-    t_sync = time.perf_counter() - t0
-    batch = engine.generate(prompts, params, generator=gen)
+    with awake_engine(s) as engine:  # a vLLM engine is first synced with the learner's weights
+        t_sync = time.perf_counter() - t0
+        batch = engine.generate(prompts, params, generator=gen)
     t_gen = time.perf_counter() - t0 - t_sync
     if needs_gates(cfg) and not batch.routing_gates.numel():
         fill_routing_gates(s, batch)  # an engine that returns ids only (CUDA vLLM)

@@ -139,6 +139,7 @@ class VLLMEngine:
         self.tp_group = rollout_tp_group(tensor_parallel) if external_launcher else None
         self.routes = routes
         self.sleep_mode = sleep_mode and not self.cpu
+        self.asleep = False
         self.returns_routes = routes
 
     # ------------------------------------------------------------------ weights
@@ -156,14 +157,17 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     def sleep(self) -> None:
-        """GPU sleep mode (weights and KV cache off the card); a no-op on the CPU."""
-        if self.sleep_mode:
+        """GPU sleep mode, level 1 (weights to host memory, KV cache dropped); a no-op on the
+        CPU, without ``rollout.sleep_between_rollouts`` and when already asleep."""
+        if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=1)
+            self.asleep = True
 
     def wake(self) -> None:
-        """Undo :meth:`sleep`."""
-        if self.sleep_mode:
+        """Undo :meth:`sleep` (a no-op when awake)."""
+        if self.asleep:
             self.llm.wake_up()
+            self.asleep = False
 
     # ------------------------------------------------------------------ generation
     def _params(self, sampling: SamplingParams, seed: int):
