@@ -166,6 +166,8 @@ class VLLMEngine:
     def wake(self) -> None:
         """Undo :meth:`sleep` (a no-op when awake)."""
         if self.asleep:
+            if torch.cuda.is_available():  # hand the learner's cached blocks back first
+                torch.cuda.empty_cache()
             self.llm.wake_up()
             self.asleep = False
 
