@@ -119,20 +119,26 @@ class Learner:
         """[N, S] the learner's log-probs of the batch at the current (rollout) weights, the
         reference of a mismatch correction's PPO ratio on every update of a reused batch: one
         no-grad forward, the first update's forward without the gradient (the same
-        micro-batches, router replay where the loss replays)."""
+        micro-batches, router replay where the loss replays; eval mode, so that no auxiliary
+        loss or routing statistic of a training forward is recorded; no dropout in RL)."""
         cfg, model = self.cfg, self.s.model
         out = []
-        with torch.no_grad():
-            for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
-                batch = mb["batch"]
-                if cfg.rollout.router_replay:
-                    router_replay.replay(model, replay_indices(batch.routing_ids))
-                try:
-                    out.append(sequence_logprobs(model, batch,
-                                                 temperature=batch.logprob_temperature))
-                finally:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
+                    batch = mb["batch"]
                     if cfg.rollout.router_replay:
-                        router_replay.stop(model)
+                        router_replay.replay(model, replay_indices(batch.routing_ids))
+                    try:
+                        out.append(sequence_logprobs(model, batch,
+                                                     temperature=batch.logprob_temperature))
+                    finally:
+                        if cfg.rollout.router_replay:
+                            router_replay.stop(model)
+        finally:
+            model.train(was_training)
         return torch.cat(out).cpu()
 
     # --------------------------------------------------------------- one step
