@@ -24,6 +24,7 @@ from vp2o.mcore.parallel import gather_over_data_ranks
 from vp2o.mcore.vp2o_moe import moe_layers
 from vp2o.rewards.pool import RewardPool
 from vp2o.rollout import RolloutBatch, SamplingParams, replay_indices, sequence_logprobs
+from vp2o.rollout.logprobs import scoring
 from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session
 
@@ -173,28 +174,23 @@ def fill_routing_gates(s: Session, batch: RolloutBatch) -> None:
     device = next(model.parameters()).device
     n, size = batch.num_sequences, cfg.rollout.micro_batch_size
     parts = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, n, size):
-                mb = batch.select(torch.arange(start, min(start + size, n))).to(device)
-                b, width = mb.tokens.shape
-                router_replay.replay(model, replay_indices(mb.routing_ids))
-                try:
-                    sequence_logprobs(model, mb, temperature=mb.logprob_temperature)
-                finally:
-                    router_replay.stop(model)
-                recs = [layer.router.last_routing for layer in layers]
-                ids = routing_in_batch_layout([r.ids for r in recs], b, width)
-                routed = mb.routing_ids >= 0
-                if not torch.equal(ids[routed], mb.routing_ids[routed]):
-                    raise RuntimeError("router replay did not route the engine's experts; the "
-                                       "gates would belong to other experts")
-                gates = routing_in_batch_layout([r.gates for r in recs], b, width)
-                parts.append(gates.masked_fill(~routed, 0.0).float().cpu())
-    finally:
-        model.train(was_training)
+    with scoring(model):
+        for start in range(0, n, size):
+            mb = batch.select(torch.arange(start, min(start + size, n))).to(device)
+            b, width = mb.tokens.shape
+            router_replay.replay(model, replay_indices(mb.routing_ids))
+            try:
+                sequence_logprobs(model, mb, temperature=mb.logprob_temperature)
+            finally:
+                router_replay.stop(model)
+            recs = [layer.router.last_routing for layer in layers]
+            ids = routing_in_batch_layout([r.ids for r in recs], b, width)
+            routed = mb.routing_ids >= 0
+            if not torch.equal(ids[routed], mb.routing_ids[routed]):
+                raise RuntimeError("router replay did not route the engine's experts; the "
+                                   "gates would belong to other experts")
+            gates = routing_in_batch_layout([r.gates for r in recs], b, width)
+            parts.append(gates.masked_fill(~routed, 0.0).float().cpu())
     batch.routing_gates = torch.cat(parts, 1)  # [Lm, N, S, k]
 
 

@@ -25,6 +25,7 @@ from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
 from vp2o.rollout import RolloutBatch, replay_indices, sequence_logprobs
+from vp2o.rollout.logprobs import scoring
 from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session, load_initial_weights
 
@@ -123,22 +124,17 @@ class Learner:
         loss or routing statistic of a training forward is recorded; no dropout in RL)."""
         cfg, model = self.cfg, self.s.model
         out = []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
-                    batch = mb["batch"]
+        with scoring(model):
+            for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
+                batch = mb["batch"]
+                if cfg.rollout.router_replay:
+                    router_replay.replay(model, replay_indices(batch.routing_ids))
+                try:
+                    out.append(sequence_logprobs(model, batch,
+                                                 temperature=batch.logprob_temperature))
+                finally:
                     if cfg.rollout.router_replay:
-                        router_replay.replay(model, replay_indices(batch.routing_ids))
-                    try:
-                        out.append(sequence_logprobs(model, batch,
-                                                     temperature=batch.logprob_temperature))
-                    finally:
-                        if cfg.rollout.router_replay:
-                            router_replay.stop(model)
-        finally:
-            model.train(was_training)
+                        router_replay.stop(model)
         return torch.cat(out).cpu()
 
     # --------------------------------------------------------------- one step

@@ -25,6 +25,19 @@ from vp2o.rollout.sampling import logprob_temperature
 from vp2o.rollout.types import RolloutBatch
 
 
+@contextlib.contextmanager
+def scoring(model: torch.nn.Module) -> Iterator[None]:
+    """A forward that only reads: eval mode (no auxiliary losses or training statistics
+    recorded) and no autograd; the model's mode is put back after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def output_layer(model: torch.nn.Module) -> torch.nn.Module | None:
     """The model's ``output_layer`` (through DDP / Float16Module wrappers); None off the last
     pipeline stage."""
