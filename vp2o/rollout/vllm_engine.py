@@ -248,13 +248,18 @@ def rollout_tp_group(tensor_parallel: int):
 
     if tensor_parallel == 1 or not dist.is_initialized():
         return None
-    world, rank = dist.get_world_size(), dist.get_rank()
-    mine = None
-    for start in range(0, world, tensor_parallel):
-        group = dist.new_group(list(range(start, start + tensor_parallel)), backend="gloo")
-        if start <= rank < start + tensor_parallel:
+    rank, mine = dist.get_rank(), None
+    for ranks in rollout_tp_ranks(dist.get_world_size(), tensor_parallel):
+        group = dist.new_group(ranks, backend="gloo")
+        if rank in ranks:
             mine = group
     return mine
+
+
+def rollout_tp_ranks(world: int, tensor_parallel: int) -> list[list[int]]:
+    """The ranks of each engine: groups of ``tensor_parallel`` consecutive ranks."""
+    return [list(range(start, start + tensor_parallel))
+            for start in range(0, world, tensor_parallel)]
 
 
 def gather_requests(group, prompts: list[list[int]],
