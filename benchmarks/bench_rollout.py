@@ -77,8 +77,9 @@ def run_shape(name: str, args) -> dict:
     vllm_engine = engines.rollout_engine(s)
     start_s = time.perf_counter() - t0
     held = engines._ENGINES[model]
-    syncs = [engines.sync_weights(s, held)["perf/sync_s"] for _ in range(args.syncs)]
-    nbytes = engines.engine_weights.model_bytes(model)
+    synced = [engines.sync_weights(s, held) for _ in range(args.syncs)]
+    syncs = [x["perf/sync_s"] for x in synced]
+    nbytes = synced[-1]["perf/sync_bytes"]  # what the engine received
     mega = MegatronEngine(model, tok)
     g = torch.Generator().manual_seed(0)
     prompts = [[1, *torch.randint(3, cfg.model.vocab_size, (12,), generator=g).tolist()]

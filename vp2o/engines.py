@@ -131,7 +131,8 @@ def sync_weights(s: Session, held: _Held) -> dict:
     held.engine.update_weights(counted())
     seconds = time.perf_counter() - t0
     held.version = _versions(s.model)
-    held.last_sync = {"perf/sync_s": seconds, "perf/sync_gbps": nbytes / max(seconds, 1e-9) / 1e9}
+    held.last_sync = {"perf/sync_s": seconds, "perf/sync_bytes": float(nbytes),
+                      "perf/sync_gbps": nbytes / max(seconds, 1e-9) / 1e9}
     return held.last_sync
 
 
@@ -176,7 +177,8 @@ def _any_rank_changed(changed: bool, device: torch.device) -> bool:
 
 
 def last_sync_stats(s: Session) -> dict:
-    """``perf/sync_s`` and ``perf/sync_gbps`` of the last weight sync ({} for megatron)."""
+    """``perf/sync_s``, ``perf/sync_bytes`` (what the engine received) and ``perf/sync_gbps``
+    of the last weight sync ({} for megatron)."""
     held = _ENGINES.get(s.model)
     return dict(held.last_sync) if held is not None else {}
 

@@ -196,7 +196,3 @@ def _add_gathered(params: dict, gather: _ExpertGather, layer: str, fc: str, loca
         params[f"{layer}.local_experts.{e}.linear_fc{fc}.weight"] = (
             lambda e=e: gather.stacked(layer, fc, stack)[e])
 
-
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters (what a sync moves)."""
-    return sum(p.numel() * p.element_size() for p in _unwrap(model).parameters())
