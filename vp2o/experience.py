@@ -39,9 +39,9 @@ class PendingBatch:
         rewards: [N] rewards.
         updates: learner steps taken on it so far.
         stats: the batch's logged statistics (global batch: every data-parallel rank's).
-        rollout_logprobs: [N, S] the learner's log-probs at the rollout weights, where a
-            mismatch correction reuses the batch (``Learner.update`` computes them before the
-            first update); None otherwise.
+        rollout_logprobs: [N, S] the learner's log-probs at the rollout weights (its first
+            update's forward, kept by ``Learner.update`` under a mismatch correction): the
+            correction's reference on the batch's later updates; None before that.
     """
 
     batch: RolloutBatch
@@ -178,11 +178,8 @@ def fill_routing_gates(s: Session, batch: RolloutBatch) -> None:
         for start in range(0, n, size):
             mb = batch.select(torch.arange(start, min(start + size, n))).to(device)
             b, width = mb.tokens.shape
-            router_replay.replay(model, replay_indices(mb.routing_ids))
-            try:
+            with router_replay.replaying(model, replay_indices(mb.routing_ids)):
                 sequence_logprobs(model, mb, temperature=mb.logprob_temperature)
-            finally:
-                router_replay.stop(model)
             recs = [layer.router.last_routing for layer in layers]
             ids = routing_in_batch_layout([r.ids for r in recs], b, width)
             routed = mb.routing_ids >= 0

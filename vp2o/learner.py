@@ -25,7 +25,6 @@ from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
 from vp2o.rollout import RolloutBatch, replay_indices, sequence_logprobs
-from vp2o.rollout.logprobs import scoring
 from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session, load_initial_weights
 
@@ -93,8 +92,8 @@ class Learner:
         # and each token's term is weighted by TIS/MIS of learner vs engine.
         logp_old, weights, fixes = batch.behavior_logprobs, None, {}
         if cfg.loss_correction != "none":
-            # the rollout weights' log-probs: this forward's at the first update, else the
-            # pre-update forward's (rollout_logprobs) when the batch is reused
+            # the rollout weights' log-probs: this forward's at the first update, the first
+            # update's (PendingBatch.rollout_logprobs) on a reused batch
             logp_old = mb.get("logp_rollout", logp.detach())
             weights, fixes = mismatch.correction_weights(
                 logp_old, batch.behavior_logprobs, batch.response_mask,
@@ -116,27 +115,6 @@ class Learner:
         stats["_logp"] = logp.detach()
         return loss, stats
 
-    def rollout_logprobs(self, p: PendingBatch) -> torch.Tensor:
-        """[N, S] the learner's log-probs of the batch at the current (rollout) weights, the
-        reference of a mismatch correction's PPO ratio on every update of a reused batch: one
-        no-grad forward, the first update's forward without the gradient (the same
-        micro-batches, router replay where the loss replays; eval mode, so that no auxiliary
-        loss or routing statistic of a training forward is recorded; no dropout in RL)."""
-        cfg, model = self.cfg, self.s.model
-        out = []
-        with scoring(model):
-            for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
-                batch = mb["batch"]
-                if cfg.rollout.router_replay:
-                    router_replay.replay(model, replay_indices(batch.routing_ids))
-                try:
-                    out.append(sequence_logprobs(model, batch,
-                                                 temperature=batch.logprob_temperature))
-                finally:
-                    if cfg.rollout.router_replay:
-                        router_replay.stop(model)
-        return torch.cat(out).cpu()
-
     # --------------------------------------------------------------- one step
     def update(self, p: PendingBatch) -> Update:
         """Forward/backward over the batch's micro-batches, [VP2O: the Stein transform of the
@@ -146,9 +124,6 @@ class Learner:
         if self.rollback is not None:  # §10: what a rejected step restores
             self.rollback.save()
             self._saved_transform = self.transform.state_dict()
-        if (cfg.loss_correction != "none" and cfg.updates_per_rollout > 1
-                and p.rollout_logprobs is None):
-            p.rollout_logprobs = self.rollout_logprobs(p)  # before any update on the batch
         training.zero_grads(s.ddp, s.optimizer)
         drop_specialisation_losses()  # megatron's tracker adds to what other forwards left
         t0 = time.perf_counter()
@@ -175,8 +150,12 @@ class Learner:
         p.updates += 1
         m.update(reduce_stats(outs, {**grpo.POLICY_LOSS_STATS, **LEARNER_STATS}, s.groups))
         m.update(self._transform_metrics())
-        return Update(finite=finite, metrics=m,
-                      logp_before=in_batch_order([o["_logp"] for o in outs], mbs).cpu())
+        logp_before = in_batch_order([o["_logp"] for o in outs], mbs).cpu()
+        if cfg.loss_correction != "none" and finite and p.rollout_logprobs is None:
+            # this forward ran at the rollout weights (an earlier skipped step left them so):
+            # the correction's reference on the batch's later updates
+            p.rollout_logprobs = logp_before
+        return Update(finite=finite, metrics=m, logp_before=logp_before)
 
     def _transform_gradients(self, ddp) -> None:
         """Runs inside ``forward_backward`` after the last backward, before the reduction."""

@@ -164,12 +164,12 @@ def test_replay_follows_the_packed_order(tiny):
 
 
 def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
-    """``loss.correction=tis`` with two updates per batch: ``Learner.rollout_logprobs`` (the
-    pre-update forward, router replay on) equals the learner's log-probs at those weights; at
-    those weights a micro-batch's loss with them equals the one-update loss (its own forward's
-    log-probs); once the weights move, the ratio is taken against them (not against the new
-    forward: the loss differs from the one-update form) and the loss equals policy_loss
-    called with them directly."""
+    """``loss.correction=tis`` with two updates per batch: the rollout-weight log-probs that
+    ``Learner.update`` keeps (its first update's forward, router replay on) equal the learner's
+    log-probs at those weights; at those weights a micro-batch's loss with them equals the
+    one-update loss (its own forward's log-probs); once the weights move, the ratio is taken
+    against them (not against the new forward: the loss differs from the one-update form) and
+    the loss equals policy_loss called with them directly."""
     from vp2o.algo import grpo, mismatch
     from vp2o.learner import clip_options
     from vp2o.rollout import sequence_logprobs
@@ -181,12 +181,11 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
     learner = types.SimpleNamespace(
         cfg=cfg, s=types.SimpleNamespace(model=model, device=torch.device("cpu")),
         ref_model=None, transform=types.SimpleNamespace(capture_specialisation=lambda: None))
-    p.rollout_logprobs = Learner.rollout_logprobs(learner, p)
+    # what Learner.update keeps: the first update's forward, in batch order
+    _, _, p.rollout_logprobs, _ = _loss_and_grads(cfg, groups, model, p, None)
     batch = p.batch
-    with torch.no_grad():
-        router_replay.replay(model, replay_indices(batch.routing_ids))
+    with torch.no_grad(), router_replay.replaying(model, replay_indices(batch.routing_ids)):
         expected = sequence_logprobs(model, batch, temperature=batch.logprob_temperature)
-        router_replay.stop(model)
     mask = batch.response_mask
     torch.testing.assert_close(p.rollout_logprobs[mask], expected[mask], rtol=0, atol=1e-6)
 
@@ -217,9 +216,8 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
         assert abs(with_stored - with_own) > 1e-4
         mb = stored[0]
         b = mb["batch"]
-        router_replay.replay(model, replay_indices(b.routing_ids))
-        logp = sequence_logprobs(model, b, temperature=b.logprob_temperature)
-        router_replay.stop(model)
+        with router_replay.replaying(model, replay_indices(b.routing_ids)):
+            logp = sequence_logprobs(model, b, temperature=b.logprob_temperature)
         weights, _ = mismatch.correction_weights(
             mb["logp_rollout"], b.behavior_logprobs, b.response_mask, method="tis",
             tis_cap=cfg.loss.tis_cap, mis_low=cfg.loss.mis_low, mis_high=cfg.loss.mis_high,

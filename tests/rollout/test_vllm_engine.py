@@ -147,16 +147,13 @@ def test_learner_replays_the_engines_routes(env):
             for p in routers.values():  # the learner's update moved its routers
                 p.add_(torch.randn(p.shape, generator=g) * p.std())
 
-            def logprobs(ids=None):
-                if ids is not None:
-                    router_replay.replay(model, ids)
-                try:
-                    return sequence_logprobs(model, batch, temperature=batch.logprob_temperature)
-                finally:
-                    router_replay.stop(model)
+            def logprobs():
+                return sequence_logprobs(model, batch, temperature=batch.logprob_temperature)
 
-            from_vllm = logprobs(replay_indices(batch.routing_ids))
-            reference = logprobs(megatron_ids)
+            with router_replay.replaying(model, replay_indices(batch.routing_ids)):
+                from_vllm = logprobs()
+            with router_replay.replaying(model, megatron_ids):
+                reference = logprobs()
             own = logprobs()
     finally:
         with torch.no_grad():

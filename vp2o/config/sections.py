@@ -646,8 +646,8 @@ class TrainConfig:
     """Learner updates on each step's rollout batch, the same option for both algorithms: GRPO
     takes exactly this many; VP2O at most this many, fewer when a budget of §10-§11 asks for a
     refresh (then the step ends and the next step samples a new batch). With a mismatch
-    correction (loss.correction) and more than one update, the learner's log-probs at the
-    rollout weights come from one extra no-grad forward before the first update."""
+    correction (loss.correction) the later updates take their ratio against the first
+    update's log-probs (the learner's at the rollout weights)."""
     max_tokens_per_microbatch: int | None = None
     """Token budget of a learner micro-batch (vp2o.mcore.packing): the forward/backward of an
     update packs whole sequences (their real tokens, no padding) back to back into one row per

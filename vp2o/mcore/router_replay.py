@@ -10,6 +10,9 @@ the given model only, so several models in one process (actor snapshot, referenc
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
@@ -55,3 +58,13 @@ def stop(model) -> None:
     for r in _replays(model):
         r.clear_indices()
         r.clear_router_replay_action()
+
+
+@contextlib.contextmanager
+def replaying(model, indices: list[torch.Tensor]) -> Iterator[None]:
+    """:func:`replay` for the forwards inside the block, :func:`stop` after (also on error)."""
+    replay(model, indices)
+    try:
+        yield
+    finally:
+        stop(model)
