@@ -84,12 +84,16 @@ def rows(n: int = 256, seed: int = 0) -> list[dict]:
     return out
 
 
+def prompt_tokens() -> int:
+    """The longest prompt in tokens: <bos> + its characters."""
+    return 1 + max(len(r["prompt"]) for r in rows())
+
+
 def hf_config(new_tokens: int):
     """The shared architecture as a transformers config (positions for ``new_tokens``)."""
     from transformers import Qwen3MoeConfig
 
-    prompt_tokens = 1 + max(len(r["prompt"]) for r in rows())  # <bos> + characters
-    positions = max(SHAPE["max_position_embeddings"], prompt_tokens + new_tokens)
+    positions = max(SHAPE["max_position_embeddings"], prompt_tokens() + new_tokens)
     return Qwen3MoeConfig(**{**SHAPE, "max_position_embeddings": positions})
 
 
@@ -130,8 +134,7 @@ def run_trl(steps: int, new_tokens: int, out_dir: Path, use_vllm: bool = False) 
         model.save_pretrained(out_dir / "model")
         tok.save_pretrained(out_dir / "model")
         model = Qwen3MoeForCausalLM.from_pretrained(out_dir / "model", dtype=torch.float32)
-        prompt_tokens = 1 + max(len(r["prompt"]) for r in rows())
-        vllm_args = dict(vllm_mode="colocate", vllm_max_model_length=prompt_tokens + new_tokens,
+        vllm_args = dict(vllm_mode="colocate", vllm_max_model_length=prompt_tokens() + new_tokens,
                          vllm_gpu_memory_utilization=0.3, vllm_enable_sleep_mode=False)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
@@ -239,10 +242,9 @@ def worker(system: str, steps: int, new_tokens: int, vp2o_set: str) -> None:
         if system.startswith("trl"):
             result = run_trl(steps, new_tokens, Path(tmp), use_vllm=system == "trl_vllm")
         else:
-            prompt_tokens = 1 + max(len(r["prompt"]) for r in rows())  # <bos> + characters
             engine = ["rollout.engine=vllm", f"rollout.kv_cache_gib={KV_CACHE_GIB}",
-                      f"data.max_prompt_tokens={prompt_tokens}",
-                      f"rollout.max_model_len={prompt_tokens + new_tokens}",
+                      f"data.max_prompt_tokens={prompt_tokens()}",
+                      f"rollout.max_model_len={prompt_tokens() + new_tokens}",
                       f"rollout.max_num_seqs={PROMPTS_PER_STEP * GROUP}"]
             extra = [*vp2o_set.split(), *(engine if system == "vp2o_vllm" else [])]
             result = run_vp2o(steps, new_tokens, Path(tmp), extra)

@@ -62,10 +62,14 @@ RL = [
 ]
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = worker_env()
     env["PYTHONPATH"] = f"{HERE}:{env['PYTHONPATH']}"  # scaleout_reward
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+    return env
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -132,10 +136,8 @@ def test_kill_during_vllm_generation_then_resume_gives_the_uninterrupted_step(si
     cmd = [sys.executable, str(HOOKS), "--dump", str(tmp_path / "dump"), "--pause-generate",
            "1", "--ready", str(ready), "--", "train", *_common(single / "sft"),
            f"train.run_dir={run}"]
-    env = worker_env()
-    env["PYTHONPATH"] = f"{HERE}:{env['PYTHONPATH']}"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO, start_new_session=True)
+                            env=_env(), cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 300
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -137,7 +137,6 @@ class VLLMEngine:
         # same requests; each rank's prompts are all-gathered over this group (vLLM's own
         # grouping: consecutive ranks) and each rank keeps its own rows.
         self.tp_group = rollout_tp_group(tensor_parallel) if external_launcher else None
-        self.routes = routes
         self.sleep_mode = sleep_mode and not self.cpu
         self.asleep = False
         self.returns_routes = routes
@@ -190,7 +189,7 @@ class VLLMEngine:
         if not prompts:
             raise ValueError("generate: no prompts")
         check_prompt_lengths(prompts, sampling.max_new_tokens, self.max_model_len)
-        if sampling.record_routing and not self.routes:
+        if sampling.record_routing and not self.returns_routes:
             raise ValueError("record_routing: this vLLM engine was built without routes "
                              "(routes=True turns the prefix cache off)")
         group = sampling.group_size
