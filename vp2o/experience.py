@@ -232,8 +232,9 @@ def _token_budget_groups(batch: RolloutBatch, max_tokens: int) -> list[torch.Ten
     return [torch.tensor(g, dtype=torch.long) for g in groups]
 
 
-def in_batch_order(parts: list[torch.Tensor], mbs: list[dict]) -> torch.Tensor:
-    """Per-micro-batch rows (e.g. the loss's log-probs ``[b_i, S]``) back in the batch's order."""
-    out = torch.cat(parts)
+def in_batch_order(parts: list[torch.Tensor], mbs: list[dict], dim: int = 0) -> torch.Tensor:
+    """Per-micro-batch rows (e.g. the loss's log-probs ``[b_i, S]``, or routing
+    ``[Lm, b_i, S, k]`` with ``dim=1``) back in the batch's order."""
+    out = torch.cat(parts, dim)
     index = torch.cat([mb["index"] for mb in mbs]).to(out.device)
-    return torch.empty_like(out).index_copy_(0, index, out)
+    return torch.empty_like(out).index_copy_(dim, index, out)

@@ -5,6 +5,10 @@
     check = learner.check(pending, update, more_updates=...)  # §11 drift/ESS, §10 anchor D
     learner.undo()                          # §10 rollback of a rejected step
 
+``update`` is ``step(p, gradients(p))``; the loop calls the halves so that a VP2O update that
+another may follow is checked in that one's forward (``gradients(p, capture=True)`` then
+``check(..., after=...)``; ``vp2o.check_in_next_forward``).
+
 Nothing here reaches into megatron's optimizer: the rollback lives in ``vp2o.mcore.optim_state``,
 the step plumbing in ``vp2o.mcore.training``. Host-device syncs are marked ``# sync``.
 """
@@ -49,6 +53,30 @@ class Update:
     logp_before: torch.Tensor
 
 
+@dataclass
+class Gradients:
+    """One update's forward/backward, before its optimizer step (:meth:`Learner.gradients`).
+
+    Attributes:
+        outs: the loss function's per-micro-batch outputs.
+        metrics: the step's loss statistics (reduced over micro-batches and ranks).
+        seconds: wall time of the forward/backward (and the transform).
+        logp: [N, S] the learner's log-probs at these weights (the loss's forward).
+        routing: the learner's routing at these weights, ids and gates [Lm, N, S, k] (only
+            with ``capture``).
+        transform_stats: what the transform (or the routing statistics) returned.
+        transform_s: its wall time.
+    """
+
+    outs: list[dict]
+    metrics: dict
+    seconds: float
+    logp: torch.Tensor
+    routing: tuple[torch.Tensor, torch.Tensor] | None
+    transform_stats: dict
+    transform_s: float
+
+
 class Learner:
     """Loss, step, trust region and rollback for one rank. Holds no hidden global state.
 
@@ -69,6 +97,7 @@ class Learner:
         self._saved_transform: dict | None = None
         self._transform_stats: dict = {}
         self._transform_s = 0.0
+        self._capture = False  # set by gradients(capture=True) for loss_fn
 
     # --------------------------------------------------------------- loss (method §1, §2)
     def loss_fn(self, model, mb: dict):
@@ -113,6 +142,8 @@ class Learner:
         stats["_tokens"] = mask.sum()  # the weight of this micro-batch's token means
         stats["policy/entropy"] = grpo.masked_mean(-logp.detach(), mask)
         stats["_logp"] = logp.detach()
+        if self._capture:  # the learner's routing of this forward, [Lm, b, S, k] (§10's D)
+            stats["_ids"], stats["_gates"] = self._routing_in_batch_layout(batch, mb)
         return loss, stats
 
     # --------------------------------------------------------------- one step
@@ -120,42 +151,79 @@ class Learner:
         """Forward/backward over the batch's micro-batches, [VP2O: the Stein transform of the
         expert gradients before their data-parallel reduction], then the optimizer step unless
         a loss or gradient is not finite on some rank. Refreshes the prototypes (§4)."""
+        return self.step(p, self.gradients(p))
+
+    def gradients(self, p: PendingBatch, *, capture: bool = False) -> Gradients:
+        """The forward/backward half of :meth:`update`: gradients in the model's buffers
+        (transformed, VP2O), no optimizer step yet. ``capture``: also keep what the previous
+        update's post-update check needs from this forward (the log-probs are kept anyway; the
+        learner's routing), so :meth:`check` need not run a forward of its own."""
         s, cfg = self.s, self.cfg
-        if self.rollback is not None:  # §10: what a rejected step restores
-            self.rollback.save()
-            self._saved_transform = self.transform.state_dict()
         training.zero_grads(s.ddp, s.optimizer)
         drop_specialisation_losses()  # megatron's tracker adds to what other forwards left
         t0 = time.perf_counter()
         mbs = micro_batches(p, cfg.rollout.micro_batch_size, s.device,
                             loss_normaliser(p, cfg, s.groups),
                             max_tokens=cfg.train.max_tokens_per_microbatch)
-        outs = training.forward_backward(
-            s.ddp,
-            mbs,
-            self.loss_fn,
-            before_grad_reduction=self._transform_gradients,
-        )
+        self._capture = capture
+        routers = [layer.router for layer in self.transform.layers] if capture else []
+        for router in routers:
+            router.record_with_grad = True
+        try:
+            outs = training.forward_backward(
+                s.ddp,
+                mbs,
+                self.loss_fn,
+                before_grad_reduction=self._transform_gradients,
+            )
+        finally:
+            self._capture = False
+            for router in routers:
+                router.record_with_grad = False
         if cfg.rollout.router_replay:
             router_replay.stop(s.model)
         m = specialisation_losses(len(outs))
-        losses = torch.stack([o["loss/policy"] for o in outs])
+        m.update(reduce_stats(outs, {**grpo.POLICY_LOSS_STATS, **LEARNER_STATS}, s.groups))
+        routing = None
+        if capture:
+            routing = (in_batch_order([o["_ids"] for o in outs], mbs, dim=1).cpu(),
+                       in_batch_order([o["_gates"] for o in outs], mbs, dim=1).cpu())
+        return Gradients(
+            outs=outs, metrics=m, seconds=time.perf_counter() - t0,
+            logp=in_batch_order([o["_logp"] for o in outs], mbs).cpu(), routing=routing,
+            transform_stats=self._transform_stats, transform_s=self._transform_s,
+        )
+
+    def step(self, p: PendingBatch, g: Gradients) -> Update:
+        """The optimizer half of :meth:`update`, on the gradients of :meth:`gradients` (the
+        weights must not have changed in between)."""
+        s, cfg = self.s, self.cfg
+        t0 = time.perf_counter()
+        if self.rollback is not None:  # §10: what a rejected step restores
+            self.rollback.save()
+            self._saved_transform = self.transform.state_dict()
+        m = dict(g.metrics)
+        losses = torch.stack([o["loss/policy"] for o in g.outs])
         finite = bool(training.grads_finite(s.ddp)) and bool(torch.isfinite(losses).all())  # sync
         if finite:
             s.optimizer.step()
         else:
             m["events/skipped_step"] = 1.0
-        m["perf/train_s"] = time.perf_counter() - t0
+        m["perf/train_s"] = g.seconds + time.perf_counter() - t0
         self.transform.after_optimizer_step()  # prototype refresh (§4); resets routing stats
         p.updates += 1
-        m.update(reduce_stats(outs, {**grpo.POLICY_LOSS_STATS, **LEARNER_STATS}, s.groups))
-        m.update(self._transform_metrics())
-        logp_before = in_batch_order([o["_logp"] for o in outs], mbs).cpu()
+        m.update(self._transform_metrics(g.transform_stats, g.transform_s))
         if cfg.loss_correction != "none" and finite and p.rollout_logprobs is None:
             # this forward ran at the rollout weights (an earlier skipped step left them so):
             # the correction's reference on the batch's later updates
-            p.rollout_logprobs = logp_before
-        return Update(finite=finite, metrics=m, logp_before=logp_before)
+            p.rollout_logprobs = g.logp
+        return Update(finite=finite, metrics=m, logp_before=g.logp)
+
+    def discard(self, g: Gradients) -> None:
+        """Drop gradients that will not be stepped (the batch ended after a check read their
+        forward): the routing statistics their forwards accumulated go too."""
+        del g
+        self.transform.reset_statistics()
 
     def _transform_gradients(self, ddp) -> None:
         """Runs inside ``forward_backward`` after the last backward, before the reduction."""
@@ -163,8 +231,8 @@ class Learner:
         self._transform_stats = self.transform.before_grad_reduction(ddp)
         self._transform_s = time.perf_counter() - t0
 
-    def _transform_metrics(self) -> dict:
-        stats, m = self._transform_stats, {}
+    def _transform_metrics(self, stats: dict, seconds: float) -> dict:
+        m = {}
         m["router/entropy"] = stats.get("router/entropy")
         if "C" in stats:
             m.update(routing_diagnostics(stats["C"], self.transform.prototypes,
@@ -172,7 +240,7 @@ class Learner:
         for key in ("stein/attraction_norm", "stein/repulsion_norm"):
             if key in stats:
                 m[key] = stats[key]
-        m["perf/transform_s"] = self._transform_s
+        m["perf/transform_s"] = seconds
         return m
 
     def undo(self) -> None:
@@ -181,7 +249,8 @@ class Learner:
         self.transform.load_state_dict(self._saved_transform)
 
     # --------------------------------------------------------------- budgets (§10, §11)
-    def check(self, p: PendingBatch, update: Update, *, more_updates: bool) -> dict:
+    def check(self, p: PendingBatch, update: Update, *, more_updates: bool,
+              after: Gradients | None = None) -> dict:
         """Behaviour of the step just taken, measured at the same point under both algorithms.
 
         ``behavior/drift`` and ``behavior/ess`` (§11) compare the actors with the learner's
@@ -190,17 +259,31 @@ class Learner:
         budgets decide on: the anchor distance ``trust/anchor_distance`` (§10, when the trust
         region is on) and ``behavior/drift_after``/``behavior/ess_after`` (§11, when another
         update on this batch could follow: ``more_updates``). That costs one forward, skipped
-        when neither is needed."""
+        when neither is needed, and read from ``after`` (the next update's forward on this
+        batch, :meth:`gradients` with ``capture``) when it is given."""
         out = self.behaviour(update.logp_before, p.batch)
         trust = self.cfg.vp2o.trust_region.enabled
         if self.vp2o and update.finite and (trust or more_updates):
-            out.update(self.evaluate_update(p, anchor=trust))
+            if after is not None:
+                out.update(self.after_update(p, after.logp, *after.routing, anchor=trust))
+            else:
+                out.update(self.evaluate_update(p, anchor=trust))
         return out
+
+    def checks_in_next_forward(self) -> bool:
+        """Whether the check of an update that another update on the batch may follow can read
+        that update's forward (``vp2o.check_in_next_forward``): the training forward must then
+        compute what the no-grad check would (no dropout, no router replay, no pipeline
+        stages) and gives the same values within rounding (tested)."""
+        cfg = self.cfg
+        return (self.vp2o and cfg.vp2o.check_in_next_forward and not cfg.rollout.router_replay
+                and cfg.model.hidden_dropout == 0 and cfg.model.attention_dropout == 0
+                and cfg.parallel.pipeline_parallel == 1)
 
     @torch.no_grad()
     def evaluate_update(self, p: PendingBatch, *, anchor: bool = True) -> dict:
-        """Log-probs and learner routing after the step: ``behavior/drift_after``,
-        ``behavior/ess_after`` (§11) and, with ``anchor``, D (§10)."""
+        """Log-probs and learner routing after the step, by a no-grad forward of the batch:
+        ``behavior/drift_after``, ``behavior/ess_after`` (§11) and, with ``anchor``, D (§10)."""
         cfg, model = self.cfg, self.s.model
         model.eval()
         logps, ids, gates = [], [], []
@@ -212,15 +295,22 @@ class Learner:
             ids.append(routing_in_batch_layout([r.ids for r in recs], b, s))
             gates.append(routing_in_batch_layout([r.gates for r in recs], b, s))
         model.train()
-        logp = torch.cat(logps).cpu()  # the rollout batch lives on the CPU; these are small
+        # the rollout batch lives on the CPU; these are small
+        return self.after_update(p, torch.cat(logps).cpu(), torch.cat(ids, 1).cpu(),
+                                 torch.cat(gates, 1).cpu(), anchor=anchor)
+
+    @torch.no_grad()
+    def after_update(self, p: PendingBatch, logp: torch.Tensor, ids: torch.Tensor,
+                     gates: torch.Tensor, *, anchor: bool) -> dict:
+        """``behavior/*_after`` and D from the learner's log-probs [N, S] and routing ids and
+        gates [Lm, N, S, k] at the weights after the update (on the CPU)."""
         batch = p.batch
         out = {f"{k}_after": v for k, v in self.behaviour(logp, batch).items()}
         if anchor and batch.routing_ids.numel():
             # [Lm, N, S]: response tokens (§10) where the actors logged their routing
             mask = (batch.routing_ids[..., 0] >= 0) & batch.response_mask.unsqueeze(0)
             per_token = trust_region.anchor_distance_per_token(  # [Lm, N, S]
-                torch.cat(ids, 1).cpu(), torch.cat(gates, 1).cpu(),
-                self.transform.prototypes.unsqueeze(1).cpu(),
+                ids, gates, self.transform.prototypes.unsqueeze(1).cpu(),
                 batch.routing_ids.clamp_min(0), batch.routing_gates,
                 self.transform.anchor.unsqueeze(1).cpu(),
             )
@@ -229,6 +319,23 @@ class Learner:
                 gather_over_data_ranks(parts, self.s.groups))
             out["trust/anchor_distance"] = D.float()
         return out
+
+    def _routing_in_batch_layout(self, batch: RolloutBatch, mb: dict):
+        """This micro-batch's learner routing (the routers' last records) as ids and gates
+        [Lm, b, S, k], padded or packed micro-batch alike (-1 and 0 at pads)."""
+        recs = [layer.router.last_routing for layer in self.transform.layers]
+        b, width = batch.tokens.shape
+        if not mb.get("packed"):
+            return (routing_in_batch_layout([r.ids for r in recs], b, width),
+                    routing_in_batch_layout([r.gates for r in recs], b, width))
+        rows, cols = packing.packed_layout(batch.valid)  # packed token t -> (rows[t], cols[t])
+        ids = torch.stack([r.ids for r in recs])  # [Lm, T, k]
+        gates = torch.stack([r.gates for r in recs])
+        out_ids = ids.new_full((len(recs), b, width, ids.shape[-1]), -1)
+        out_gates = gates.new_zeros((len(recs), b, width, gates.shape[-1]))
+        out_ids[:, rows, cols] = ids
+        out_gates[:, rows, cols] = gates
+        return out_ids, out_gates
 
     def behaviour(self, logp: torch.Tensor, batch: RolloutBatch) -> dict:
         """Drift and ESS of the learner against the actors on the whole batch (§11): every

@@ -95,18 +95,29 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
         learner.transform.snapshot_anchor()
         m: dict = {"events/refresh": 1.0, **pending.stats}
         # ---- learner updates on it: GRPO all of them, VP2O until a budget asks for a refresh --
+        # (VP2O: an update that another may follow is checked in that one's forward, which
+        # then runs before the check decides whether it steps: vp2o.check_in_next_forward)
         updates = []
+        grads = learner.gradients(pending)
         for k in range(cfg.updates_per_rollout):
             more = k + 1 < cfg.updates_per_rollout
-            update = learner.update(pending)
-            check = learner.check(pending, update, more_updates=more)
+            update = learner.step(pending, grads)
+            grads = None
+            if more and update.finite and learner.checks_in_next_forward():
+                grads = learner.gradients(pending, capture=True)
+            check = learner.check(pending, update, more_updates=more, after=grads)
             progress.skips = 0 if update.finite else progress.skips + 1
             refresh = progress.skips >= cfg.train.max_consecutive_skips
             if vp2o and update.finite:
                 refresh |= _vp2o_budgets(s, learner, progress, check, more)
             updates.append({**update.metrics, **check})
             if refresh:
+                if grads is not None:
+                    learner.discard(grads)
+                    updates[-1]["events/discarded_backward"] = 1.0
                 break
+            if more and grads is None:
+                grads = learner.gradients(pending)
         m.update(_combine_updates(updates))
         m["train/updates"] = float(len(updates))
         m["events/early_refresh"] = float(len(updates) < cfg.updates_per_rollout)

@@ -128,3 +128,55 @@ def test_ten_consecutive_rollbacks_warn_with_the_fields_to_change(tmp_path, caps
     out = capsys.readouterr().out
     assert out.count("the anchor trust region rejected 10 consecutive steps") == 1
     assert "lower optimizer.lr or raise vp2o.trust_region.delta" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["continue", "packed", "drift_ends_batch", "rollback"])
+def test_check_in_next_forward_equals_a_forward_of_its_own(tmp_path, monkeypatch, case):
+    """vp2o.check_in_next_forward: the post-update check read from the next update's forward
+    gives the same D, drift/ESS after the update, decisions and trajectory as the check's own
+    no-grad forward, whether the batch continues (padded or packed micro-batches), ends on the
+    drift budget (the next update's gradients dropped unstepped) or is rolled back (§10); and
+    it runs only the last update's check forward."""
+    from vp2o.learner import Learner
+
+    loose = ["vp2o.trust_region.delta=10", "vp2o.behavior.eps_drift=10",
+             "vp2o.behavior.ess_min=0"]
+    extra = {"continue": loose,
+             "packed": [*loose, "train.max_tokens_per_microbatch=40", "model.core_attention=sdpa"],
+             "drift_ends_batch": ["vp2o.trust_region.delta=10", "vp2o.behavior.eps_drift=0.0"],
+             "rollback": ["vp2o.trust_region.delta=0.0"]}[case]
+    common = ["algorithm=vp2o", "train.wandb_mode=disabled", "train.updates_per_rollout=3",
+              "train.steps=3", "reward.name=scaleout_reward:length_reward", *extra]
+    forwards = []
+    own = Learner.evaluate_update
+
+    def counted(self, *args, **kwargs):
+        forwards[-1] += 1
+        return own(self, *args, **kwargs)
+
+    monkeypatch.setattr(Learner, "evaluate_update", counted)
+    runs = {}
+    for fused in (False, True):
+        forwards.append(0)
+        _train(tmp_path / str(fused), *common, f"vp2o.check_in_next_forward={fused}")
+        runs[fused] = read_metrics(tmp_path / str(fused) / "metrics.jsonl")
+    keys = ["trust/anchor_distance", "trust/accepted", "behavior/drift_after",
+            "behavior/ess_after", "behavior/drift", "loss/policy", "reward/mean",
+            "train/updates", "prototypes/mean_abs_cosine", "stein/attraction_norm",
+            "router/entropy", "experts/overlap"]
+    for a, b in zip(runs[False], runs[True], strict=True):
+        for key in keys:
+            if key in ("behavior/drift_after", "behavior/ess_after") and case in (
+                    "drift_ends_batch", "rollback"):
+                continue  # only logged for updates another may follow (not after the last)
+            assert key in a and key in b, (a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    updates = [r["train/updates"] for r in runs[True]]
+    if case in ("continue", "packed"):
+        assert updates == [3.0] * 3
+        assert forwards == [9, 3]  # every check / only each batch's last
+    else:
+        assert updates == [1.0] * 3
+        assert forwards == [3, 0]
+        assert all(r["events/discarded_backward"] == 1.0 for r in runs[True])

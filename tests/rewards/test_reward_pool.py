@@ -48,3 +48,27 @@ def test_in_process_scoring():
     pool = RewardPool("exact", workers=0)
     out = pool.score(["1+1="], ["2"], [{"answer": "2"}])
     assert out.rewards == [1.0] and out.failures == 0
+
+
+def test_chunks_score_like_single_samples_and_isolate_failures():
+    """After a batch has measured the reward's time, samples go in chunks; a crash, NaN, hang or
+    dead worker inside a chunk still costs only its own sample (the chunk is scored again one
+    by one), and the scores equal the one-by-one ones."""
+    pool = RewardPool(f"{__name__}:flaky", workers=2, timeout_s=2.0)
+    try:
+        first = _score(pool, ["ok", "no"] * 20)
+        assert pool.chunk_size == 1 and pool.sample_s is not None
+        assert first.rewards == [1.0, 0.0] * 20
+        bad = {5: "crash", 17: "nan", 23: "hang", 31: "die"}
+        completions = [bad.get(i, "ok" if i % 3 else "no") for i in range(40)]
+        start = time.perf_counter()
+        out = _score(pool, completions)
+        assert pool.chunk_size > 1
+        assert time.perf_counter() - start < 30
+        expected = [0.0 if c != "ok" else 1.0 for c in completions]
+        assert out.rewards == expected
+        assert out.failures == 4
+        again = _score(pool, ["ok", "no"] * 20)
+        assert pool.chunk_size > 1 and again.rewards == first.rewards
+    finally:
+        pool.close()

@@ -789,6 +789,15 @@ class VP2OConfig:
     (implementation choice, not the method's). null = 1 << 20 on the CPU (4 MiB fp32: a chunk's
     output stays cached until it is copied back; fastest in benchmarks/bench_step.py,
     docs/benchmarks.md) and 1 << 26 on accelerators (256 MiB fp32: few kernel launches)."""
+    check_in_next_forward: bool = True
+    """The post-update check (§10 D, §11 drift/ESS after the update) of an update that another
+    update on the same batch may follow reads that next update's forward (same weights, same
+    batch) instead of running a no-grad forward of its own; when the check ends the batch (a
+    rejection, a refresh) the next update's gradients are dropped unstepped. Saves a forward per
+    continued update and costs a discarded backward per early end (docs/algorithm.md, "The
+    post-update check"). Applies without dropout, router replay or pipeline stages; elsewhere,
+    and with false, every check runs its own forward. Same decisions and values either way
+    (within rounding). Implementation choice, not the method's."""
     trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
     """§10."""
     behavior: BehaviorConfig = field(default_factory=BehaviorConfig)

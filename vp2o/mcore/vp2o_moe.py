@@ -68,6 +68,7 @@ class VP2ORouter(TopKRouter):
         self.live_losses: list[torch.Tensor] | None = None  # SteinTransform fills and empties it
         self.valid_rows: torch.Tensor | None = None
         self.record_routing = True
+        self.record_with_grad = False  # the learner sets it for a forward that also checks (§10)
         self.last_routing: RoutingRecord | None = None
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
@@ -77,9 +78,10 @@ class VP2ORouter(TopKRouter):
         k = self.topk
         # [T] bool, False at padding tokens (the MoE layer's orthogonality loss reads it too).
         self.valid_rows = None if padding_mask is None else ~padding_mask.reshape(-1)
-        if self.record_routing and not torch.is_grad_enabled():
-            # Only no-grad forwards are read back (generation, the post-update check of §10):
-            # the learner's grad-enabled forwards skip the top-k/sort/gather.
+        if self.record_routing and (self.record_with_grad or not torch.is_grad_enabled()):
+            # Read back from no-grad forwards (generation, the post-update check of §10) and
+            # from a training forward that stands in for that check (record_with_grad); other
+            # grad-enabled forwards skip the top-k/sort/gather.
             gates, ids = torch.topk(
                 probs.detach().float().masked_fill(~routing_map, -1.0), k, dim=-1
             )

@@ -1,8 +1,16 @@
 """Score completions in worker processes beside the trainer.
 
 A reward function that crashes, hangs or returns a non-finite value costs that one sample (it
-scores 0 and is counted in ``failures``), never the run: samples are submitted one by one, each
-waited on with a deadline, and a pool whose worker hung or died is torn down and rebuilt.
+scores 0 and is counted in ``failures``), never the run: each submission is waited on with a
+deadline, and a pool whose worker hung or died is torn down and rebuilt.
+
+Samples go to the workers in chunks, because one round trip per sample costs more than a cheap
+reward itself (exact match on 512 samples: 88 ms one by one, a few ms in chunks, on the 2-core
+development VM). A chunk is sized from the per-sample time the workers measured on earlier
+batches so that it is expected to take at most ``CHUNK_SHARE`` of the per-sample deadline (the
+first batch goes one by one, which measures it). A chunk that misses the deadline, or whose
+worker died, is scored again sample by sample in a fresh pool, each with its own deadline: a slow
+chunk costs time, never a sample, and a hung sample costs at most two deadlines.
 ``workers=0`` scores in-process (for debugging; a hang then hangs the trainer).
 """
 
@@ -33,8 +41,21 @@ def _init_worker(name: str) -> None:
     _FN = _raw_reward(name)
 
 
-def _score(prompt: str, completion: str, sample: dict) -> float:
-    return float(_FN(prompt, completion, sample))
+CHUNK_SHARE = 0.05
+"""A chunk's expected scoring time, as a share of ``timeout_s`` (the per-sample deadline)."""
+
+
+def _score_chunk(items: list[tuple]) -> tuple[list[float | str], float]:
+    """In a worker: each sample's reward, or the text of the error it raised; and the seconds
+    the chunk took to score (its pickling not counted)."""
+    start = time.perf_counter()
+    out: list[float | str] = []
+    for prompt, completion, sample in items:
+        try:
+            out.append(float(_FN(prompt, completion, sample)))
+        except Exception as e:  # noqa: BLE001 - reported to the trainer, costs this sample only
+            out.append(f"{type(e).__name__}: {str(e)[:200]}")  # the text may be huge
+    return out, time.perf_counter() - start
 
 
 @dataclass
@@ -68,6 +89,10 @@ class RewardPool:
         self.timeout_s = timeout_s
         self._pool: cf.ProcessPoolExecutor | None = None
         self._local = _raw_reward(name) if workers == 0 else None
+        self.sample_s: float | None = None
+        """Mean scoring time per sample that the workers measured on the last batch."""
+        self.chunk_size = 1
+        """Samples per submission in the last batch."""
 
     def _executor(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
@@ -86,6 +111,7 @@ class RewardPool:
         if self._local is not None:
             values = [self._call_local(*item) for item in items]
         else:
+            self.chunk_size = self._chunk_size(len(items))
             values = self._score_batch(items)
         failures = sum(v is None for v in values)
         return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start)
@@ -97,33 +123,57 @@ class RewardPool:
             logger.warning("reward %r failed (%s): scored 0", self.name, e)
             return None
 
+    def _chunk_size(self, n: int) -> int:
+        """Samples per submission: as many as fit ``CHUNK_SHARE`` of the deadline at the measured
+        per-sample time (1 until a batch has measured it), and at most a quarter of each
+        worker's share of the batch (so the workers stay evenly loaded)."""
+        if self.sample_s is None:
+            return 1
+        fits = int(CHUNK_SHARE * self.timeout_s / max(self.sample_s, 1e-9))
+        return max(1, min(fits, math.ceil(n / (4 * self.workers))))
+
     def _score_batch(self, items: list[tuple], *, isolate: bool = False) -> list[float | None]:
-        """Submit all items; samples caught behind a hung or dead worker are scored again one by
-        one (``isolate``) in fresh pools, so the culprit alone scores 0."""
+        """Submit all items in chunks; samples caught in a chunk that missed its deadline, or
+        behind a hung or dead worker, are scored again one by one (``isolate``) in fresh pools,
+        so the culprit alone scores 0."""
         if isolate:
             return [v for item in items for v in self._score_batch([item])]
-        futures = [self._executor().submit(_score, *item) for item in items]
+        size = self._chunk_size(len(items))
+        chunks = [range(i, min(i + size, len(items))) for i in range(0, len(items), size)]
+        futures = [self._executor().submit(_score_chunk, [items[i] for i in c]) for c in chunks]
         values: list[float | None] = [None] * len(items)
         again: list[int] = []
         broken = False
-        for i, fut in enumerate(futures):
+        seconds, timed = 0.0, 0
+        for chunk, fut in zip(chunks, futures, strict=True):
             if broken and not fut.done():
-                again.append(i)
+                again.extend(chunk)
                 continue
             try:
-                values[i] = _finite(fut.result(timeout=self.timeout_s))
+                results, took = fut.result(timeout=self.timeout_s)
             except cf.TimeoutError:
-                logger.warning("reward %r timed out after %.1fs: scored 0", self.name,
-                               self.timeout_s)
                 broken = True
+                if len(chunk) > 1:
+                    again.extend(chunk)  # which of its samples is slow is unknown: isolate
+                else:
+                    logger.warning("reward %r timed out after %.1fs: scored 0", self.name,
+                                   self.timeout_s)
+                continue
             except cf.process.BrokenProcessPool:
                 broken = True
                 if len(items) > 1:
-                    again.append(i)  # which sample killed the worker is unknown: isolate
+                    again.extend(chunk)  # which sample killed the worker is unknown: isolate
                 else:
                     logger.warning("reward %r killed its worker: scored 0", self.name)
-            except Exception as e:  # noqa: BLE001 - a crashing reward costs one sample
-                logger.warning("reward %r failed (%s): scored 0", self.name, e)
+                continue
+            seconds, timed = seconds + took, timed + len(chunk)
+            for i, result in zip(chunk, results, strict=True):
+                if isinstance(result, str):
+                    logger.warning("reward %r failed (%s): scored 0", self.name, result)
+                else:
+                    values[i] = _finite(result)
+        if timed:
+            self.sample_s = seconds / timed
         if broken:
             self._restart()
         if again:
