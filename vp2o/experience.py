@@ -18,14 +18,11 @@ import torch.distributed as dist
 
 from vp2o.algo import grpo
 from vp2o.config import Config
-from vp2o.engines import awake_engine, needs_gates, needs_routes
-from vp2o.mcore import packing, router_replay
+from vp2o.engines import awake_engine, needs_routes
+from vp2o.mcore import packing
 from vp2o.mcore.parallel import gather_over_data_ranks
-from vp2o.mcore.vp2o_moe import moe_layers
 from vp2o.rewards.pool import RewardPool
-from vp2o.rollout import RolloutBatch, SamplingParams, replay_indices, sequence_logprobs
-from vp2o.rollout.logprobs import scoring
-from vp2o.rollout.routing import routing_in_batch_layout
+from vp2o.rollout import RolloutBatch, SamplingParams
 from vp2o.session import Session
 
 
@@ -103,8 +100,8 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         t_sync = time.perf_counter() - t0
         batch = engine.generate(prompts, params, generator=gen)
     t_gen = time.perf_counter() - t0 - t_sync
-    if needs_gates(cfg) and not batch.routing_gates.numel():
-        fill_routing_gates(s, batch)  # an engine that returns ids only (CUDA vLLM)
+    # an engine that returns routed-expert ids only (CUDA vLLM) leaves the gates to the learner's
+    # first forward on the batch (Learner.fills_actor_gates)
     G = cfg.rollout.group_size
     expanded = [r for r in rows for _ in range(G)]
     scores = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
@@ -155,40 +152,6 @@ def drop_flat_groups(p: PendingBatch, group_size: int) -> PendingBatch:
         batch=p.batch.select(keep), advantages=p.advantages[keep], rewards=p.rewards[keep],
         updates=p.updates, stats=p.stats,
     )
-
-
-def fill_routing_gates(s: Session, batch: RolloutBatch) -> None:
-    """The actors' gates of an engine that returns routed-expert ids only (CUDA vLLM's
-    ``routed_experts``): the learner's no-grad forward at the rollout weights (the engine was
-    synced to them before generating), replaying the engine's ids through megatron's router
-    replay, gives each layer's gates at those experts (method §10 weighs the actors' experts by
-    them). Needs ``model.moe_enable_routing_replay`` (checked with the config). Costs one forward
-    of the batch per rollout; positions without a route keep gate 0.
-
-    Args:
-        batch: with ``routing_ids`` [Lm, N, S, k] (-1: no route) and no ``routing_gates``;
-            ``routing_gates`` is set in place, [Lm, N, S, k] float32 on the CPU.
-    """
-    model, cfg = s.model, s.cfg
-    layers = moe_layers(model)
-    device = next(model.parameters()).device
-    n, size = batch.num_sequences, cfg.rollout.micro_batch_size
-    parts = []
-    with scoring(model):
-        for start in range(0, n, size):
-            mb = batch.select(torch.arange(start, min(start + size, n))).to(device)
-            b, width = mb.tokens.shape
-            with router_replay.replaying(model, replay_indices(mb.routing_ids)):
-                sequence_logprobs(model, mb, temperature=mb.logprob_temperature)
-            recs = [layer.router.last_routing for layer in layers]
-            ids = routing_in_batch_layout([r.ids for r in recs], b, width)
-            routed = mb.routing_ids >= 0
-            if not torch.equal(ids[routed], mb.routing_ids[routed]):
-                raise RuntimeError("router replay did not route the engine's experts; the "
-                                   "gates would belong to other experts")
-            gates = routing_in_batch_layout([r.gates for r in recs], b, width)
-            parts.append(gates.masked_fill(~routed, 0.0).float().cpu())
-    batch.routing_gates = torch.cat(parts, 1)  # [Lm, N, S, k]
 
 
 def micro_batches(p: PendingBatch, size: int, device: torch.device,

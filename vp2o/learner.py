@@ -29,6 +29,7 @@ from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
 from vp2o.rollout import RolloutBatch, replay_indices, sequence_logprobs
+from vp2o.rollout.logprobs import scoring
 from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session, load_initial_weights
 
@@ -98,6 +99,7 @@ class Learner:
         self._transform_stats: dict = {}
         self._transform_s = 0.0
         self._capture = False  # set by gradients(capture=True) for loss_fn
+        self._fill_gates = False  # set by gradients() for a batch without the actors' gates
 
     # --------------------------------------------------------------- loss (method §1, §2)
     def loss_fn(self, model, mb: dict):
@@ -105,11 +107,20 @@ class Learner:
         cfg, batch = self.cfg, mb["batch"]
         # Packed micro-batches (train.max_tokens_per_microbatch) run one row of real tokens.
         logprobs = packing.packed_logprobs if mb.get("packed") else sequence_logprobs
+        # the actors' gates at their experts, from this forward (gradients(): fill_gates)
+        routers = [layer.router for layer in self.transform.layers] if self._fill_gates else []
+        if cfg.rollout.router_replay or routers:  # the actors' ids, megatron's token order
+            actor_ids = replay_indices(packing.packed_routing_ids(batch) if mb.get("packed")
+                                       else batch.routing_ids)
         if cfg.rollout.router_replay:
-            ids = packing.packed_routing_ids(batch) if mb.get("packed") else batch.routing_ids
-            router_replay.replay(self.s.model, replay_indices(ids))
+            router_replay.replay(self.s.model, actor_ids)
+        if routers:
+            for router, layer_ids in zip(routers, actor_ids, strict=True):
+                router.gates_for = layer_ids
         temperature = batch.logprob_temperature
         logp = logprobs(model, batch, temperature=temperature)  # [b, S]
+        actor_gates = (self._in_batch_layout(batch, mb, [r.given_gates for r in routers], 0.0)
+                       if routers else None)
         self.transform.capture_specialisation()  # vp2o.transport_specialisation=false only
         logp_ref = None
         if self.ref_model is not None:
@@ -143,7 +154,11 @@ class Learner:
         stats["policy/entropy"] = grpo.masked_mean(-logp.detach(), mask)
         stats["_logp"] = logp.detach()
         if self._capture:  # the learner's routing of this forward, [Lm, b, S, k] (§10's D)
-            stats["_ids"], stats["_gates"] = self._routing_in_batch_layout(batch, mb)
+            recs = [layer.router.last_routing for layer in self.transform.layers]
+            stats["_ids"] = self._in_batch_layout(batch, mb, [r.ids for r in recs], -1)
+            stats["_gates"] = self._in_batch_layout(batch, mb, [r.gates for r in recs], 0.0)
+        if actor_gates is not None:
+            stats["_actor_gates"] = actor_gates
         return loss, stats
 
     # --------------------------------------------------------------- one step
@@ -166,6 +181,7 @@ class Learner:
                             loss_normaliser(p, cfg, s.groups),
                             max_tokens=cfg.train.max_tokens_per_microbatch)
         self._capture = capture
+        self._fill_gates = self.fills_actor_gates(p)
         routers = [layer.router for layer in self.transform.layers] if capture else []
         for router in routers:
             router.record_with_grad = True
@@ -180,6 +196,10 @@ class Learner:
             self._capture = False
             for router in routers:
                 router.record_with_grad = False
+        if self._fill_gates:  # no actor gates at pads or unrouted positions (-1)
+            self._fill_gates = False
+            gates = in_batch_order([o["_actor_gates"] for o in outs], mbs, dim=1).cpu()
+            p.batch.routing_gates = gates.masked_fill(p.batch.routing_ids < 0, 0.0)
         if cfg.rollout.router_replay:
             router_replay.stop(s.model)
         m = specialisation_losses(len(outs))
@@ -270,6 +290,18 @@ class Learner:
                 out.update(self.evaluate_update(p, anchor=trust))
         return out
 
+    def fills_actor_gates(self, p: PendingBatch) -> bool:
+        """Whether this batch's actor gates come from the learner's forward: VP2O's §10 anchor
+        distance weighs the actors' experts by their gates, and an engine that returns routed
+        experts' ids only (CUDA vLLM) leaves them out. The first update's forward runs at the
+        rollout weights (the engine was synced to them before generating), so each router
+        reports its gates at the actors' experts there (``VP2ORouter.gates_at``: megatron's
+        routing function replaying the ids) at the cost of a [T, E] routing per layer; the
+        check after the update reads them."""
+        batch = p.batch
+        return (self.vp2o and self.cfg.vp2o.trust_region.enabled
+                and bool(batch.routing_ids.numel()) and not batch.routing_gates.numel())
+
     def checks_in_next_forward(self) -> bool:
         """Whether the check of an update that another update on the batch may follow can read
         that update's forward (``vp2o.check_in_next_forward``): the training forward must then
@@ -285,16 +317,15 @@ class Learner:
         """Log-probs and learner routing after the step, by a no-grad forward of the batch:
         ``behavior/drift_after``, ``behavior/ess_after`` (§11) and, with ``anchor``, D (§10)."""
         cfg, model = self.cfg, self.s.model
-        model.eval()
         logps, ids, gates = [], [], []
-        for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
-            b, s = mb["batch"].tokens.shape
-            logps.append(sequence_logprobs(model, mb["batch"],
-                                           temperature=mb["batch"].logprob_temperature))
-            recs = [layer.router.last_routing for layer in self.transform.layers]
-            ids.append(routing_in_batch_layout([r.ids for r in recs], b, s))
-            gates.append(routing_in_batch_layout([r.gates for r in recs], b, s))
-        model.train()
+        with scoring(model):  # eval mode, restored after
+            for mb in micro_batches(p, cfg.rollout.micro_batch_size, self.s.device):
+                b, s = mb["batch"].tokens.shape
+                logps.append(sequence_logprobs(model, mb["batch"],
+                                               temperature=mb["batch"].logprob_temperature))
+                recs = [layer.router.last_routing for layer in self.transform.layers]
+                ids.append(routing_in_batch_layout([r.ids for r in recs], b, s))
+                gates.append(routing_in_batch_layout([r.gates for r in recs], b, s))
         # the rollout batch lives on the CPU; these are small
         return self.after_update(p, torch.cat(logps).cpu(), torch.cat(ids, 1).cpu(),
                                  torch.cat(gates, 1).cpu(), anchor=anchor)
@@ -320,22 +351,19 @@ class Learner:
             out["trust/anchor_distance"] = D.float()
         return out
 
-    def _routing_in_batch_layout(self, batch: RolloutBatch, mb: dict):
-        """This micro-batch's learner routing (the routers' last records) as ids and gates
-        [Lm, b, S, k], padded or packed micro-batch alike (-1 and 0 at pads)."""
-        recs = [layer.router.last_routing for layer in self.transform.layers]
+    @staticmethod
+    def _in_batch_layout(batch: RolloutBatch, mb: dict, per_layer: list[torch.Tensor],
+                         fill: float) -> torch.Tensor:
+        """Per-layer router rows [T, k] of this micro-batch's forward as [Lm, b, S, k] (``fill``
+        at pads), padded or packed micro-batch alike."""
         b, width = batch.tokens.shape
         if not mb.get("packed"):
-            return (routing_in_batch_layout([r.ids for r in recs], b, width),
-                    routing_in_batch_layout([r.gates for r in recs], b, width))
+            return routing_in_batch_layout(per_layer, b, width)
         rows, cols = packing.packed_layout(batch.valid)  # packed token t -> (rows[t], cols[t])
-        ids = torch.stack([r.ids for r in recs])  # [Lm, T, k]
-        gates = torch.stack([r.gates for r in recs])
-        out_ids = ids.new_full((len(recs), b, width, ids.shape[-1]), -1)
-        out_gates = gates.new_zeros((len(recs), b, width, gates.shape[-1]))
-        out_ids[:, rows, cols] = ids
-        out_gates[:, rows, cols] = gates
-        return out_ids, out_gates
+        packed = torch.stack(per_layer)  # [Lm, T, k]
+        out = packed.new_full((len(per_layer), b, width, packed.shape[-1]), fill)
+        out[:, rows, cols] = packed
+        return out
 
     def behaviour(self, logp: torch.Tensor, batch: RolloutBatch) -> dict:
         """Drift and ESS of the learner against the actors on the whole batch (§11): every

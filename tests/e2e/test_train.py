@@ -180,3 +180,38 @@ def test_check_in_next_forward_equals_a_forward_of_its_own(tmp_path, monkeypatch
         assert updates == [1.0] * 3
         assert forwards == [3, 0]
         assert all(r["events/discarded_backward"] == 1.0 for r in runs[True])
+
+
+@pytest.mark.slow
+def test_actor_gates_from_the_first_forward_equal_the_engines(tmp_path, monkeypatch):
+    """An engine that returns routed-expert ids only (CUDA vLLM): the learner's first forward on
+    each batch reports the actors' gates at those experts (Learner.fills_actor_gates), and the
+    run equals the one whose engine returned its own gates: the same §10 anchor distances,
+    decisions and trajectory (the megatron engine, its gates dropped from every batch)."""
+    import torch
+
+    from vp2o.rollout.megatron_engine import MegatronEngine
+
+    common = ["algorithm=vp2o", "train.wandb_mode=disabled", "train.updates_per_rollout=2",
+              "train.steps=3", "reward.name=scaleout_reward:length_reward",
+              "vp2o.trust_region.delta=0.2"]
+    _train(tmp_path / "gates", *common)
+    generate = MegatronEngine.generate
+    dropped = []
+
+    def ids_only(self, *args, **kwargs):
+        batch = generate(self, *args, **kwargs)
+        dropped.append(batch.routing_gates)
+        batch.routing_gates = torch.empty(0)
+        return batch
+
+    monkeypatch.setattr(MegatronEngine, "generate", ids_only)
+    _train(tmp_path / "ids", *common)
+    assert len(dropped) >= 3 and all(g.numel() for g in dropped)  # 3 steps + evaluation
+    full = read_metrics(tmp_path / "gates" / "metrics.jsonl")
+    ids = read_metrics(tmp_path / "ids" / "metrics.jsonl")
+    for a, b in zip(full, ids, strict=True):
+        for key in ("trust/anchor_distance", "trust/accepted", "train/updates", "loss/policy",
+                    "reward/mean", "prototypes/mean_abs_cosine"):
+            assert key in a and key in b, (a["step"], key)
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -104,7 +104,7 @@ class _Tok:
 def _loss_and_grads(cfg, groups, model, pending, max_tokens):
     """The learner's loss_fn over the micro-batches, as ``Learner.update`` runs it (no DDP)."""
     learner = types.SimpleNamespace(
-        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False,
+        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False, _fill_gates=False,
         transform=types.SimpleNamespace(capture_specialisation=lambda: None))
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, torch.device("cpu"),
                         loss_normaliser(pending, cfg, groups), max_tokens=max_tokens)
@@ -180,7 +180,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
     p = PendingBatch(batch=pending.batch, advantages=pending.advantages, rewards=pending.rewards)
     learner = types.SimpleNamespace(
         cfg=cfg, s=types.SimpleNamespace(model=model, device=torch.device("cpu")),
-        ref_model=None, _capture=False,
+        ref_model=None, _capture=False, _fill_gates=False,
         transform=types.SimpleNamespace(capture_specialisation=lambda: None))
     # what Learner.update keeps: the first update's forward, in batch order
     _, _, p.rollout_logprobs, _ = _loss_and_grads(cfg, groups, model, p, None)

@@ -166,40 +166,53 @@ def test_learner_replays_the_engines_routes(env):
     assert (own - reference).abs()[mask].max() > 100 * TOL  # the replay is what made them equal
 
 
-def test_gates_recomputed_from_the_engines_ids_equal_the_engines_gates(env):
-    """Where vLLM returns ids only (CUDA), ``fill_routing_gates`` recomputes the actors' gates
-    with the learner's forward replaying them. On the CPU the engine's own gates (from its
-    router logits) are the reference; the recompute runs in micro-batches of 4 of 6 rows. With
-    random ids (not the router's choice) it still routes exactly those experts (else it
-    raises) and each token's gates sum to 1 (top-k renormalised)."""
-    import dataclasses
-
-    from vp2o.experience import fill_routing_gates
+def test_gates_at_the_engines_ids_equal_the_engines_gates(env):
+    """Where vLLM returns ids only (CUDA), the learner's first forward on the batch reports each
+    router's gates at the engine's experts (``VP2ORouter.gates_for``/``gates_at``:
+    megatron's routing function replaying the ids beside the forward's own routing; what
+    ``Learner.fills_actor_gates`` uses). On the CPU the engine's own gates (from its router
+    logits) are the reference, for a training-mode forward with autograd as the learner runs
+    it; the forward's own routing is left alone. With random ids (not the router's choice)
+    each token's gates still sum to 1 (top-k renormalised)."""
+    from vp2o.mcore import vp2o_moe
+    from vp2o.rollout import replay_indices
+    from vp2o.rollout.routing import routing_in_batch_layout
 
     s, engine = env
+    routers = [layer.router for layer in vp2o_moe.moe_layers(s.model)]
     params = SamplingParams(temperature=1.0, max_new_tokens=8, group_size=2, record_routing=True)
     batch = engine.generate(PROMPTS, params, generator=[torch.Generator().manual_seed(i)
                                                         for i in range(len(PROMPTS))])
-    cfg = dataclasses.replace(s.cfg, rollout=dataclasses.replace(s.cfg.rollout,
-                                                                 micro_batch_size=4))
-    small = types.SimpleNamespace(cfg=cfg, model=s.model)
-    reference, batch.routing_gates = batch.routing_gates, torch.empty(0)
-    fill_routing_gates(small, batch)
     have = batch.routing_ids[..., 0] >= 0
-    assert batch.routing_gates.shape == reference.shape and s.model.training
-    diff = (batch.routing_gates - reference).abs()[have]
-    assert diff.max() < 1e-3, f"recomputed vs engine gates: max |diff| {diff.max():.2e}"
-    assert (batch.routing_gates[~have] == 0).all()
+    n, width = batch.tokens.shape
+
+    def gates_at(routing_ids):
+        for router, ids in zip(routers, replay_indices(routing_ids), strict=True):
+            router.gates_for = ids
+        assert s.model.training
+        logp = sequence_logprobs(s.model, batch, temperature=batch.logprob_temperature)
+        assert logp.requires_grad
+        assert all(router.gates_for is None for router in routers)  # once per forward
+        return routing_in_batch_layout([r.given_gates for r in routers], n, width)
+
+    gates = gates_at(batch.routing_ids)
+    assert gates.shape == batch.routing_gates.shape
+    diff = (gates - batch.routing_gates).abs()[have]
+    assert diff.max() < 1e-3, f"gates at the engine's ids vs its gates: max |diff| {diff.max():.2e}"
 
     g = torch.Generator().manual_seed(5)
     experts, k = s.cfg.model.num_experts, s.cfg.model.moe_router_topk
     shape = batch.routing_ids.shape[:-1]
     random_ids = torch.rand(*shape, experts, generator=g).argsort(-1)[..., :k].sort(-1).values
-    batch.routing_ids = torch.where(have.unsqueeze(-1), random_ids, batch.routing_ids)
-    batch.routing_gates = torch.empty(0)
-    fill_routing_gates(small, batch)
-    torch.testing.assert_close(batch.routing_gates.sum(-1)[have],
-                               torch.ones(int(have.sum())), rtol=0, atol=1e-5)
+    random_ids = torch.where(have.unsqueeze(-1), random_ids, batch.routing_ids)
+    with torch.no_grad():
+        own = sequence_logprobs(s.model, batch, temperature=batch.logprob_temperature)
+    gates = gates_at(random_ids)
+    torch.testing.assert_close(gates.sum(-1)[have], torch.ones(int(have.sum())),
+                               rtol=0, atol=1e-5)
+    with torch.no_grad():  # the forward's own routing (and output) did not follow the ids
+        again = sequence_logprobs(s.model, batch, temperature=batch.logprob_temperature)
+    torch.testing.assert_close(again, own)
 
 
 def test_moe_repack_workaround_still_needed(env):
@@ -296,20 +309,16 @@ def test_vllm_missing_is_refused(monkeypatch):
         require_vllm()
 
 
-def test_vp2o_trust_region_needs_router_replay_where_the_engine_returns_no_gates(monkeypatch):
-    """CUDA vLLM returns routed-expert ids only; the §10 anchor distance needs the gates, which
-    the learner recomputes by replaying the ids: without model.moe_enable_routing_replay the
-    trust region is refused (naming the key) before any work instead of computed from zeros."""
+def test_vp2o_trust_region_runs_on_an_engine_that_returns_no_gates(monkeypatch):
+    """CUDA vLLM returns routed-expert ids only; the §10 anchor distance needs the actors'
+    gates, which the learner's first forward on the batch reports (no router replay needed):
+    the settings are accepted with and without model.moe_enable_routing_replay."""
     from vp2o.engines import check_engine_settings
     from vp2o.rollout import vllm_cpu
 
     no_replay = [x for x in SHAPE if not x.startswith("model.moe_enable_routing_replay")]
-    cfg = load_config(None, no_replay + ["algorithm=vp2o"])
-    check_engine_settings(cfg)  # the CPU build captures gates: accepted
     monkeypatch.setattr(vllm_cpu, "on_cpu", lambda: False)
-    with pytest.raises(ConfigError, match="needs model.moe_enable_routing_replay=true") as err:
-        check_engine_settings(cfg)
-    assert err.value.key == "model.moe_enable_routing_replay"
-    for ok in (["algorithm=vp2o", "vp2o.trust_region.enabled=false"], ["algorithm=grpo"]):
+    for ok in (["algorithm=vp2o"], ["algorithm=vp2o", "vp2o.trust_region.enabled=false"],
+               ["algorithm=grpo"]):
         check_engine_settings(load_config(None, no_replay + ok))
-    check_engine_settings(load_config(None, SHAPE + ["algorithm=vp2o"]))  # replay on: accepted
+        check_engine_settings(load_config(None, SHAPE + ok))

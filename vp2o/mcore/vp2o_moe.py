@@ -23,8 +23,10 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     save_to_aux_losses_tracker,
+    topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from vp2o.algo import specialization
@@ -70,11 +72,15 @@ class VP2ORouter(TopKRouter):
         self.record_routing = True
         self.record_with_grad = False  # the learner sets it for a forward that also checks (§10)
         self.last_routing: RoutingRecord | None = None
+        self.gates_for: torch.Tensor | None = None  # [T, k] ids whose gates the next forward keeps
+        self.given_gates: torch.Tensor | None = None  # ... in here, [T, k] float32 (gates_at)
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
         """megatron's top-k routing, then VP2O's statistics and routing-variance loss."""
         probs, routing_map = super().routing(logits, padding_mask=padding_mask, **kwargs)
         flat_logits = logits.view(-1, self.config.num_moe_experts)  # [T, E]
+        if self.gates_for is not None:  # the actors' experts' gates (§10), once per forward
+            self.given_gates, self.gates_for = self.gates_at(flat_logits, self.gates_for), None
         k = self.topk
         # [T] bool, False at padding tokens (the MoE layer's orthogonality loss reads it too).
         self.valid_rows = None if padding_mask is None else ~padding_mask.reshape(-1)
@@ -106,6 +112,27 @@ class VP2ORouter(TopKRouter):
                     self.tp_cp_group,
                 )
         return probs, routing_map
+
+    @torch.no_grad()
+    def gates_at(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The gates this router gives the experts ``ids`` [T, k] (another routing's choice: the
+        actors', whose gates §10 weighs them by) on ``logits`` [T, E]: megatron's own top-k
+        routing function replaying ``ids`` (what router replay does inside a forward), beside
+        this forward's routing, which it leaves alone. Returns [T, k] float32 in the order of
+        ``ids``; token dropping (``moe_expert_capacity_factor``) is not applied."""
+        given = RouterReplay.__new__(RouterReplay)  # __init__ would join megatron's global list
+        given.recorded_topk_idx, given.replay_backward_list = None, []
+        given.target_topk_idx = ids.to(logits.device)
+        given.router_replay_action = RouterReplayAction.REPLAY_FORWARD
+        cfg = self.config
+        probs, _ = topk_routing_with_score_function(
+            logits.detach(), self.topk, use_pre_softmax=cfg.moe_router_pre_softmax,
+            num_groups=cfg.moe_router_num_groups, group_topk=cfg.moe_router_group_topk,
+            scaling_factor=cfg.moe_router_topk_scaling_factor,
+            score_function=self.score_function, expert_bias=self.expert_bias, fused=False,
+            router_replay=given,
+        )  # [T, E], nonzero at ids
+        return probs.gather(1, given.target_topk_idx).float()
 
     def _accumulate_statistics(self, logits, routing_map, padding_mask) -> None:
         """C += r^T r (§3), the routed-token count and the router-entropy sum (§12 diagnostics).

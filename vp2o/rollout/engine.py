@@ -130,7 +130,7 @@ def batch_from_sequences(
         routes: N (ids [T_n, Lm, k], gates [T_n, Lm, k]) with T_n <= prompt + response tokens
             (missing trailing positions stay -1 / 0); gates None where the engine returns ids
             only (the batch's ``routing_gates`` then stays empty:
-            ``vp2o.experience.fill_routing_gates``).
+            ``vp2o.learner.Learner.fills_actor_gates``).
     """
     n = len(responses)
     width = max(len(p) for p in prompts)

@@ -13,7 +13,7 @@ sampled from. The learner recomputes its own; the difference is the engine/learn
 (docs/rollout.md).
 
 Routes (``SamplingParams.record_routing``): on CUDA, vLLM's ``enable_return_routed_experts``
-(ids only: the batch carries no gates; ``vp2o.experience.fill_routing_gates`` recomputes
+(ids only: the batch carries no gates; ``vp2o.learner.Learner.fills_actor_gates`` recomputes
 them where they are needed); on the CPU build,
 :class:`vp2o.rollout.vllm_cpu.RouterLogitsCapture` (ids and gates from the router logits).
 The prefix cache is off when routes are wanted (cached prompt tokens are not routed).
@@ -231,7 +231,7 @@ class VLLMEngine:
 
     def _routes(self, out, capture, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ids, gates) [T, Lm, k] of one request's fed tokens; gates None where vLLM returns
-        ids only (CUDA: the learner recomputes them, ``vp2o.experience.fill_routing_gates``)."""
+        ids only (CUDA: the learner recomputes them, ``vp2o.learner.Learner.fills_actor_gates``)."""
         if capture is not None:
             return routes_from_logits(capture.take(_engine_request_id(capture, out.request_id)),
                                       self.topk, renormalize=self.renormalize)
