@@ -34,8 +34,8 @@ def shape(args: argparse.Namespace) -> list[str]:
     return [
         f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
         f"model.num_attention_heads={args.heads}", f"model.num_query_groups={args.groups}",
-        f"model.num_experts={args.experts}", "model.moe_router_topk=2",
-        f"model.moe_ffn_hidden_size={args.hidden}", "model.vocab_size=1024",
+        f"model.num_experts={args.experts}", f"model.moe_router_topk={args.topk}",
+        f"model.moe_ffn_hidden_size={args.expert_ffn or args.hidden}", "model.vocab_size=1024",
         f"model.max_position_embeddings={max(4096, args.seq * args.batch)}",
         f"rollout.micro_batch_size={args.micro_batch}",
         f"rollout.max_new_tokens={args.seq}", f"model.params_dtype={args.dtype}",
@@ -76,8 +76,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     pending = PendingBatch(batch=batch, advantages=torch.randn(args.batch, generator=gen),
                            rewards=torch.zeros(args.batch))
     learner = types.SimpleNamespace(
-        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None,
-        transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False,
+        _fill_gates=False, transform=types.SimpleNamespace(capture_specialisation=lambda: None))
     budget = args.budget or args.seq * args.micro_batch
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, device,
                         loss_normaliser(pending, cfg, groups),
@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--groups", type=int, default=2)
     ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--expert-ffn", type=int, default=0, help="0: --hidden")
     ap.add_argument("--seq", type=int, default=1024, help="longest sequence (prompt + response)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=4, help="rollout.micro_batch_size")

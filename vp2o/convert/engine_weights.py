@@ -156,9 +156,9 @@ class _ExpertGather:
             self.layer, self.stacks = layer, {}
         if key not in self.stacks:
             mine = local().detach().contiguous()
-            parts = [torch.empty_like(mine) for _ in range(self.size)]
-            dist.all_gather(parts, mine, group=self.group)
-            self.stacks[key] = torch.cat(parts)
+            stack = mine.new_empty((self.size * mine.shape[0], *mine.shape[1:]))
+            dist.all_gather_into_tensor(stack, mine, group=self.group)  # no concatenating copy
+            self.stacks[key] = stack
         return self.stacks[key]
 
 
