@@ -147,7 +147,7 @@ def test_check_in_next_forward_equals_a_forward_of_its_own(tmp_path, monkeypatch
              "drift_ends_batch": ["vp2o.trust_region.delta=10", "vp2o.behavior.eps_drift=0.0"],
              "rollback": ["vp2o.trust_region.delta=0.0"]}[case]
     common = ["algorithm=vp2o", "train.wandb_mode=disabled", "train.updates_per_rollout=3",
-              "train.steps=3", "reward.name=scaleout_reward:length_reward", *extra]
+              "train.steps=2", "reward.name=scaleout_reward:length_reward", *extra]
     forwards = []
     own = Learner.evaluate_update
 
@@ -174,11 +174,11 @@ def test_check_in_next_forward_equals_a_forward_of_its_own(tmp_path, monkeypatch
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     updates = [r["train/updates"] for r in runs[True]]
     if case in ("continue", "packed"):
-        assert updates == [3.0] * 3
-        assert forwards == [9, 3]  # every check / only each batch's last
+        assert updates == [3.0] * 2
+        assert forwards == [6, 2]  # every check / only each batch's last
     else:
-        assert updates == [1.0] * 3
-        assert forwards == [3, 0]
+        assert updates == [1.0] * 2
+        assert forwards == [2, 0]
         assert all(r["events/discarded_backward"] == 1.0 for r in runs[True])
 
 
@@ -193,7 +193,7 @@ def test_actor_gates_from_the_first_forward_equal_the_engines(tmp_path, monkeypa
     from vp2o.rollout.megatron_engine import MegatronEngine
 
     common = ["algorithm=vp2o", "train.wandb_mode=disabled", "train.updates_per_rollout=2",
-              "train.steps=3", "reward.name=scaleout_reward:length_reward",
+              "train.steps=2", "reward.name=scaleout_reward:length_reward",
               "vp2o.trust_region.delta=0.2"]
     _train(tmp_path / "gates", *common)
     generate = MegatronEngine.generate
@@ -207,7 +207,7 @@ def test_actor_gates_from_the_first_forward_equal_the_engines(tmp_path, monkeypa
 
     monkeypatch.setattr(MegatronEngine, "generate", ids_only)
     _train(tmp_path / "ids", *common)
-    assert len(dropped) >= 3 and all(g.numel() for g in dropped)  # 3 steps + evaluation
+    assert len(dropped) >= 2 and all(g.numel() for g in dropped)  # 2 steps + evaluation
     full = read_metrics(tmp_path / "gates" / "metrics.jsonl")
     ids = read_metrics(tmp_path / "ids" / "metrics.jsonl")
     for a, b in zip(full, ids, strict=True):

@@ -54,7 +54,7 @@ def test_chunks_score_like_single_samples_and_isolate_failures():
     """After a batch has measured the reward's time, samples go in chunks; a crash, NaN, hang or
     dead worker inside a chunk still costs only its own sample (the chunk is scored again one
     by one), and the scores equal the one-by-one ones."""
-    pool = RewardPool(f"{__name__}:flaky", workers=2, timeout_s=2.0)
+    pool = RewardPool(f"{__name__}:flaky", workers=2, timeout_s=1.0)
     try:
         first = _score(pool, ["ok", "no"] * 20)
         assert pool.chunk_size == 1 and pool.sample_s is not None
