@@ -104,8 +104,8 @@ class _Tok:
 def _loss_and_grads(cfg, groups, model, pending, max_tokens):
     """The learner's loss_fn over the micro-batches, as ``Learner.update`` runs it (no DDP)."""
     learner = types.SimpleNamespace(
-        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False, _fill_gates=False,
-        transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False,
+        _fill_gates=False, transform=types.SimpleNamespace(capture_specialisation=lambda: None))
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, torch.device("cpu"),
                         loss_normaliser(pending, cfg, groups), max_tokens=max_tokens)
     model.zero_grad(set_to_none=True)
