@@ -22,6 +22,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more overrides for both modes, e.g. model.moe_grouped_gemm=true")
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
@@ -32,7 +34,7 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
         f"model.ffn_hidden_size={4 * args.hidden}", f"model.num_experts={args.experts}",
         f"model.moe_router_topk={args.topk}", f"model.moe_ffn_hidden_size={args.expert_ffn}",
         f"model.vocab_size={VOCAB}", f"model.params_dtype={args.dtype}",
-        "optimizer.lr=1e-5", "optimizer.clip_grad=1.0",
+        "optimizer.lr=1e-5", "optimizer.clip_grad=1.0", *args.set,
     ]
 
 

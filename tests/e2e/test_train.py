@@ -131,19 +131,19 @@ def test_ten_consecutive_rollbacks_warn_with_the_fields_to_change(tmp_path, caps
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["continue", "packed", "drift_ends_batch", "rollback"])
+@pytest.mark.parametrize("case", ["packed", "drift_ends_batch", "rollback"])
 def test_check_in_next_forward_equals_a_forward_of_its_own(tmp_path, monkeypatch, case):
     """vp2o.check_in_next_forward: the post-update check read from the next update's forward
     gives the same D, drift/ESS after the update, decisions and trajectory as the check's own
-    no-grad forward, whether the batch continues (padded or packed micro-batches), ends on the
-    drift budget (the next update's gradients dropped unstepped) or is rolled back (§10); and
-    it runs only the last update's check forward."""
+    no-grad forward, whether the batch continues (packed micro-batches: the routing scattered
+    back from the packed row), ends on the drift budget (padded; the next update's gradients
+    dropped unstepped) or is rolled back (§10); and it runs only the last update's check
+    forward."""
     from vp2o.learner import Learner
 
     loose = ["vp2o.trust_region.delta=10", "vp2o.behavior.eps_drift=10",
              "vp2o.behavior.ess_min=0"]
-    extra = {"continue": loose,
-             "packed": [*loose, "train.max_tokens_per_microbatch=40", "model.core_attention=sdpa"],
+    extra = {"packed": [*loose, "train.max_tokens_per_microbatch=40", "model.core_attention=sdpa"],
              "drift_ends_batch": ["vp2o.trust_region.delta=10", "vp2o.behavior.eps_drift=0.0"],
              "rollback": ["vp2o.trust_region.delta=0.0"]}[case]
     common = ["algorithm=vp2o", "train.wandb_mode=disabled", "train.updates_per_rollout=3",
@@ -173,7 +173,7 @@ def test_check_in_next_forward_equals_a_forward_of_its_own(tmp_path, monkeypatch
             assert key in a and key in b, (a["step"], key)
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
     updates = [r["train/updates"] for r in runs[True]]
-    if case in ("continue", "packed"):
+    if case == "packed":
         assert updates == [3.0] * 2
         assert forwards == [6, 2]  # every check / only each batch's last
     else:
