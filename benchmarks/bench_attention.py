@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 VARIANTS = [("local", 0), ("sdpa", 0), ("local", 1), ("sdpa", 1)]  # (attention, packed)
 
@@ -75,9 +74,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                          prompt_width=prompt, group_ids=torch.arange(args.batch) // 2)
     pending = PendingBatch(batch=batch, advantages=torch.randn(args.batch, generator=gen),
                            rewards=torch.zeros(args.batch))
-    learner = types.SimpleNamespace(
-        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False,
-        _fill_gates=False, transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+    learner = Learner.for_loss(cfg, model)
     budget = args.budget or args.seq * args.micro_batch
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, device,
                         loss_normaliser(pending, cfg, groups),
@@ -87,7 +84,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for mb in mbs:
-            loss, _ = Learner.loss_fn(learner, model, mb)
+            loss, _ = learner.loss_fn(model, mb)
             loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -16,6 +16,7 @@ the step plumbing in ``vp2o.mcore.training``. Host-device syncs are marked ``# s
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,18 @@ class Learner:
         self._transform_s = 0.0
         self._capture = False  # set by gradients(capture=True) for loss_fn
         self._fill_gates = False  # set by gradients() for a batch without the actors' gates
+
+    @classmethod
+    def for_loss(cls, cfg, model: torch.nn.Module) -> Learner:
+        """A learner that runs :meth:`loss_fn` on ``model`` and nothing else (no session, DDP,
+        optimizer, Stein transform or reference model): benchmarks and tests of the policy loss
+        alone."""
+        self = cls.__new__(cls)
+        self.cfg, self.vp2o, self.ref_model = cfg, cfg.algorithm == "vp2o", None
+        self.s = types.SimpleNamespace(model=model, device=next(model.parameters()).device)
+        self.transform = types.SimpleNamespace(capture_specialisation=lambda: None, layers=[])
+        self._capture = self._fill_gates = False
+        return self
 
     # --------------------------------------------------------------- loss (method §1, §2)
     def loss_fn(self, model, mb: dict):

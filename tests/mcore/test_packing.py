@@ -7,7 +7,6 @@ against when a batch is reused."""
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import pytest
 import torch
@@ -103,15 +102,13 @@ class _Tok:
 
 def _loss_and_grads(cfg, groups, model, pending, max_tokens):
     """The learner's loss_fn over the micro-batches, as ``Learner.update`` runs it (no DDP)."""
-    learner = types.SimpleNamespace(
-        cfg=cfg, s=types.SimpleNamespace(model=model), ref_model=None, _capture=False,
-        _fill_gates=False, transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+    learner = Learner.for_loss(cfg, model)
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, torch.device("cpu"),
                         loss_normaliser(pending, cfg, groups), max_tokens=max_tokens)
     model.zero_grad(set_to_none=True)
     total, logps = 0.0, []
     for mb in mbs:
-        loss, stats = Learner.loss_fn(learner, model, mb)
+        loss, stats = learner.loss_fn(model, mb)
         loss.backward()
         total += loss.detach()
         logps.append(stats["_logp"])
@@ -178,10 +175,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
     cfg = load_config(None, [*TINY, "loss.correction=tis", "train.updates_per_rollout=2",
                              "rollout.router_replay=true", "rollout.micro_batch_size=4"])
     p = PendingBatch(batch=pending.batch, advantages=pending.advantages, rewards=pending.rewards)
-    learner = types.SimpleNamespace(
-        cfg=cfg, s=types.SimpleNamespace(model=model, device=torch.device("cpu")),
-        ref_model=None, _capture=False, _fill_gates=False,
-        transform=types.SimpleNamespace(capture_specialisation=lambda: None))
+    learner = Learner.for_loss(cfg, model)
     # what Learner.update keeps: the first update's forward, in batch order
     _, _, p.rollout_logprobs, _ = _loss_and_grads(cfg, groups, model, p, None)
     batch = p.batch
@@ -200,7 +194,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
         for mbs in (stored, own):
             total = 0.0
             for mb in mbs:
-                loss, _ = Learner.loss_fn(learner, model, mb)
+                loss, _ = learner.loss_fn(model, mb)
                 total += float(loss.detach())
             router_replay.stop(model)
             out.append(total)
@@ -227,7 +221,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
             logp, mb["logp_rollout"], mb["adv"], b.response_mask, **clip_options(cfg),
             aggregation=cfg.loss.aggregation, pg_estimator=cfg.loss.estimator,
             denominator=mb["denominator"], token_weights=weights)
-        loss, _ = Learner.loss_fn(learner, model, mb)
+        loss, _ = learner.loss_fn(model, mb)
         router_replay.stop(model)
         assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-6, abs=1e-8)
     finally:
