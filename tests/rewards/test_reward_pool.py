@@ -72,3 +72,19 @@ def test_chunks_score_like_single_samples_and_isolate_failures():
         assert pool.chunk_size > 1 and again.rewards == first.rewards
     finally:
         pool.close()
+
+
+def test_a_sample_that_does_not_pickle_costs_only_itself():
+    """A dataset row the pool cannot send to a worker (here a lambda in it) fails its whole
+    chunk; the chunk is scored again one by one and only that row scores 0."""
+    pool = RewardPool(f"{__name__}:flaky", workers=1, timeout_s=1.0)
+    try:
+        _score(pool, ["ok"] * 8)  # measures the reward's time: chunks from now on
+        rows = [{"answer": "ok"} for _ in range(16)]
+        rows[5] = {"answer": "ok", "bad": lambda: None}
+        out = pool.score(["p"] * 16, ["ok"] * 16, rows)
+        assert pool.chunk_size > 1
+        assert out.rewards == [0.0 if i == 5 else 1.0 for i in range(16)]
+        assert out.failures == 1
+    finally:
+        pool.close()

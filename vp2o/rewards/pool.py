@@ -166,6 +166,12 @@ class RewardPool:
                 else:
                     logger.warning("reward %r killed its worker: scored 0", self.name)
                 continue
+            except Exception as e:  # noqa: BLE001 - e.g. a sample that does not pickle
+                if len(chunk) > 1:
+                    again.extend(chunk)  # one by one: only the culprit scores 0
+                else:
+                    logger.warning("reward %r failed (%s): scored 0", self.name, e)
+                continue
             seconds, timed = seconds + took, timed + len(chunk)
             for i, result in zip(chunk, results, strict=True):
                 if isinstance(result, str):
