@@ -34,6 +34,12 @@ from vp2o.rollout.logprobs import scoring
 from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session, load_initial_weights
 
+SPECULATE_ABOVE = 2 / 3
+"""``vp2o.check_in_next_forward`` runs the next update's forward/backward before the check of
+update k when at least this share of the batches that reached update k went on past it: reading
+the check there saves a forward F when the batch continues and wastes a backward B ~ 2F when it
+ends, so it pays when p F > (1 - p) B, i.e. p > B / (F + B) ~ 2/3."""
+
 # How the learner's own per-micro-batch statistics combine over micro-batches and data-parallel
 # ranks (``reduce_stats``); the policy loss declares its keys in ``grpo.POLICY_LOSS_STATS``.
 # policy/entropy: -log pi of the sampled tokens; mismatch/*, correction/*: engine vs learner.
@@ -101,6 +107,8 @@ class Learner:
         self._transform_s = 0.0
         self._capture = False  # set by gradients(capture=True) for loss_fn
         self._fill_gates = False  # set by gradients() for a batch without the actors' gates
+        self._reached: dict[int, int] = {}  # batches whose update k was checked, by k
+        self._continued: dict[int, int] = {}  # ... and went on to update k + 1
 
     @classmethod
     def for_loss(cls, cfg, model: torch.nn.Module) -> Learner:
@@ -315,15 +323,25 @@ class Learner:
         return (self.vp2o and self.cfg.vp2o.trust_region.enabled
                 and bool(batch.routing_ids.numel()) and not batch.routing_gates.numel())
 
-    def checks_in_next_forward(self) -> bool:
-        """Whether the check of an update that another update on the batch may follow can read
-        that update's forward (``vp2o.check_in_next_forward``): the training forward must then
-        compute what the no-grad check would (no dropout, no router replay, no pipeline
-        stages) and gives the same values within rounding (tested)."""
+    def checks_in_next_forward(self, k: int) -> bool:
+        """Whether the check of update ``k`` (another may follow on the batch) reads that next
+        update's forward (``vp2o.check_in_next_forward``): the training forward must compute
+        what the no-grad check would (no dropout, no router replay, no pipeline stages; the
+        same values within rounding, tested), and it must be expected to pay: more than
+        ``SPECULATE_ABOVE`` of the batches so far went on past update ``k`` (counted from 1 of
+        1, so the first batch tries it). Every rank counts the same decisions."""
         cfg = self.cfg
-        return (self.vp2o and cfg.vp2o.check_in_next_forward and not cfg.rollout.router_replay
+        if not (self.vp2o and cfg.vp2o.check_in_next_forward and not cfg.rollout.router_replay
                 and cfg.model.hidden_dropout == 0 and cfg.model.attention_dropout == 0
-                and cfg.parallel.pipeline_parallel == 1)
+                and cfg.parallel.pipeline_parallel == 1):
+            return False
+        went_on = (self._continued.get(k, 0) + 1) / (self._reached.get(k, 0) + 1)
+        return went_on > SPECULATE_ABOVE
+
+    def count_continuation(self, k: int, went_on: bool) -> None:
+        """Record whether the batch went on past update ``k`` (checks_in_next_forward reads it)."""
+        self._reached[k] = self._reached.get(k, 0) + 1
+        self._continued[k] = self._continued.get(k, 0) + int(went_on)
 
     @torch.no_grad()
     def evaluate_update(self, p: PendingBatch, *, anchor: bool = True) -> dict:

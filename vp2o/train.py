@@ -103,13 +103,15 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
             more = k + 1 < cfg.updates_per_rollout
             update = learner.step(pending, grads)
             grads = None
-            if more and update.finite and learner.checks_in_next_forward():
+            if more and update.finite and learner.checks_in_next_forward(k):
                 grads = learner.gradients(pending, capture=True)
             check = learner.check(pending, update, more_updates=more, after=grads)
             progress.skips = 0 if update.finite else progress.skips + 1
             refresh = progress.skips >= cfg.train.max_consecutive_skips
             if vp2o and update.finite:
                 refresh |= _vp2o_budgets(s, learner, progress, check, more)
+                if more:
+                    learner.count_continuation(k, not refresh)
             updates.append({**update.metrics, **check})
             if refresh:
                 if grads is not None:

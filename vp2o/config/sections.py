@@ -794,7 +794,8 @@ class VP2OConfig:
     update on the same batch may follow reads that next update's forward (same weights, same
     batch) instead of running a no-grad forward of its own; when the check ends the batch (a
     rejection, a refresh) the next update's gradients are dropped unstepped. Saves a forward per
-    continued update and costs a discarded backward per early end (docs/algorithm.md, "The
+    continued update and costs a discarded backward per early end, so it is used at update k
+    only while more than 2/3 of the run's batches went on past update k (docs/algorithm.md, "The
     post-update check"). Applies without dropout, router replay or pipeline stages; elsewhere,
     and with false, every check runs its own forward. Same decisions and values either way
     (within rounding). Implementation choice, not the method's."""
