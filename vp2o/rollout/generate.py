@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from vp2o.rollout.logprobs import check_attention_backend, temperature_scaled
+from vp2o.rollout.logprobs import check_attention_backend, scoring, temperature_scaled
 from vp2o.rollout.masks import attention_mask, left_pad
 from vp2o.rollout.routing import RoutingRecorder
 from vp2o.rollout.sampling import SamplingParams, sample_next
@@ -144,11 +144,10 @@ def generate(
             routing_gates[:, :, col_start:col_end] = gates
 
     context = _static_context(num_rows, total)
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=new, desc="generate", unit="step", disable=not progress, leave=False)
     try:
         with (
+            scoring(model),  # eval mode, restored after
             temperature_scaled(model, params.logprob_temperature),
             recorder or contextlib.nullcontext(),
         ):
@@ -199,7 +198,6 @@ def generate(
                     break
     finally:
         bar.close()
-        model.train(was_training)
 
     response_mask = valid.clone()
     response_mask[:, :width] = False

@@ -39,16 +39,10 @@ class MegatronEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams, *,
                  generator: torch.Generator | Sequence[torch.Generator]) -> RolloutBatch:
-        """See :meth:`vp2o.rollout.engine.RolloutEngine.generate`; the model's train/eval mode
-        is restored after the call."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return generate(self.model, prompts, sampling, tokenizer=self.tokenizer,
-                                generator=generator, sync_group=self.sync_group)
-        finally:
-            self.model.train(was_training)
+        """See :meth:`vp2o.rollout.engine.RolloutEngine.generate`; ``generate`` runs in eval
+        mode without autograd and restores the model's mode after the call."""
+        return generate(self.model, prompts, sampling, tokenizer=self.tokenizer,
+                        generator=generator, sync_group=self.sync_group)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to load: the engine reads the learner's parameters."""
