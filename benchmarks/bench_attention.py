@@ -8,7 +8,7 @@
 The batch: ``--batch`` sequences, each a 64-token prompt and a response of a length drawn
 uniformly from [seq/8, seq - 64] (fixed seed), left/right padded to the longest as the rollout
 lays them out. One step = the learner's ``loss_fn`` (GRPO's policy loss, the global batch's
-normaliser) over the micro-batches and their backward, as ``Learner.update`` runs it, without
+normaliser) over the micro-batches and their backward, as ``Learner.gradients`` runs it, without
 the optimizer. Each variant runs in a fresh process: peak memory is the process's peak resident
 set during the steps minus its peak before them (CPU: model, batch and imports excluded), or
 torch's peak allocated CUDA memory above what was allocated before them (GPU). Time: the median

@@ -171,7 +171,7 @@ def grpo_loss(cfg, logp, adv, mask, denominator):
 
 
 class Vp2oLearner:
-    """megatron-core model, DDP and optimizer, stepped as ``vp2o.learner.Learner.update``."""
+    """megatron-core model, DDP and optimizer, stepped as ``vp2o.learner.Learner`` steps."""
 
     def __init__(self, cfg):
         self.cfg = cfg

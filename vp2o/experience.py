@@ -37,7 +37,7 @@ class PendingBatch:
         updates: learner steps taken on it so far.
         stats: the batch's logged statistics (global batch: every data-parallel rank's).
         rollout_logprobs: [N, S] the learner's log-probs at the rollout weights (its first
-            update's forward, kept by ``Learner.update`` under a mismatch correction): the
+            update's forward, kept by ``Learner.step`` under a mismatch correction): the
             correction's reference on the batch's later updates; None before that.
     """
 

@@ -1,13 +1,14 @@
 """The learner of the RL loop: policy loss, one optimizer step, and VP2O's post-update check.
 
     learner = Learner(session)              # after the weights are loaded (prototypes read them)
-    update = learner.update(pending)        # forward/backward, [VP2O: Stein transform], step
+    grads = learner.gradients(pending)      # forward/backward, [VP2O: Stein transform]
+    update = learner.step(pending, grads)   # optimizer step, prototype refresh
     check = learner.check(pending, update, more_updates=...)  # §11 drift/ESS, §10 anchor D
     learner.undo()                          # §10 rollback of a rejected step
 
-``update`` is ``step(p, gradients(p))``; the loop calls the halves so that a VP2O update that
-another may follow is checked in that one's forward (``gradients(p, capture=True)`` then
-``check(..., after=...)``; ``vp2o.check_in_next_forward``).
+The two halves are apart so that a VP2O update that another may follow is checked in that one's
+forward (``gradients(p, capture=True)``, then ``check(..., after=...)``;
+``vp2o.check_in_next_forward``); gradients the check leaves unstepped go through ``discard``.
 
 Nothing here reaches into megatron's optimizer: the rollback lives in ``vp2o.mcore.optim_state``,
 the step plumbing in ``vp2o.mcore.training``. Host-device syncs are marked ``# sync``.
@@ -66,7 +67,7 @@ class Gradients:
     """One update's forward/backward, before its optimizer step (:meth:`Learner.gradients`).
 
     Attributes:
-        outs: the loss function's per-micro-batch outputs.
+        losses: [micro-batches] the policy loss of each (their finiteness decides the step).
         metrics: the step's loss statistics (reduced over micro-batches and ranks).
         seconds: wall time of the forward/backward (and the transform).
         logp: [N, S] the learner's log-probs at these weights (the loss's forward).
@@ -76,7 +77,7 @@ class Gradients:
         transform_s: its wall time.
     """
 
-    outs: list[dict]
+    losses: torch.Tensor
     metrics: dict
     seconds: float
     logp: torch.Tensor
@@ -183,15 +184,10 @@ class Learner:
         return loss, stats
 
     # --------------------------------------------------------------- one step
-    def update(self, p: PendingBatch) -> Update:
-        """Forward/backward over the batch's micro-batches, [VP2O: the Stein transform of the
-        expert gradients before their data-parallel reduction], then the optimizer step unless
-        a loss or gradient is not finite on some rank. Refreshes the prototypes (§4)."""
-        return self.step(p, self.gradients(p))
-
     def gradients(self, p: PendingBatch, *, capture: bool = False) -> Gradients:
-        """The forward/backward half of :meth:`update`: gradients in the model's buffers
-        (transformed, VP2O), no optimizer step yet. ``capture``: also keep what the previous
+        """Forward/backward over the batch's micro-batches, [VP2O: the Stein transform of the
+        expert gradients before their data-parallel reduction]: gradients in the model's
+        buffers, no optimizer step yet. ``capture``: also keep what the previous
         update's post-update check needs from this forward (the log-probs are kept anyway; the
         learner's routing), so :meth:`check` need not run a forward of its own."""
         s, cfg = self.s, self.cfg
@@ -230,22 +226,23 @@ class Learner:
             routing = (in_batch_order([o["_ids"] for o in outs], mbs, dim=1).cpu(),
                        in_batch_order([o["_gates"] for o in outs], mbs, dim=1).cpu())
         return Gradients(
-            outs=outs, metrics=m, seconds=time.perf_counter() - t0,
+            losses=torch.stack([o["loss/policy"] for o in outs]), metrics=m,
+            seconds=time.perf_counter() - t0,
             logp=in_batch_order([o["_logp"] for o in outs], mbs).cpu(), routing=routing,
             transform_stats=self._transform_stats, transform_s=self._transform_s,
         )
 
     def step(self, p: PendingBatch, g: Gradients) -> Update:
-        """The optimizer half of :meth:`update`, on the gradients of :meth:`gradients` (the
-        weights must not have changed in between)."""
+        """The optimizer step on the gradients of :meth:`gradients` (the weights must not have
+        changed in between) unless a loss or gradient is not finite on some rank; then the
+        prototype refresh (§4)."""
         s, cfg = self.s, self.cfg
         t0 = time.perf_counter()
         if self.rollback is not None:  # §10: what a rejected step restores
             self.rollback.save()
             self._saved_transform = self.transform.state_dict()
         m = dict(g.metrics)
-        losses = torch.stack([o["loss/policy"] for o in g.outs])
-        finite = bool(training.grads_finite(s.ddp)) and bool(torch.isfinite(losses).all())  # sync
+        finite = bool(training.grads_finite(s.ddp)) and bool(torch.isfinite(g.losses).all())  # sync
         if finite:
             s.optimizer.step()
         else:
@@ -260,10 +257,10 @@ class Learner:
             p.rollout_logprobs = g.logp
         return Update(finite=finite, metrics=m, logp_before=g.logp)
 
-    def discard(self, g: Gradients) -> None:
-        """Drop gradients that will not be stepped (the batch ended after a check read their
-        forward): the routing statistics their forwards accumulated go too."""
-        del g
+    def discard(self) -> None:
+        """Drop the gradients of the last :meth:`gradients` unstepped (the batch ended after a
+        check read their forward): the routing statistics their forwards accumulated go too
+        (the buffers are zeroed by the next ``gradients``)."""
         self.transform.reset_statistics()
 
     def _transform_gradients(self, ddp) -> None:

@@ -115,7 +115,7 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
             updates.append({**update.metrics, **check})
             if refresh:
                 if grads is not None:
-                    learner.discard(grads)
+                    learner.discard()
                     updates[-1]["events/discarded_backward"] = 1.0
                 break
             if more and grads is None:

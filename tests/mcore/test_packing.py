@@ -101,7 +101,7 @@ class _Tok:
 
 
 def _loss_and_grads(cfg, groups, model, pending, max_tokens):
-    """The learner's loss_fn over the micro-batches, as ``Learner.update`` runs it (no DDP)."""
+    """The learner's loss_fn over the micro-batches, as ``Learner.gradients`` runs it (no DDP)."""
     learner = Learner.for_loss(cfg, model)
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, torch.device("cpu"),
                         loss_normaliser(pending, cfg, groups), max_tokens=max_tokens)
@@ -162,7 +162,7 @@ def test_replay_follows_the_packed_order(tiny):
 
 def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
     """``loss.correction=tis`` with two updates per batch: the rollout-weight log-probs that
-    ``Learner.update`` keeps (its first update's forward, router replay on) equal the learner's
+    ``Learner.step`` keeps (its first update's forward, router replay on) equal the learner's
     log-probs at those weights; at those weights a micro-batch's loss with them equals the
     one-update loss (its own forward's log-probs); once the weights move, the ratio is taken
     against them (not against the new forward: the loss differs from the one-update form) and
@@ -176,7 +176,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
                              "rollout.router_replay=true", "rollout.micro_batch_size=4"])
     p = PendingBatch(batch=pending.batch, advantages=pending.advantages, rewards=pending.rewards)
     learner = Learner.for_loss(cfg, model)
-    # what Learner.update keeps: the first update's forward, in batch order
+    # what Learner.step keeps: the first update's forward, in batch order
     _, _, p.rollout_logprobs, _ = _loss_and_grads(cfg, groups, model, p, None)
     batch = p.batch
     with torch.no_grad(), router_replay.replaying(model, replay_indices(batch.routing_ids)):
