@@ -532,3 +532,29 @@ def test_step_losses_are_the_mean_over_layers_and_micro_batches_and_never_leak(i
         assert abs(sum(values)) > abs(sum(first[key])) > 0  # the tracker adds them up
     assert not set(names) & set(get_moe_layer_wise_logging_tracker())
     assert specialisation_losses(1) == {}  # nothing saved since: nothing reported
+
+
+@pytest.mark.parametrize("pre_softmax", [False, True], ids=["renormalised", "pre_softmax"])
+def test_gates_at_given_ids_equal_the_softmax_reference_and_leave_replay_alone(init_parallel,
+                                                                            pre_softmax):
+    """``VP2ORouter.gates_at``: the gates at arbitrary expert ids (not the router's own top-k)
+    equal an explicit softmax (over all experts with ``moe_router_pre_softmax``, else over the
+    chosen logits), in the order of ``ids``; megatron's process-wide list of router replays
+    (addressed by position) is the same length after."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    cfg, _, model = _build(init_parallel,
+                           f"model.moe_router_pre_softmax={str(pre_softmax).lower()}",
+                           "model.moe_enable_routing_replay=true")
+    router = vp2o_moe.moe_layers(model)[0].router
+    gen = torch.Generator().manual_seed(5)
+    T, E, k = 10, cfg.model.num_experts, router.topk
+    logits = torch.randn(T, E, generator=gen)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])  # any order
+    before = len(RouterReplay.global_router_replay_instances)
+    gates = router.gates_at(logits, ids)
+    assert len(RouterReplay.global_router_replay_instances) == before
+    chosen = logits.gather(1, ids)
+    want = (torch.softmax(logits, -1).gather(1, ids) if pre_softmax
+            else torch.softmax(chosen, -1))
+    torch.testing.assert_close(gates, want, rtol=1e-6, atol=1e-7)

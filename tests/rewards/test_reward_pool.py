@@ -88,3 +88,24 @@ def test_a_sample_that_does_not_pickle_costs_only_itself():
         assert out.failures == 1
     finally:
         pool.close()
+
+
+def test_worker_start_up_is_not_charged_to_the_samples_deadlines():
+    """Workers that take longer to start than ``timeout_s`` (here a 1.5 s import against a 1 s
+    deadline) score every sample: start-up is waited for outside the per-sample deadlines."""
+    pool = RewardPool("slow_start_reward:exact", workers=2, timeout_s=1.0)
+    try:
+        out = _score(pool, ["ok", "no", "ok", "no"])
+        assert out.rewards == [1.0, 0.0, 1.0, 0.0] and out.failures == 0
+    finally:
+        pool.close()
+
+
+def test_a_reward_whose_workers_cannot_start_scores_0_without_raising():
+    pool = RewardPool(f"{__name__}:flaky", workers=2, timeout_s=1.0)
+    pool.name = f"{__name__}:no_such_function"  # the workers' initializer raises
+    try:
+        out = _score(pool, ["ok", "ok", "no"])
+        assert out.rewards == [0.0, 0.0, 0.0] and out.failures == 3
+    finally:
+        pool.close()

@@ -33,6 +33,23 @@ from vp2o.algo import specialization
 from vp2o.config import Config
 
 
+class _ReplayOf(RouterReplay):
+    """A megatron ``RouterReplay`` that replays the given ids [T, k] in one routing call, built
+    by megatron's own methods, and kept out of megatron's process-wide list of replays (which
+    ``RouterReplay.set_replay_data`` and friends address by position: one more entry there
+    would shift every layer's replay)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        super().__init__()
+        instances = RouterReplay.global_router_replay_instances
+        for i in range(len(instances) - 1, -1, -1):  # by identity; the newest is this one
+            if instances[i] is self:
+                del instances[i]
+                break
+        self.set_target_indices(ids)
+        self.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
 @dataclass
 class RoutingRecord:
     """One forward's routing of a layer. T local tokens in megatron order (row s*B + b).
@@ -120,10 +137,7 @@ class VP2ORouter(TopKRouter):
         routing function replaying ``ids`` (what router replay does inside a forward), beside
         this forward's routing, which it leaves alone. Returns [T, k] float32 in the order of
         ``ids``; token dropping (``moe_expert_capacity_factor``) is not applied."""
-        given = RouterReplay.__new__(RouterReplay)  # __init__ would join megatron's global list
-        given.recorded_topk_idx, given.replay_backward_list = None, []
-        given.target_topk_idx = ids.to(logits.device)
-        given.router_replay_action = RouterReplayAction.REPLAY_FORWARD
+        given = _ReplayOf(ids.to(logits.device))
         cfg = self.config
         probs, _ = topk_routing_with_score_function(
             logits.detach(), self.topk, use_pre_softmax=cfg.moe_router_pre_softmax,

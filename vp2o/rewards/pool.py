@@ -41,6 +41,14 @@ def _init_worker(name: str) -> None:
     _FN = _raw_reward(name)
 
 
+def _ready() -> None:
+    """A no-op: returns once a worker has started and run its initializer."""
+
+
+START_TIMEOUT_S = 300.0
+"""How long new workers may take to start (spawn, imports, the reward's own module) before the
+pool stops waiting for them. Start-up is not charged to any sample's deadline."""
+
 CHUNK_SHARE = 0.05
 """A chunk's expected scoring time, as a share of ``timeout_s`` (the per-sample deadline)."""
 
@@ -79,7 +87,8 @@ class RewardPool:
     Args:
         name: reward name or dotted path.
         workers: processes (0 = score in this process).
-        timeout_s: deadline per sample, counted from when the batch's earlier samples are done.
+        timeout_s: deadline per sample, counted from when the batch's earlier samples are done
+            (the workers' start-up is waited for separately, see ``_wait_until_started``).
     """
 
     def __init__(self, name: str, *, workers: int = 2, timeout_s: float = 10.0) -> None:
@@ -102,7 +111,28 @@ class RewardPool:
                 initializer=_init_worker,
                 initargs=(self.name,),
             )
+            self._wait_until_started()
         return self._pool
+
+    def _wait_until_started(self) -> None:
+        """Start the workers and wait for them outside every sample's deadline.
+
+        A spawned worker imports Python, the reward's module and what it imports (torch, sympy,
+        ...) before it takes a task: up to seconds, more on a loaded machine, and the same for
+        every fresh pool after a hang. Counted against the first samples' deadlines, a start-up
+        slower than ``timeout_s`` would time out every sample of the batch, and then each of them
+        again when isolated. One no-op per worker, submitted back to back, spawns them all.
+        """
+        start = time.perf_counter()
+        pending = [self._pool.submit(_ready) for _ in range(self.workers)]
+        done, not_done = cf.wait(pending, timeout=START_TIMEOUT_S)
+        failed = [f for f in done if f.exception() is not None]
+        if not_done or failed:
+            reason = failed[0].exception() if failed else f"not started in {START_TIMEOUT_S:.0f}s"
+            logger.warning("reward %r: workers failed to start (%s); samples will time out or "
+                           "fail and score 0", self.name, reason)
+        logger.debug("reward %r: %d workers started in %.2fs", self.name, self.workers,
+                     time.perf_counter() - start)
 
     def score(self, prompts: list[str], completions: list[str], samples: list[dict]) -> Scores:
         """Rewards for each (prompt, completion, sample)."""
@@ -140,7 +170,7 @@ class RewardPool:
             return [v for item in items for v in self._score_batch([item])]
         size = self._chunk_size(len(items))
         chunks = [range(i, min(i + size, len(items))) for i in range(0, len(items), size)]
-        futures = [self._executor().submit(_score_chunk, [items[i] for i in c]) for c in chunks]
+        futures = [self._submit([items[i] for i in c]) for c in chunks]
         values: list[float | None] = [None] * len(items)
         again: list[int] = []
         broken = False
@@ -187,6 +217,17 @@ class RewardPool:
             for i, v in zip(again, redo, strict=True):
                 values[i] = v
         return values
+
+    def _submit(self, chunk: list[tuple]) -> cf.Future:
+        """The chunk's future; a pool that broke before or while the batch is submitted (a worker
+        that died, one that failed to start) yields a future holding that error, handled like a
+        worker dying mid-chunk."""
+        try:
+            return self._executor().submit(_score_chunk, chunk)
+        except cf.process.BrokenProcessPool as e:
+            failed: cf.Future = cf.Future()
+            failed.set_exception(e)
+            return failed
 
     def _restart(self) -> None:
         if self._pool is not None:
