@@ -30,8 +30,11 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/vp2o demo
 
+# Two pytest workers, each taking whole test files (module fixtures run once): the suite's
+# subprocess start-ups leave a core idle otherwise. `make test TEST_WORKERS=0` runs serially.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check vp2o tests benchmarks tools
