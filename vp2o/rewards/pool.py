@@ -99,7 +99,9 @@ class RewardPool:
         self._pool: cf.ProcessPoolExecutor | None = None
         self._local = _raw_reward(name) if workers == 0 else None
         self.sample_s: float | None = None
-        """Mean scoring time per sample that the workers measured on the last batch."""
+        """Mean scoring time per sample that the workers measured on the last batch that
+        completed any (its chunks and its one-by-one retries together)."""
+        self._timed = [0.0, 0]  # seconds and samples measured in the batch being scored
         self.chunk_size = 1
         """Samples per submission in the last batch."""
 
@@ -142,7 +144,11 @@ class RewardPool:
             values = [self._call_local(*item) for item in items]
         else:
             self.chunk_size = self._chunk_size(len(items))
+            self._timed = [0.0, 0]
             values = self._score_batch(items)
+            seconds, timed = self._timed
+            if timed:
+                self.sample_s = seconds / timed
         failures = sum(v is None for v in values)
         return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start)
 
@@ -174,7 +180,6 @@ class RewardPool:
         values: list[float | None] = [None] * len(items)
         again: list[int] = []
         broken = False
-        seconds, timed = 0.0, 0
         for chunk, fut in zip(chunks, futures, strict=True):
             if broken and not fut.done():
                 again.extend(chunk)
@@ -202,14 +207,13 @@ class RewardPool:
                 else:
                     logger.warning("reward %r failed (%s): scored 0", self.name, e)
                 continue
-            seconds, timed = seconds + took, timed + len(chunk)
+            self._timed[0] += took
+            self._timed[1] += len(chunk)
             for i, result in zip(chunk, results, strict=True):
                 if isinstance(result, str):
                     logger.warning("reward %r failed (%s): scored 0", self.name, result)
                 else:
                     values[i] = _finite(result)
-        if timed:
-            self.sample_s = seconds / timed
         if broken:
             self._restart()
         if again:
