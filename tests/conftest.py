@@ -2,6 +2,9 @@
 ``init_parallel`` fixture (real megatron-core in this process: world size 1, gloo), and the
 order in which ``make test``'s workers take test files."""
 
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,6 +47,22 @@ def pytest_collection_modifyitems(session, config, items):
         return rank.get(rel, len(rank))
 
     items.sort(key=key)
+
+
+@pytest.fixture
+def private_tmp(monkeypatch):
+    """A fresh temporary folder as this test's default (``TMPDIR`` and tempfile's cached
+    default; processes the test starts inherit it). The sandbox's job folders, hence its
+    processes' command lines, then name it: ``live_pids(private_tmp)`` sees this test's
+    sandboxes only, not those of a test running beside it in make test's other worker. Inside
+    bubblewrap the job's processes share a pid namespace that dies with bwrap, whose command
+    line names the folder."""
+    folder = tempfile.mkdtemp(prefix="vp2o-test-")
+    os.chmod(folder, 0o1777)  # like /tmp: sandboxes may run under uids of their own
+    monkeypatch.setenv("TMPDIR", folder)
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def bwrap_available():
         pytest.skip("bubblewrap is not usable here (the rlimit fallback does not isolate)")
 
 
-def test_attacks_score_0_and_leave_the_trainer_unharmed(tmp_path, bwrap_available):
+def test_attacks_score_0_and_leave_the_trainer_unharmed(tmp_path, bwrap_available, private_tmp):
     run_dir, home = tmp_path / "run", tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text("PRIVATE KEY")
@@ -115,4 +115,4 @@ def test_attacks_score_0_and_leave_the_trainer_unharmed(tmp_path, bwrap_availabl
     else:
         assert not real_ssh.exists()
     time.sleep(0.3)
-    assert live_pids(MARKER) == [] and live_pids("/sandbox/main.py") == []
+    assert live_pids(MARKER) == [] and live_pids(private_tmp) == []
