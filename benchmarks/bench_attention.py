@@ -5,14 +5,14 @@
     .venv/bin/python benchmarks/bench_attention.py                # the default shape below
     .venv/bin/python benchmarks/bench_attention.py --seq 2048 --batch 4
 
-The batch: ``--batch`` sequences, each a 64-token prompt and a response of a length drawn
-uniformly from [seq/8, seq - 64] (fixed seed), left/right padded to the longest as the rollout
-lays them out. One step = the learner's ``loss_fn`` (GRPO's policy loss, the global batch's
-normaliser) over the micro-batches and their backward, as ``Learner.gradients`` runs it, without
-the optimizer. Each variant runs in a fresh process: peak memory is the process's peak resident
-set during the steps minus its peak before them (CPU: model, batch and imports excluded), or
-torch's peak allocated CUDA memory above what was allocated before them (GPU). Time: the median
-of ``--repeats`` steps after one warm-up.
+The batch: ``--batch`` sequences, each a 64-token prompt and a response of a length drawn uniformly
+from [seq/8, seq - 64] (fixed seed), left/right padded to the longest as the rollout lays them out.
+One step = the learner's ``vp2o.policy_loss.PolicyLoss`` (GRPO's policy loss, the global batch's
+normaliser) over the micro-batches and their backward, as ``Learner.gradients`` runs it, without the
+optimizer. Each variant runs in a fresh process: peak memory is the process's peak resident set
+during the steps minus its peak before them (CPU: model, batch and imports excluded), or torch's
+peak allocated CUDA memory above what was allocated before them (GPU). Time: the median of
+``--repeats`` steps after one warm-up.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from vp2o.config import load_config
     from vp2o.experience import PendingBatch, micro_batches
-    from vp2o.learner import Learner, loss_normaliser
+    from vp2o.learner import loss_normaliser
     from vp2o.mcore import model as mdl
     from vp2o.mcore import parallel
+    from vp2o.policy_loss import PolicyLoss
     from vp2o.rollout.masks import position_ids
     from vp2o.rollout.types import RolloutBatch
 
@@ -74,7 +75,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                          prompt_width=prompt, group_ids=torch.arange(args.batch) // 2)
     pending = PendingBatch(batch=batch, advantages=torch.randn(args.batch, generator=gen),
                            rewards=torch.zeros(args.batch))
-    learner = Learner.for_loss(cfg, model)
+    policy_loss = PolicyLoss(cfg, model)
     budget = args.budget or args.seq * args.micro_batch
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, device,
                         loss_normaliser(pending, cfg, groups),
@@ -84,7 +85,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         for mb in mbs:
-            loss, _ = learner.loss_fn(model, mb)
+            loss, _ = policy_loss(model, mb)
             loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()

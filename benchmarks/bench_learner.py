@@ -163,7 +163,7 @@ def split(batch, adv, micro: int) -> list[tuple]:
 def grpo_loss(cfg, logp, adv, mask, denominator):
     """GRPO's policy loss of one micro-batch (logp_old = detached logp: one update per batch)."""
     from vp2o.algo import grpo
-    from vp2o.learner import clip_options
+    from vp2o.policy_loss import clip_options
 
     loss, _ = grpo.policy_loss(logp, logp.detach(), adv, mask, **clip_options(cfg),
                                aggregation=cfg.loss.aggregation, denominator=denominator)

@@ -65,11 +65,11 @@ def main() -> None:
     from vp2o.algo import trust_region
     from vp2o.config import load_config
     from vp2o.console import quiet_third_party_warnings
-    from vp2o.learner import routing_in_batch_layout
     from vp2o.mcore import parallel, training
     from vp2o.mcore.stein_step import SteinTransform
     from vp2o.rewards import get_reward
     from vp2o.rollout import SamplingParams, generate, sequence_logprobs
+    from vp2o.rollout.routing import routing_in_batch_layout
 
     quiet_third_party_warnings()
     common = model_overrides(args)

@@ -41,7 +41,7 @@ def test_separate_specialisation_gradients_refuse_activation_recompute():
 
 
 def test_dual_clip_reaches_only_a_clipping_loss():
-    from vp2o.learner import clip_options
+    from vp2o.policy_loss import clip_options
 
     grpo_cfg = load_config(None, ["algorithm=grpo", "loss.clip_ratio_c=3.0"])
     assert clip_options(grpo_cfg) == {"clip_low": 0.2, "clip_high": 0.2, "clip_ratio_c": 3.0}

@@ -1,4 +1,5 @@
-"""The learner of the RL loop: policy loss, one optimizer step, and VP2O's post-update check.
+"""The learner of the RL loop: forward/backward of the policy loss (``vp2o.policy_loss``), one
+optimizer step, and VP2O's post-update check.
 
     learner = Learner(session)              # after the weights are loaded (prototypes read them)
     grads = learner.gradients(pending)      # forward/backward, [VP2O: Stein transform]
@@ -17,20 +18,20 @@ the step plumbing in ``vp2o.mcore.training``. Host-device syncs are marked ``# s
 from __future__ import annotations
 
 import time
-import types
 from dataclasses import dataclass
 
 import torch
 
-from vp2o.algo import grpo, mismatch, trust_region
+from vp2o.algo import grpo, trust_region
 from vp2o.diagnostics import routing_diagnostics
 from vp2o.experience import PendingBatch, in_batch_order, micro_batches
-from vp2o.mcore import optim_state, packing, router_replay, training
+from vp2o.mcore import optim_state, router_replay, training
 from vp2o.mcore.model import build_model
 from vp2o.mcore.parallel import gather_over_data_ranks, reduce_stats
 from vp2o.mcore.stein_step import SteinTransform
 from vp2o.mcore.vp2o_moe import vp2o_layer_spec_hook
-from vp2o.rollout import RolloutBatch, replay_indices, sequence_logprobs
+from vp2o.policy_loss import LEARNER_STATS, PolicyLoss
+from vp2o.rollout import RolloutBatch, sequence_logprobs
 from vp2o.rollout.logprobs import scoring
 from vp2o.rollout.routing import routing_in_batch_layout
 from vp2o.session import Session, load_initial_weights
@@ -40,12 +41,6 @@ SPECULATE_ABOVE = 2 / 3
 update k when at least this share of the batches that reached update k went on past it: reading
 the check there saves a forward F when the batch continues and wastes a backward B ~ 2F when it
 ends, so it pays when p F > (1 - p) B, i.e. p > B / (F + B) ~ 2/3."""
-
-# How the learner's own per-micro-batch statistics combine over micro-batches and data-parallel
-# ranks (``reduce_stats``); the policy loss declares its keys in ``grpo.POLICY_LOSS_STATS``.
-# policy/entropy: -log pi of the sampled tokens; mismatch/*, correction/*: engine vs learner.
-LEARNER_STATS = {"policy/entropy": "token_mean", **mismatch.MISMATCH_STATS}
-
 
 @dataclass
 class Update:
@@ -106,82 +101,11 @@ class Learner:
         self._saved_transform: dict | None = None
         self._transform_stats: dict = {}
         self._transform_s = 0.0
-        self._capture = False  # set by gradients(capture=True) for loss_fn
-        self._fill_gates = False  # set by gradients() for a batch without the actors' gates
+        self.loss = PolicyLoss(s.cfg, s.model, moe_layers=self.transform.layers,
+                               ref_model=self.ref_model,
+                               capture_specialisation=self.transform.capture_specialisation)
         self._reached: dict[int, int] = {}  # batches whose update k was checked, by k
         self._continued: dict[int, int] = {}  # ... and went on to update k + 1
-
-    @classmethod
-    def for_loss(cls, cfg, model: torch.nn.Module) -> Learner:
-        """A learner that runs :meth:`loss_fn` on ``model`` and nothing else (no session, DDP,
-        optimizer, Stein transform or reference model): benchmarks and tests of the policy loss
-        alone."""
-        self = cls.__new__(cls)
-        self.cfg, self.vp2o, self.ref_model = cfg, cfg.algorithm == "vp2o", None
-        self.s = types.SimpleNamespace(model=model, device=next(model.parameters()).device)
-        self.transform = types.SimpleNamespace(capture_specialisation=lambda: None, layers=[])
-        self._capture = self._fill_gates = False
-        return self
-
-    # --------------------------------------------------------------- loss (method §1, §2)
-    def loss_fn(self, model, mb: dict):
-        """Policy loss of one micro-batch; returns (loss, detached stats)."""
-        cfg, batch = self.cfg, mb["batch"]
-        # Packed micro-batches (train.max_tokens_per_microbatch) run one row of real tokens.
-        logprobs = packing.packed_logprobs if mb.get("packed") else sequence_logprobs
-        # the actors' gates at their experts, from this forward (gradients(): fill_gates)
-        routers = [layer.router for layer in self.transform.layers] if self._fill_gates else []
-        if cfg.rollout.router_replay or routers:  # the actors' ids, megatron's token order
-            actor_ids = replay_indices(packing.packed_routing_ids(batch) if mb.get("packed")
-                                       else batch.routing_ids)
-        if cfg.rollout.router_replay:
-            router_replay.replay(self.s.model, actor_ids)
-        if routers:
-            for router, layer_ids in zip(routers, actor_ids, strict=True):
-                router.gates_for = layer_ids
-        temperature = batch.logprob_temperature
-        logp = logprobs(model, batch, temperature=temperature)  # [b, S]
-        actor_gates = (self._in_batch_layout(batch, mb, [r.given_gates for r in routers], 0.0)
-                       if routers else None)
-        self.transform.capture_specialisation()  # vp2o.transport_specialisation=false only
-        logp_ref = None
-        if self.ref_model is not None:
-            with torch.no_grad():
-                logp_ref = logprobs(self.ref_model, batch, temperature=temperature)
-        loss_cfg = cfg.loss
-        # Engine mismatch (docs/rollout.md): with a correction the ratio is taken against the
-        # learner's own log-probs at the rollout weights (this forward: one update per batch)
-        # and each token's term is weighted by TIS/MIS of learner vs engine.
-        logp_old, weights, fixes = batch.behavior_logprobs, None, {}
-        if cfg.loss_correction != "none":
-            # the rollout weights' log-probs: this forward's at the first update, the first
-            # update's (PendingBatch.rollout_logprobs) on a reused batch
-            logp_old = mb.get("logp_rollout", logp.detach())
-            weights, fixes = mismatch.correction_weights(
-                logp_old, batch.behavior_logprobs, batch.response_mask,
-                method=cfg.loss_correction, tis_cap=loss_cfg.tis_cap, mis_low=loss_cfg.mis_low,
-                mis_high=loss_cfg.mis_high, mis_level=loss_cfg.mis_level)
-        loss, stats = grpo.policy_loss(
-            logp, logp_old, mb["adv"], batch.response_mask,
-            **clip_options(cfg), aggregation=loss_cfg.aggregation,
-            pg_estimator=loss_cfg.estimator, logp_ref=logp_ref, kl_coeff=loss_cfg.kl_coeff,
-            kl_estimator=loss_cfg.kl_estimator,
-            denominator=mb["denominator"], token_weights=weights,
-        )
-        stats.update(mismatch.mismatch_stats(logp, batch.behavior_logprobs, batch.response_mask))
-        stats.update(fixes)
-        stats = {k: v.detach() for k, v in stats.items()}
-        mask = batch.response_mask
-        stats["_tokens"] = mask.sum()  # the weight of this micro-batch's token means
-        stats["policy/entropy"] = grpo.masked_mean(-logp.detach(), mask)
-        stats["_logp"] = logp.detach()
-        if self._capture:  # the learner's routing of this forward, [Lm, b, S, k] (§10's D)
-            recs = [layer.router.last_routing for layer in self.transform.layers]
-            stats["_ids"] = self._in_batch_layout(batch, mb, [r.ids for r in recs], -1)
-            stats["_gates"] = self._in_batch_layout(batch, mb, [r.gates for r in recs], 0.0)
-        if actor_gates is not None:
-            stats["_actor_gates"] = actor_gates
-        return loss, stats
 
     # --------------------------------------------------------------- one step
     def gradients(self, p: PendingBatch, *, capture: bool = False) -> Gradients:
@@ -197,8 +121,8 @@ class Learner:
         mbs = micro_batches(p, cfg.rollout.micro_batch_size, s.device,
                             loss_normaliser(p, cfg, s.groups),
                             max_tokens=cfg.train.max_tokens_per_microbatch)
-        self._capture = capture
-        self._fill_gates = self.fills_actor_gates(p)
+        self.loss.capture = capture
+        self.loss.fill_gates = fill_gates = self.fills_actor_gates(p)
         routers = [layer.router for layer in self.transform.layers] if capture else []
         for router in routers:
             router.record_with_grad = True
@@ -206,15 +130,14 @@ class Learner:
             outs = training.forward_backward(
                 s.ddp,
                 mbs,
-                self.loss_fn,
+                self.loss,
                 before_grad_reduction=self._transform_gradients,
             )
         finally:
-            self._capture = False
+            self.loss.capture = self.loss.fill_gates = False
             for router in routers:
                 router.record_with_grad = False
-        if self._fill_gates:  # no actor gates at pads or unrouted positions (-1)
-            self._fill_gates = False
+        if fill_gates:  # no actor gates at pads or unrouted positions (-1)
             gates = in_batch_order([o["_actor_gates"] for o in outs], mbs, dim=1).cpu()
             p.batch.routing_gates = gates.masked_fill(p.batch.routing_ids < 0, 0.0)
         if cfg.rollout.router_replay:
@@ -379,20 +302,6 @@ class Learner:
             out["trust/anchor_distance"] = D.float()
         return out
 
-    @staticmethod
-    def _in_batch_layout(batch: RolloutBatch, mb: dict, per_layer: list[torch.Tensor],
-                         fill: float) -> torch.Tensor:
-        """Per-layer router rows [T, k] of this micro-batch's forward as [Lm, b, S, k] (``fill``
-        at pads), padded or packed micro-batch alike."""
-        b, width = batch.tokens.shape
-        if not mb.get("packed"):
-            return routing_in_batch_layout(per_layer, b, width)
-        rows, cols = packing.packed_layout(batch.valid)  # packed token t -> (rows[t], cols[t])
-        packed = torch.stack(per_layer)  # [Lm, T, k]
-        out = packed.new_full((len(per_layer), b, width, packed.shape[-1]), fill)
-        out[:, rows, cols] = packed
-        return out
-
     def behaviour(self, logp: torch.Tensor, batch: RolloutBatch) -> dict:
         """Drift and ESS of the learner against the actors on the whole batch (§11): every
         data-parallel rank's share combined, so all ranks see (and decide on) the same values."""
@@ -403,17 +312,6 @@ class Learner:
         drift, ess = trust_region.behavior_from_partials(
             gather_over_data_ranks(parts, self.s.groups))
         return {"behavior/drift": drift.float(), "behavior/ess": ess.float()}
-
-
-def clip_options(cfg) -> dict:
-    """``grpo.policy_loss``'s clip arguments: the ratio bounds and the dual clip
-    (``loss.clip_ratio_c``) when the loss clips (``Config.loss_clips``), all None otherwise, so
-    no clip option reaches an unclipped (e.g. VP2O's default) loss."""
-    if not cfg.loss_clips:
-        return {"clip_low": None, "clip_high": None, "clip_ratio_c": None}
-    loss = cfg.loss
-    return {"clip_low": loss.clip_low, "clip_high": loss.clip_high,
-            "clip_ratio_c": loss.clip_ratio_c}
 
 
 def loss_normaliser(p: PendingBatch, cfg, groups) -> torch.Tensor:

@@ -13,9 +13,10 @@ import torch
 
 from vp2o.config import load_config
 from vp2o.experience import PendingBatch, in_batch_order, micro_batches
-from vp2o.learner import Learner, loss_normaliser
+from vp2o.learner import loss_normaliser
 from vp2o.mcore import model as mdl
 from vp2o.mcore import packing, parallel, router_replay, vp2o_moe
+from vp2o.policy_loss import PolicyLoss
 from vp2o.rollout import SamplingParams, generate, replay_indices
 
 TINY = [
@@ -101,14 +102,15 @@ class _Tok:
 
 
 def _loss_and_grads(cfg, groups, model, pending, max_tokens):
-    """The learner's loss_fn over the micro-batches, as ``Learner.gradients`` runs it (no DDP)."""
-    learner = Learner.for_loss(cfg, model)
+    """The learner's policy loss over the micro-batches, as ``Learner.gradients`` runs it (no
+    DDP)."""
+    policy_loss = PolicyLoss(cfg, model)
     mbs = micro_batches(pending, cfg.rollout.micro_batch_size, torch.device("cpu"),
                         loss_normaliser(pending, cfg, groups), max_tokens=max_tokens)
     model.zero_grad(set_to_none=True)
     total, logps = 0.0, []
     for mb in mbs:
-        loss, stats = learner.loss_fn(model, mb)
+        loss, stats = policy_loss(model, mb)
         loss.backward()
         total += loss.detach()
         logps.append(stats["_logp"])
@@ -168,14 +170,14 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
     against them (not against the new forward: the loss differs from the one-update form) and
     the loss equals policy_loss called with them directly."""
     from vp2o.algo import grpo, mismatch
-    from vp2o.learner import clip_options
+    from vp2o.policy_loss import clip_options
     from vp2o.rollout import sequence_logprobs
 
     _, groups, model, pending = tiny
     cfg = load_config(None, [*TINY, "loss.correction=tis", "train.updates_per_rollout=2",
                              "rollout.router_replay=true", "rollout.micro_batch_size=4"])
     p = PendingBatch(batch=pending.batch, advantages=pending.advantages, rewards=pending.rewards)
-    learner = Learner.for_loss(cfg, model)
+    policy_loss = PolicyLoss(cfg, model)
     # what Learner.step keeps: the first update's forward, in batch order
     _, _, p.rollout_logprobs, _ = _loss_and_grads(cfg, groups, model, p, None)
     batch = p.batch
@@ -194,7 +196,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
         for mbs in (stored, own):
             total = 0.0
             for mb in mbs:
-                loss, _ = learner.loss_fn(model, mb)
+                loss, _ = policy_loss(model, mb)
                 total += float(loss.detach())
             router_replay.stop(model)
             out.append(total)
@@ -221,7 +223,7 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
             logp, mb["logp_rollout"], mb["adv"], b.response_mask, **clip_options(cfg),
             aggregation=cfg.loss.aggregation, pg_estimator=cfg.loss.estimator,
             denominator=mb["denominator"], token_weights=weights)
-        loss, _ = learner.loss_fn(model, mb)
+        loss, _ = policy_loss(model, mb)
         router_replay.stop(model)
         assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-6, abs=1e-8)
     finally:
