@@ -1,12 +1,11 @@
-"""Shared pytest set-up: quiet megatron's import-time warnings about missing apex/TE, the
-``init_parallel`` fixture (real megatron-core in this process: world size 1, gloo), and the
-order in which ``make test``'s workers take test files."""
+"""Shared pytest set-up: quiet megatron's import-time warnings about missing apex/TE; the
+``init_parallel`` fixture (real megatron-core in this process: world size 1, gloo) and the
+``private_tmp`` fixture (a temporary folder of the test's own, for process-leak checks)."""
 
 import os
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,37 +15,6 @@ from vp2o.config import Config, load_config
 warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
 warnings.filterwarnings("ignore", message=".*Apex.*")
 warnings.filterwarnings("ignore", message=".*apex.*")
-
-# The files that take longest (serial durations on the 2-core VM, 2026-12-07: ~90 s, ~90 s,
-# ~70 s, ~50 s, ~50 s), collected first: `make test` runs two pytest-xdist workers that each
-# take whole files in collection order (--dist loadfile), and a long file taken last would run
-# alone at the end. A stale list costs only time.
-SLOW_FILES_FIRST = (
-    "e2e/test_scaleout.py",
-    "e2e/test_train_vllm.py",
-    "mcore/test_vp2o_distributed.py",
-    "e2e/test_train.py",
-    "reliability/test_trainer_signals.py",
-    "e2e/test_eval.py",
-    "test_study.py",
-    "mcore/test_distributed.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Move the tests of ``SLOW_FILES_FIRST`` to the front (stable: each file's own order and
-    every other file's are kept)."""
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    tests_dir = Path(__file__).parent
-
-    def key(item):
-        try:
-            rel = Path(str(item.path)).relative_to(tests_dir).as_posix()
-        except ValueError:
-            return len(rank)
-        return rank.get(rel, len(rank))
-
-    items.sort(key=key)
 
 
 @pytest.fixture

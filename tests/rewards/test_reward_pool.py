@@ -101,6 +101,26 @@ def test_worker_start_up_is_not_charged_to_the_samples_deadlines():
         pool.close()
 
 
+def test_workers_that_never_start_cost_one_start_up_wait_per_batch(monkeypatch):
+    """A reward module that hangs on import in the workers: each batch waits for the workers'
+    start-up once (START_TIMEOUT_S), then scores 0, not once per sample of a one-by-one
+    retry."""
+    from vp2o.rewards import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "START_TIMEOUT_S", 2.0)
+    # the trainer-side name check would import (and hang on) the module in this process
+    monkeypatch.setattr(pool_module, "get_reward", lambda name: lambda p, c, s: 1.0)
+    pool = RewardPool("hanging_start_reward:exact", workers=2, timeout_s=0.5)
+    try:
+        for _ in range(2):
+            start = time.perf_counter()
+            out = _score(pool, ["ok", "no", "ok", "no", "ok", "no"])
+            assert out.rewards == [0.0] * 6 and out.failures == 6
+            assert time.perf_counter() - start < 2.0 + 6.0
+    finally:
+        pool.close()
+
+
 def test_a_reward_whose_workers_cannot_start_scores_0_without_raising():
     pool = RewardPool(f"{__name__}:flaky", workers=2, timeout_s=1.0)
     pool.name = f"{__name__}:no_such_function"  # the workers' initializer raises

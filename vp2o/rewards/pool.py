@@ -47,7 +47,11 @@ def _ready() -> None:
 
 START_TIMEOUT_S = 300.0
 """How long new workers may take to start (spawn, imports, the reward's own module) before the
-pool stops waiting for them. Start-up is not charged to any sample's deadline."""
+pool gives up on them. Start-up is not charged to any sample's deadline."""
+
+
+class _NotStarted(RuntimeError):
+    """The pool's workers did not start (``RewardPool._wait_until_started``)."""
 
 CHUNK_SHARE = 0.05
 """A chunk's expected scoring time, as a share of ``timeout_s`` (the per-sample deadline)."""
@@ -102,10 +106,13 @@ class RewardPool:
         """Mean scoring time per sample that the workers measured on the last batch that
         completed any (its chunks and its one-by-one retries together)."""
         self._timed = [0.0, 0]  # seconds and samples measured in the batch being scored
+        self._start_failure: str | None = None  # why workers did not start, in this batch
         self.chunk_size = 1
         """Samples per submission in the last batch."""
 
     def _executor(self) -> cf.ProcessPoolExecutor:
+        if self._start_failure is not None:  # tried in this batch already: no second wait
+            raise _NotStarted(self._start_failure)
         if self._pool is None:
             self._pool = cf.ProcessPoolExecutor(
                 max_workers=self.workers,
@@ -113,10 +120,14 @@ class RewardPool:
                 initializer=_init_worker,
                 initargs=(self.name,),
             )
-            self._wait_until_started()
+            failure = self._wait_until_started()
+            if failure is not None:
+                self._start_failure = failure
+                self._restart()
+                raise _NotStarted(failure)
         return self._pool
 
-    def _wait_until_started(self) -> None:
+    def _wait_until_started(self) -> str | None:
         """Start the workers and wait for them outside every sample's deadline.
 
         A spawned worker imports Python, the reward's module and what it imports (torch, sympy,
@@ -124,17 +135,22 @@ class RewardPool:
         every fresh pool after a hang. Counted against the first samples' deadlines, a start-up
         slower than ``timeout_s`` would time out every sample of the batch, and then each of them
         again when isolated. One no-op per worker, submitted back to back, spawns them all.
+        Returns None, or why they did not start (then the batch's samples not yet scored score
+        0 without another wait; the next batch tries a fresh pool).
         """
         start = time.perf_counter()
         pending = [self._pool.submit(_ready) for _ in range(self.workers)]
         done, not_done = cf.wait(pending, timeout=START_TIMEOUT_S)
         failed = [f for f in done if f.exception() is not None]
         if not_done or failed:
-            reason = failed[0].exception() if failed else f"not started in {START_TIMEOUT_S:.0f}s"
-            logger.warning("reward %r: workers failed to start (%s); samples will time out or "
-                           "fail and score 0", self.name, reason)
+            reason = (f"{type(failed[0].exception()).__name__}: {failed[0].exception()}" if failed
+                      else f"not started in {START_TIMEOUT_S:.0f}s")
+            logger.warning("reward %r: workers did not start (%s); this batch's remaining "
+                           "samples score 0", self.name, reason)
+            return reason
         logger.debug("reward %r: %d workers started in %.2fs", self.name, self.workers,
                      time.perf_counter() - start)
+        return None
 
     def score(self, prompts: list[str], completions: list[str], samples: list[dict]) -> Scores:
         """Rewards for each (prompt, completion, sample)."""
@@ -144,7 +160,7 @@ class RewardPool:
             values = [self._call_local(*item) for item in items]
         else:
             self.chunk_size = self._chunk_size(len(items))
-            self._timed = [0.0, 0]
+            self._timed, self._start_failure = [0.0, 0], None
             values = self._score_batch(items)
             seconds, timed = self._timed
             if timed:
@@ -194,6 +210,8 @@ class RewardPool:
                     logger.warning("reward %r timed out after %.1fs: scored 0", self.name,
                                    self.timeout_s)
                 continue
+            except _NotStarted:
+                continue  # logged once; its samples score 0
             except cf.process.BrokenProcessPool:
                 broken = True
                 if len(items) > 1:
@@ -223,12 +241,12 @@ class RewardPool:
         return values
 
     def _submit(self, chunk: list[tuple]) -> cf.Future:
-        """The chunk's future; a pool that broke before or while the batch is submitted (a worker
-        that died, one that failed to start) yields a future holding that error, handled like a
-        worker dying mid-chunk."""
+        """The chunk's future. A pool that broke before or while the batch is submitted (a
+        worker that died) yields a future holding that error, handled like a worker dying
+        mid-chunk; workers that did not start, one holding ``_NotStarted`` (the chunk scores 0)."""
         try:
             return self._executor().submit(_score_chunk, chunk)
-        except cf.process.BrokenProcessPool as e:
+        except (cf.process.BrokenProcessPool, _NotStarted) as e:
             failed: cf.Future = cf.Future()
             failed.set_exception(e)
             return failed
