@@ -33,7 +33,7 @@ WARMUP = 2
 
 def run(config: str, steps: int, updates: int, fused: bool, extra: list[str], out: Path) -> dict:
     """One trainer run; its per-step medians and decision counts."""
-    cmd = [sys.executable, "-m", "vp2o.cli", "train", "--config", config,
+    cmd = [sys.executable, "-m", "vp2o.cli", "train", *(["--config", config] if config else []),
            f"train.steps={steps}", f"train.updates_per_rollout={updates}",
            f"vp2o.check_in_next_forward={str(fused).lower()}", f"train.run_dir={out}",
            "train.wandb_mode=disabled", "train.resume=never", "train.save_every=0", *extra]
@@ -53,7 +53,8 @@ def run(config: str, steps: int, updates: int, fused: bool, extra: list[str], ou
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", default="examples/vp2o/configs/demo_vp2o.yaml")
+    ap.add_argument("--config", default="examples/vp2o/configs/demo_vp2o.yaml",
+                    help="trainer config file ('' = none: the defaults and --set only)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12, help=f"steps per run ({WARMUP} warm-up)")
     ap.add_argument("--updates", type=int, default=4, help="train.updates_per_rollout")
