@@ -139,7 +139,12 @@ class RewardPool:
         0 without another wait; the next batch tries a fresh pool).
         """
         start = time.perf_counter()
-        pending = [self._pool.submit(_ready) for _ in range(self.workers)]
+        try:
+            pending = [self._pool.submit(_ready) for _ in range(self.workers)]
+        except cf.process.BrokenProcessPool as e:  # a worker died while they were submitted
+            failed = cf.Future()
+            failed.set_exception(e)
+            pending = [failed]
         done, not_done = cf.wait(pending, timeout=START_TIMEOUT_S)
         failed = [f for f in done if f.exception() is not None]
         if not_done or failed:
