@@ -17,6 +17,7 @@ the step plumbing in ``vp2o.mcore.training``. Host-device syncs are marked ``# s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -121,8 +122,8 @@ class Learner:
         mbs = micro_batches(p, cfg.rollout.micro_batch_size, s.device,
                             loss_normaliser(p, cfg, s.groups),
                             max_tokens=cfg.train.max_tokens_per_microbatch)
-        self.loss.capture = capture
-        self.loss.fill_gates = fill_gates = self.fills_actor_gates(p)
+        fill_gates = self.fills_actor_gates(p)
+        loss = dataclasses.replace(self.loss, capture=capture, fill_gates=fill_gates)
         routers = [layer.router for layer in self.transform.layers] if capture else []
         for router in routers:
             router.record_with_grad = True
@@ -130,11 +131,10 @@ class Learner:
             outs = training.forward_backward(
                 s.ddp,
                 mbs,
-                self.loss,
+                loss,
                 before_grad_reduction=self._transform_gradients,
             )
         finally:
-            self.loss.capture = self.loss.fill_gates = False
             for router in routers:
                 router.record_with_grad = False
         if fill_gates:  # no actor gates at pads or unrouted positions (-1)

@@ -3,9 +3,10 @@ with what it reads beside the batch: router replay (R3), the actors' gates fille
 the reference policy's log-probs (KL), the engine-mismatch correction, and the learner's routing
 when the post-update check reads this forward (``capture``).
 
-:class:`PolicyLoss` is ``training.forward_backward``'s loss function; :class:`vp2o.learner.Learner`
-holds one and sets ``capture``/``fill_gates`` around each forward/backward. Benchmarks and tests
-build one on a bare model (no session, optimizer or transform).
+:class:`PolicyLoss` is ``training.forward_backward``'s loss function.
+:class:`vp2o.learner.Learner` holds one and runs a copy with ``capture``/``fill_gates`` set for
+each forward/backward. Benchmarks and tests build one on a bare model (no session, optimizer or
+transform).
 """
 
 from __future__ import annotations

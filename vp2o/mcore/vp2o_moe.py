@@ -41,11 +41,7 @@ class _ReplayOf(RouterReplay):
 
     def __init__(self, ids: torch.Tensor) -> None:
         super().__init__()
-        instances = RouterReplay.global_router_replay_instances
-        for i in range(len(instances) - 1, -1, -1):  # by identity; the newest is this one
-            if instances[i] is self:
-                del instances[i]
-                break
+        RouterReplay.global_router_replay_instances.remove(self)  # no __eq__: by identity
         self.set_target_indices(ids)
         self.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
 

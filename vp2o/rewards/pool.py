@@ -50,6 +50,13 @@ START_TIMEOUT_S = 300.0
 pool gives up on them. Start-up is not charged to any sample's deadline."""
 
 
+def _failed(error: BaseException) -> cf.Future:
+    """A future that already holds ``error``."""
+    future: cf.Future = cf.Future()
+    future.set_exception(error)
+    return future
+
+
 class _NotStarted(RuntimeError):
     """The pool's workers did not start (``RewardPool._wait_until_started``)."""
 
@@ -105,7 +112,7 @@ class RewardPool:
         self.sample_s: float | None = None
         """Mean scoring time per sample that the workers measured on the last batch that
         completed any (its chunks and its one-by-one retries together)."""
-        self._timed = [0.0, 0]  # seconds and samples measured in the batch being scored
+        self._timed = [0.0, 0]  # [seconds, samples] measured in the batch being scored
         self._start_failure: str | None = None  # why workers did not start, in this batch
         self.chunk_size = 1
         """Samples per submission in the last batch."""
@@ -142,9 +149,7 @@ class RewardPool:
         try:
             pending = [self._pool.submit(_ready) for _ in range(self.workers)]
         except cf.process.BrokenProcessPool as e:  # a worker died while they were submitted
-            failed = cf.Future()
-            failed.set_exception(e)
-            pending = [failed]
+            pending = [_failed(e)]
         done, not_done = cf.wait(pending, timeout=START_TIMEOUT_S)
         failed = [f for f in done if f.exception() is not None]
         if not_done or failed:
@@ -252,9 +257,7 @@ class RewardPool:
         try:
             return self._executor().submit(_score_chunk, chunk)
         except (cf.process.BrokenProcessPool, _NotStarted) as e:
-            failed: cf.Future = cf.Future()
-            failed.set_exception(e)
-            return failed
+            return _failed(e)
 
     def _restart(self) -> None:
         if self._pool is not None:
