@@ -112,7 +112,7 @@ class RewardPool:
         self.sample_s: float | None = None
         """Mean scoring time per sample that the workers measured on the last batch that
         completed any (its chunks and its one-by-one retries together)."""
-        self._timed = [0.0, 0]  # [seconds, samples] measured in the batch being scored
+        self._timed_s, self._timed_samples = 0.0, 0  # measured in the batch being scored
         self._start_failure: str | None = None  # why workers did not start, in this batch
         self.chunk_size = 1
         """Samples per submission in the last batch."""
@@ -170,11 +170,10 @@ class RewardPool:
             values = [self._call_local(*item) for item in items]
         else:
             self.chunk_size = self._chunk_size(len(items))
-            self._timed, self._start_failure = [0.0, 0], None
+            self._timed_s, self._timed_samples, self._start_failure = 0.0, 0, None
             values = self._score_batch(items)
-            seconds, timed = self._timed
-            if timed:
-                self.sample_s = seconds / timed
+            if self._timed_samples:
+                self.sample_s = self._timed_s / self._timed_samples
         failures = sum(v is None for v in values)
         return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start)
 
@@ -235,8 +234,8 @@ class RewardPool:
                 else:
                     logger.warning("reward %r failed (%s): scored 0", self.name, e)
                 continue
-            self._timed[0] += took
-            self._timed[1] += len(chunk)
+            self._timed_s += took
+            self._timed_samples += len(chunk)
             for i, result in zip(chunk, results, strict=True):
                 if isinstance(result, str):
                     logger.warning("reward %r failed (%s): scored 0", self.name, result)
