@@ -5,11 +5,12 @@ the decode-path options side by side in one process (alternating, median over ro
     .venv/bin/python benchmarks/bench_generate.py --profile        # + an operator profile
 
 Variants (each a model built from the same seed; the VP2O layers as ``vp2o train`` builds them):
-``router_records`` (VP2O's router keeps every no-grad forward's routing in ``last_routing``, its
-default), ``lean`` (that record off: nothing reads it during generation),
-``record_routing`` (the actors' routing
-recorded for §10 / router replay), ``allgather`` (megatron's allgather token dispatcher instead
-of alltoall at EP = 1), ``grouped`` (model.moe_grouped_gemm=true).
+``megatron`` (megatron's forward in every step, ``generate(lean=False)``, the demo's model
+options: grouped experts, sdpa attention), ``lean`` (``vp2o.rollout.lean_forward``, same
+model), ``lean_routes`` (lean, the actors' routing recorded for §10 / router replay),
+``megatron_local`` and ``lean_local`` (megatron's SequentialMLP experts and local attention).
+The first variant is the base of the printed ratios; the last line is
+``generate speedup lean/megatron: X.XX`` when both run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ DEMO = [
     "model.max_position_embeddings=64",
 ]
 
+FAST = ["model.moe_grouped_gemm=true", "model.core_attention=sdpa"]  # the demo's options
+VARIANTS = {  # name -> (config overrides, lean forward, routing recorded)
+    "megatron": (FAST, False, False),
+    "lean": (FAST, True, False),
+    "lean_routes": (FAST, True, True),
+    "megatron_routes": (FAST, False, True),
+    "megatron_local": ([], False, False),
+    "lean_local": ([], True, False),
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -38,8 +49,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=6)
-    ap.add_argument("--variants", nargs="*",
-                    default=["router_records", "lean", "record_routing", "allgather", "grouped"])
+    ap.add_argument("--variants", nargs="*", choices=sorted(VARIANTS),
+                    default=["megatron", "lean", "lean_routes", "megatron_local", "lean_local"])
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
 
@@ -50,18 +61,13 @@ def main() -> None:
     from vp2o.rollout import SamplingParams, generate
 
     quiet_third_party_warnings()
-    extra = {"allgather": ["model.moe_token_dispatcher_type=allgather", "vp2o.ortho_coeff=0"],
-             "grouped": ["model.moe_grouped_gemm=true"]}
-    cfgs = {v: load_config(None, [*DEMO, "algorithm=vp2o", *extra.get(v, [])])
+    cfgs = {v: load_config(None, [*DEMO, "algorithm=vp2o", *VARIANTS[v][0]])
             for v in args.variants}
     parallel.initialize(next(iter(cfgs.values())))
     models = {}
     for v, cfg in cfgs.items():
         torch.manual_seed(0)
-        m = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
-        for layer in vp2o_moe.moe_layers(m):  # only the first variant keeps its own record
-            layer.router.record_routing = v == "router_records"
-        models[v] = m
+        models[v] = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, 64, (args.prompts, args.prompt_len), generator=gen).tolist()
 
@@ -73,11 +79,12 @@ def main() -> None:
             return " ".join(map(str, ids))
 
     def run(v):
+        lean, routes = VARIANTS[v][1:]
         params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens,
-                                group_size=args.group, record_routing=v == "record_routing")
+                                group_size=args.group, record_routing=routes)
         t0 = time.perf_counter()
         generate(models[v], prompts, params, tokenizer=_Tokens,
-                 generator=torch.Generator().manual_seed(1))
+                 generator=torch.Generator().manual_seed(1), lean=lean)
         return time.perf_counter() - t0
 
     times = {v: [] for v in models}
@@ -93,6 +100,9 @@ def main() -> None:
     for v, ts in times.items():
         med = statistics.median(ts)
         print(f"{v:<16} generate {med * 1e3:8.1f} ms  ({med / base:.3f} x {args.variants[0]})")
+    if "megatron" in times and "lean" in times:
+        ratio = statistics.median(times["megatron"]) / statistics.median(times["lean"])
+        print(f"generate speedup lean/megatron: {ratio:.2f}")
     if args.profile:
         for v in models:
             with torch.profiler.profile() as prof:

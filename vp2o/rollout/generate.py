@@ -1,10 +1,12 @@
-"""Batched sampling from a megatron-core ``GPTModel`` with megatron's static KV cache.
+"""Batched sampling from a megatron-core ``GPTModel`` with a static KV cache.
 
-One prefill forward over the left-padded prompts, then one forward per generated column, each
-with megatron's ``StaticInferenceContext`` passed as ``inference_context=`` (keys and values of
-earlier columns stay in its per-layer buffers; RoPE is indexed by column, see
-:mod:`vp2o.rollout.masks`) and our boolean mask for causality and padding. Every row advances one
-column per step; a finished row is fed pads, which no real token attends to.
+One prefill forward over the left-padded prompts, then one forward per generated column with our
+boolean mask for causality and padding (RoPE is indexed by column, see :mod:`vp2o.rollout.masks`).
+The forward is :class:`vp2o.rollout.lean_forward.LeanForward` (the model's weights through plain
+tensor ops and a cache of its own; finished rows leave it) where it supports the model, else
+megatron's own ``GPTModel.forward`` with its ``StaticInferenceContext`` passed as
+``inference_context=`` (keys and values of earlier columns in its per-layer buffers; every row
+advances to the end, a finished row fed pads, which no real token attends to).
 
 Expert parallelism: a MoE layer's all-to-all pairs the forwards of all EP ranks, so every rank
 must run the same number of forwards. With ``sync_group`` the ranks all-reduce (MAX) a "still
@@ -19,16 +21,21 @@ Lm MoE layers on this rank, k top-k.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from vp2o.rollout.lean_forward import LeanForward, Unsupported
 from vp2o.rollout.logprobs import check_attention_backend, scoring, temperature_scaled
 from vp2o.rollout.masks import attention_mask, left_pad
 from vp2o.rollout.routing import RoutingRecorder
 from vp2o.rollout.sampling import SamplingParams, sample_next
 from vp2o.rollout.types import RolloutBatch
+
+logger = logging.getLogger(__name__)
+_LEAN_REFUSALS: set[str] = set()
 
 
 def _static_context(max_batch_size: int, max_sequence_length: int):
@@ -52,6 +59,18 @@ def _check_layout(model) -> None:
                     f"PP={cfg.pipeline_model_parallel_size}); see docs/rollout.md"
                 )
             return
+
+
+def _lean_forward(model, num_rows: int, max_len: int) -> LeanForward | None:
+    """The lean forward for ``model``, or None (and why, logged once per reason)."""
+    try:
+        return LeanForward(model, num_rows, max_len)
+    except Unsupported as e:
+        if str(e) not in _LEAN_REFUSALS:
+            _LEAN_REFUSALS.add(str(e))
+            logger.info("generation runs megatron's forward (the lean forward does not "
+                        "support this model: %s)", e)
+        return None
 
 
 def _forward(model, tokens, position_ids, mask, context) -> torch.Tensor:
@@ -86,6 +105,7 @@ def generate(
     generator: torch.Generator | list[torch.Generator],
     progress: bool = False,
     sync_group: dist.ProcessGroup | None = None,
+    lean: bool = True,
 ) -> RolloutBatch:
     """Sample ``params.group_size`` responses per prompt.
 
@@ -100,7 +120,9 @@ def generate(
             batch it shares, hence of the data-parallel layout.
         progress: show a tqdm bar over decode steps.
         sync_group: ranks that must run the same number of forwards (the EP group, or the
-            whole world); None = decide locally.
+            whole world); None = decide locally. Not used with the lean forward.
+        lean: run :class:`vp2o.rollout.lean_forward.LeanForward` where it supports the model
+            (megatron's forward otherwise, logged once per reason); False = megatron's forward.
 
     Returns:
         A :class:`RolloutBatch` on the CPU, S = P + the longest response of this rank.
@@ -131,39 +153,60 @@ def generate(
     )
     stop_strings = _StopStrings(params.stop_strings, tokenizer) if params.stop_strings else None
 
-    recorder = RoutingRecorder(model) if params.record_routing else None
-    if recorder is not None:
-        shape = (recorder.num_layers, num_rows, total, recorder.topk)
+    lean = _lean_forward(model, num_rows, total) if lean else None
+    if lean is not None:
+        sync_group = None  # no collective inside the lean forward: ranks may stop apart
+    recorder = None
+    if params.record_routing:
+        recorder = RoutingRecorder(model) if lean is None else None
+        layers, topk = ((recorder.num_layers, recorder.topk) if recorder is not None
+                        else (lean.num_moe_layers, lean.topk))
+        if layers == 0:
+            raise ValueError("record_routing: the model has no MoE router")
+        shape = (layers, num_rows, total, topk)
         routing_ids = torch.full(shape, -1, dtype=torch.long, device=device)
         routing_gates = torch.zeros(shape, dtype=torch.float32, device=device)
 
-    def record(col_start: int, col_end: int) -> None:
+    def forward(start: int, end: int) -> torch.Tensor:
+        """Feed columns start .. end-1 (the cache holds the earlier ones): logits [N, V] of
+        column end-1, routing of the fed columns recorded when asked."""
+        mask = attention_mask(valid[:, :end], query_start=start)
+        if lean is not None:
+            # decode steps feed the rows with a real token in the column; finished rows leave
+            # the lean forward's cache, and their logits (never sampled from) stay 0
+            active = valid[:, start] if end - start == 1 else None
+            out = lean(tokens[:, start:end], positions[:, start:end], start, mask,
+                       temperature=params.logprob_temperature, active=active)
+            if params.record_routing:
+                routing_ids[:, out.rows, start:end] = torch.stack([i for i, _ in out.routing])
+                routing_gates[:, out.rows, start:end] = torch.stack([g for _, g in out.routing])
+            if out.rows.numel() == num_rows:
+                return out.logits
+            logits = out.logits.new_zeros(num_rows, out.logits.shape[1])
+            return logits.index_copy_(0, out.rows, out.logits)
+        logits = _forward(model, tokens[:, start:end], positions[:, start:end], mask, context)
         if recorder is not None:
-            ids, gates = recorder.take(num_rows=num_rows, num_cols=col_end - col_start)
-            routing_ids[:, :, col_start:col_end] = ids
-            routing_gates[:, :, col_start:col_end] = gates
+            ids, gates = recorder.take(num_rows=num_rows, num_cols=end - start)
+            routing_ids[:, :, start:end] = ids
+            routing_gates[:, :, start:end] = gates
+        context.increment_sequence_len_offset(end - start)
+        return logits[:, -1]
 
-    context = _static_context(num_rows, total)
+    context = _static_context(num_rows, total) if lean is None else None
     bar = tqdm(total=new, desc="generate", unit="step", disable=not progress, leave=False)
     try:
         with (
             scoring(model),  # eval mode, restored after
-            temperature_scaled(model, params.logprob_temperature),
+            # the lean forward divides its logits itself
+            temperature_scaled(model, params.logprob_temperature if lean is None else 1.0),
             recorder or contextlib.nullcontext(),
         ):
-            logits = _forward(
-                model,
-                tokens[:, :width],
-                positions[:, :width],
-                attention_mask(valid[:, :width]),
-                context,
-            )
-            record(0, width)
-            context.increment_sequence_len_offset(width)
-            context.enable_decode_mode()
+            logits = forward(0, width)
+            if context is not None:
+                context.enable_decode_mode()
             for step in range(new):
                 col = width + step
-                token, logprob = sample_next(logits[:, -1], params, generator)
+                token, logprob = sample_next(logits, params, generator)
                 running = ~finished
                 tokens[:, col] = torch.where(running, token, tokens[:, col])
                 valid[:, col] = running
@@ -181,19 +224,11 @@ def generate(
                 if sync_group is not None:
                     dist.all_reduce(more, op=dist.ReduceOp.MAX, group=sync_group)
                 last = step + 1 == new or not bool(more)  # host sync: one flag per step
-                if last and recorder is None:
+                if last and not params.record_routing:
                     break
                 # Feed the newest column: logits for the next one, or (after the last step)
                 # only the routing of the final tokens.
-                logits = _forward(
-                    model,
-                    tokens[:, col : col + 1],
-                    positions[:, col : col + 1],
-                    attention_mask(valid[:, : col + 1], query_start=col),
-                    context,
-                )
-                record(col, col + 1)
-                context.increment_sequence_len_offset(1)
+                logits = forward(col, col + 1)
                 if last:
                     break
     finally:
@@ -218,7 +253,7 @@ def generate(
         truncated=truncated.cpu(),
         logprob_temperature=params.logprob_temperature,
     )
-    if recorder is not None:
+    if params.record_routing:
         keep = valid[:, :used].unsqueeze(0).unsqueeze(-1)  # [1, N, S, 1]
         batch.routing_ids = torch.where(keep, routing_ids[:, :, :used], -1).cpu()
         batch.routing_gates = torch.where(keep, routing_gates[:, :, :used], 0.0).cpu()
