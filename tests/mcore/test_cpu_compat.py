@@ -75,6 +75,29 @@ def test_cuda_as_cpu_mode_maps_devices_and_type_names():
     assert torch.zeros(1).type() == "torch.FloatTensor"
 
 
+def test_nested_scoped_functions_run_under_one_mode():
+    from torch.overrides import _get_current_function_mode_stack
+
+    def modes() -> int:
+        return sum(isinstance(m, cpu.CudaAsCpu) for m in _get_current_function_mode_stack())
+
+    seen = []
+
+    @cpu._scoped
+    def inner():
+        seen.append(modes())
+        return torch.zeros(2, device="cuda")
+
+    @cpu._scoped
+    def outer():
+        seen.append(modes())
+        return inner()
+
+    assert outer().device.type == "cpu" and inner().device.type == "cpu"
+    assert seen == [1, 1, 1]  # outer, inner inside outer (no second mode), inner alone
+    assert modes() == 0
+
+
 def test_scoped_entry_points_and_hooks_exist():
     """Pins the megatron-core 0.16.1 names cpu.py patches: an upgrade that moves one fails here."""
     cpu.install()

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +131,20 @@ def cuda_as_cpu() -> Iterator[None]:
         yield
 
 
+def _inside_cuda_as_cpu() -> bool:
+    """Whether a :class:`CudaAsCpu` is on the active torch-function mode stack (a mode that
+    torch popped while it runs a handled call does not count)."""
+    return any(isinstance(mode, CudaAsCpu) for mode in _get_current_function_mode_stack())
+
+
 def _scoped(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # One mode is enough: every mode on the stack adds a Python call to every torch op
+        # (megatron's optimizer step nests three scoped functions: 12.4 -> 10.1 ms per step at
+        # the demo shape with one).
+        if _inside_cuda_as_cpu():
+            return fn(*args, **kwargs)
         with CudaAsCpu():
             return fn(*args, **kwargs)
 
