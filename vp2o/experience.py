@@ -110,13 +110,15 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
     if cfg.loss.overlong_filter and batch.truncated.numel():
         batch.response_mask &= ~batch.truncated.unsqueeze(1)
     # The logged batch statistics are the whole global batch's: every data-parallel rank's sums
-    # [Σr, Σr², correct, Σ length, sequences, reward failures], added up.
+    # [Σr, Σr², correct, Σ length, sequences, reward failures, ranks whose reward workers did
+    # not start], added up.
     r = rewards.double()
     total = gather_over_data_ranks(torch.stack([
         r.sum(), r.square().sum(), (r >= 1.0).sum().double(),
         batch.response_lengths.double().sum(), torch.tensor(float(r.numel()), dtype=torch.float64),
         torch.tensor(float(scores.failures), dtype=torch.float64),
-    ]), s.groups).sum(0)  # [6]
+        torch.tensor(float(scores.not_started is not None), dtype=torch.float64),
+    ]), s.groups).sum(0)  # [7]
     n = total[4].clamp_min(1)
     mean = total[0] / n
     var = (total[1] - n * mean.square()) / (n - 1).clamp_min(1)  # sample variance (n - 1)
@@ -126,6 +128,7 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         "accuracy": (total[2] / n).float(),
         "response/length_mean": (total[3] / n).float(),
         "reward/failures": float(total[5]),
+        "reward/not_started": float(total[6]),  # the same on every rank: stops them together
         "perf/generate_s": t_gen,
         "perf/sync_s": t_sync,
         "perf/reward_s": scores.seconds,

@@ -85,6 +85,7 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
           logger: MetricsLogger, stop: StopRequest, progress: Progress, ckpt_root: Path) -> dict:
     cfg, vp2o = s.cfg, learner.vp2o
     metrics: dict = {}
+    reward_down = 0  # consecutive batches in which the reward's workers did not start
     for step in range(progress.step, cfg.train.steps):
         t_step = time.perf_counter()
         # ---- rollout: this step's batch from the current weights, and a new anchor (§10) ----
@@ -124,6 +125,8 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
         m["train/updates"] = float(len(updates))
         m["events/early_refresh"] = float(len(updates) < cfg.updates_per_rollout)
         failed = progress.skips >= cfg.train.max_consecutive_skips
+        reward_down = reward_down + 1 if m.get("reward/not_started") else 0
+        no_reward = 0 < cfg.reward.max_start_failures <= reward_down  # the same on every rank
         if not failed:  # a failed step is retried on resume, at the same learning rate
             s.scheduler.step(1)  # once per step (rollout batch): the same schedule in both modes
             progress.pending = None
@@ -134,9 +137,9 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
         m["perf/tokens_per_s"] = float(pending.batch.valid.sum()) / m["perf/step_s"]
         progress.count(m)
         m.update({f"progress/{k}": v for k, v in progress.totals.items()})
-        stopped = not (last or failed) and stop.anywhere()  # a collective: every rank asks
+        stopped = not (last or failed or no_reward) and stop.anywhere()  # every rank asks
         if (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0
-                and not (last or failed or stopped)):
+                and not (last or failed or stopped or no_reward)):
             result = evaluate(s, pool)
             progress.history.add(step + 1, result)
             m.update({f"eval/{k}": v for k, v in result.items() if isinstance(v, float)})
@@ -144,13 +147,20 @@ def _loop(s: Session, learner: Learner, stream: PromptStream, pool: RewardPool,
         logger.log(step, metrics)
         # ---- checkpoint: also the one way out of the loop ----
         progress.step = step if failed else step + 1
-        if last or failed or stopped or (cfg.train.save_every
-                                         and (step + 1) % cfg.train.save_every == 0):
+        if last or failed or stopped or no_reward or (
+                cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             save_progress(s, ckpt_root, progress, stream, learner)
         if failed:
             raise RuntimeError(
                 f"{progress.skips} consecutive steps had non-finite loss or gradients; stopped at "
                 f"step {step} with a checkpoint of the last good state in {ckpt_root}"
+            )
+        if no_reward:
+            raise RuntimeError(
+                f"reward {cfg.reward.name!r}: its workers did not start in {reward_down} "
+                f"consecutive rollout batches ({pool.last_start_failure or 'on another rank'}); "
+                f"every sample scored 0. Stopped after step {step} with a checkpoint in "
+                f"{ckpt_root}; fix the reward (or raise reward.max_start_failures) and resume"
             )
         if stopped:
             print(f"vp2o: stop signal: checkpoint of step {step + 1} written to {ckpt_root}; "

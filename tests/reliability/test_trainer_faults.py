@@ -151,3 +151,21 @@ def test_the_stopping_step_is_logged_too(stopped_run):
     rows = read_metrics(tmp / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[3]["events/skipped_step"] == 1.0
+
+
+def test_a_reward_whose_workers_never_start_stops_the_run_with_a_checkpoint(tmp_path):
+    """Every batch's workers fail to import the reward module: each batch scores 0 and counts in
+    reward/not_started; after reward.max_start_failures such batches in a row the run stops with
+    a checkpoint and says why."""
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError) as e:
+        _train(run, "reward.name=worker_import_fails:score", "reward.workers=1",
+               "reward.max_start_failures=2", "train.steps=6")
+    message = str(e.value)
+    assert "'worker_import_fails:score': its workers did not start in 2 consecutive" in message
+    assert "BrokenProcessPool" in message  # the workers printed their own error (stderr)
+    assert "Stopped after step 1" in message and str(run / "checkpoints") in message
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(r["reward/not_started"] == 1.0 and r["reward/mean"] == 0.0 for r in rows)
+    assert latest_checkpoint(run / "checkpoints") == run / "checkpoints" / "step_00000002"

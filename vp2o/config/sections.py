@@ -606,6 +606,10 @@ class RewardConfig:
     """Worker processes scoring completions."""
     timeout_s: float = 10.0
     """Per-sample timeout: a hung reward scores 0 and is counted."""
+    max_start_failures: int = 3
+    """Stop the run, with a checkpoint, after this many consecutive rollout batches in which the
+    reward's workers did not start (its module raises or hangs on import in a worker: every
+    sample scores 0, nothing is learnt, and a hang costs a start-up wait per batch); 0 = never."""
 
     def check(self) -> None:
         """A registered reward (a dotted path is imported when scoring starts: importing user
@@ -617,6 +621,8 @@ class RewardConfig:
         expect(self.workers >= 0, "reward.workers", self.workers,
                ">= 0 (0 scores in the trainer's process)")
         expect(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "> 0")
+        expect(self.max_start_failures >= 0, "reward.max_start_failures",
+               self.max_start_failures, ">= 0 (0 = never stop)")
 
 
 @dataclass

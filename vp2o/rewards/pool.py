@@ -85,11 +85,14 @@ class Scores:
         rewards: one float in [0, 1] per sample (0 for failures).
         failures: samples whose reward crashed, timed out or was not finite.
         seconds: wall time of the scoring.
+        not_started: why the workers did not start in this batch (its remaining samples
+            scored 0), or None.
     """
 
     rewards: list[float]
     failures: int
     seconds: float
+    not_started: str | None = None
 
 
 class RewardPool:
@@ -114,6 +117,8 @@ class RewardPool:
         completed any (its chunks and its one-by-one retries together)."""
         self._timed_s, self._timed_samples = 0.0, 0  # measured in the batch being scored
         self._start_failure: str | None = None  # why workers did not start, in this batch
+        self.last_start_failure: str | None = None
+        """Why the workers did not start in the last batch scored, or None."""
         self.chunk_size = 1
         """Samples per submission in the last batch."""
 
@@ -175,7 +180,9 @@ class RewardPool:
             if self._timed_samples:
                 self.sample_s = self._timed_s / self._timed_samples
         failures = sum(v is None for v in values)
-        return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start)
+        self.last_start_failure = self._start_failure
+        return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start,
+                      not_started=self._start_failure)
 
     def _call_local(self, prompt: str, completion: str, sample: dict) -> float | None:
         try:
