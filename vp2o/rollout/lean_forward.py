@@ -387,8 +387,9 @@ class LeanForward:
     def _retire(self, active: torch.Tensor) -> None:
         """Drop the cached rows outside ``active`` once they are enough to pay for the copy."""
         keep = active.to(self.rows.device).index_select(0, self.rows)  # [R] bool
-        kept = int(keep.sum())  # host sync (generation syncs once per step anyway)
-        if kept != int(active.sum()):
+        # one host sync (generation syncs once per step anyway)
+        kept, wanted = torch.stack([keep.sum(), active.sum().to(keep.device)]).tolist()
+        if kept != wanted:
             raise ValueError("LeanForward: a row asked for after it left the cache")
         if kept > RETIRE_BELOW * self.rows.numel():
             return
