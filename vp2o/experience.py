@@ -117,7 +117,7 @@ def make_rollouts(s: Session, rows: list[dict], pool: RewardPool, step: int) -> 
         r.sum(), r.square().sum(), (r >= 1.0).sum().double(),
         batch.response_lengths.double().sum(), torch.tensor(float(r.numel()), dtype=torch.float64),
         torch.tensor(float(scores.failures), dtype=torch.float64),
-        torch.tensor(float(scores.not_started is not None), dtype=torch.float64),
+        torch.tensor(float(pool.last_start_failure is not None), dtype=torch.float64),
     ]), s.groups).sum(0)  # [7]
     n = total[4].clamp_min(1)
     mean = total[0] / n

@@ -85,14 +85,11 @@ class Scores:
         rewards: one float in [0, 1] per sample (0 for failures).
         failures: samples whose reward crashed, timed out or was not finite.
         seconds: wall time of the scoring.
-        not_started: why the workers did not start in this batch (its remaining samples
-            scored 0), or None.
     """
 
     rewards: list[float]
     failures: int
     seconds: float
-    not_started: str | None = None
 
 
 class RewardPool:
@@ -118,7 +115,8 @@ class RewardPool:
         self._timed_s, self._timed_samples = 0.0, 0  # measured in the batch being scored
         self._start_failure: str | None = None  # why workers did not start, in this batch
         self.last_start_failure: str | None = None
-        """Why the workers did not start in the last batch scored, or None."""
+        """Why the workers did not start in the last batch scored (its samples not yet scored
+        then scored 0), or None."""
         self.chunk_size = 1
         """Samples per submission in the last batch."""
 
@@ -181,8 +179,7 @@ class RewardPool:
                 self.sample_s = self._timed_s / self._timed_samples
         failures = sum(v is None for v in values)
         self.last_start_failure = self._start_failure
-        return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start,
-                      not_started=self._start_failure)
+        return Scores([v or 0.0 for v in values], failures, time.perf_counter() - start)
 
     def _call_local(self, prompt: str, completion: str, sample: dict) -> float | None:
         try:
