@@ -558,3 +558,41 @@ def test_gates_at_given_ids_equal_the_softmax_reference_and_leave_replay_alone(i
     want = (torch.softmax(logits, -1).gather(1, ids) if pre_softmax
             else torch.softmax(chosen, -1))
     torch.testing.assert_close(gates, want, rtol=1e-6, atol=1e-7)
+
+
+def test_layer_output_and_gradients_equal_megatrons_combine_with_the_orthogonality_loss(
+    init_parallel, monkeypatch
+):
+    """With the orthogonality loss on, the layer sums each token's token-major rows itself
+    instead of megatron's unpermute (a scatter-add): the logits and every parameter's gradient
+    of a real loss equal those of megatron's own combine."""
+    cfg, _, model = _build(init_parallel)
+    vp2o_moe.configure_losses(model, ortho_coeff=0.5, variance_coeff=0.0)
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    tokens, pos = _inputs(cfg)
+    weights = torch.randn(B, S, cfg.model.vocab_size, generator=torch.Generator().manual_seed(5))
+
+    def run():
+        model.zero_grad()
+        logits = model(tokens, pos, None)
+        (logits * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    calls = []
+    own = vp2o_moe.VP2OMoELayer._sums_rows_itself
+    monkeypatch.setattr(
+        vp2o_moe.VP2OMoELayer, "_sums_rows_itself",
+        lambda self: calls.append(1) or own(self),
+    )
+    got_logits, got = run()
+    assert calls and own(vp2o_moe.moe_layers(model)[0])  # the own sum ran
+    monkeypatch.setattr(vp2o_moe.VP2OMoELayer, "_sums_rows_itself", lambda self: False)
+    want_logits, want = run()
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-6, atol=1e-6)
+    assert got.keys() == want.keys()
+    assert any("experts" in n for n in got)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)

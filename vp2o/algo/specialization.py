@@ -23,7 +23,9 @@ __all__ = [
     "orthogonality_loss_from_gram",
     "orthogonality_per_token",
     "routing_variance_loss",
+    "per_token_gram",
     "token_gram",
+    "token_major_rows",
     "topk_scores",
 ]
 
@@ -63,15 +65,25 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, dest), None, None
 
 
-def token_gram(rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
-    """Per-token Gram matrices of rows held in another order (§9), [T·k, d] -> [T, k, k].
+def token_major_rows(rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
+    """Rows held in another order, read token-major: [T·k, d] -> `rows[order]` as [T, k, d].
 
-    `G_t = X_t X_tᵀ` with `X = rows[order].view(T, k, d)`, i.e. `order[t·k + j]` is the row of
-    token t's j-th selected expert and `dest` its inverse (`order[dest] = arange`). The MoE
-    layer's rows come grouped by expert (vp2o/mcore/vp2o_moe.py).
+    `order[t·k + j]` is the row of token t's j-th selected expert and `dest` its inverse
+    (`order[dest] = arange`); the backward gathers by `dest`. The MoE layer's rows come grouped
+    by expert (vp2o/mcore/vp2o_moe.py).
     """
-    x = _PermuteRows.apply(rows, order, dest).view(-1, k, rows.shape[-1])  # [T, k, d]
+    return _PermuteRows.apply(rows, order, dest).view(-1, k, rows.shape[-1])
+
+
+def per_token_gram(x: Tensor) -> Tensor:
+    """`G_t = X_t X_tᵀ` per token (§9), [T, k, d] -> [T, k, k], in the input dtype."""
     return _TokenGram.apply(x)
+
+
+def token_gram(rows: Tensor, order: Tensor, dest: Tensor, k: int) -> Tensor:
+    """Per-token Gram matrices of rows held in another order (§9), [T·k, d] -> [T, k, k]:
+    `per_token_gram(token_major_rows(rows, order, dest, k))`."""
+    return _TokenGram.apply(token_major_rows(rows, order, dest, k))
 
 
 def orthogonality_per_token(

@@ -7,7 +7,8 @@
   gates at generation), and adds the routing-variance loss (§9) the way megatron adds its
   load-balancing loss (``MoEAuxLossAutoScaler`` + the aux-loss tracker).
 - :class:`VP2OMoELayer` (a ``MoELayer``) adds the expert orthogonality loss (§9) on the experts'
-  raw outputs, from each token's Gram matrix of the combined rows before megatron sums them.
+  raw outputs, from each token's Gram matrix of the combined rows, and sums those rows itself
+  in token order (megatron's unpermute, without a second permutation).
 
 Installed with :func:`vp2o_layer_spec_hook` as ``build_model(cfg, layer_spec_hook=...)``; no
 megatron-core file is edited. Process groups come from the modules megatron built
@@ -183,11 +184,13 @@ class VP2OMoELayer(MoELayer):
     all-to-all and before megatron's unpermute sums them: one row per (token, selected expert),
     grouped by expert, tokens ascending within an expert. The rows are gate-weighted (megatron
     multiplies by the gate inside the expert MLP): y = g x~. The loss of the raw outputs x~ is
-    computed from each token's Gram matrix of its y rows (``specialization.token_gram``, the rows
-    read through the token-major layout) and the gates folded into [T, k] scalars
-    (``specialization.orthogonality_loss_from_gram(..., scale=g)``), as a function of the expert
-    weights; y and g share the graph, so the gate's two paths cancel and no gradient reaches the
-    router.
+    computed from each token's Gram matrix of its y rows (``specialization.per_token_gram`` of
+    the rows read token-major, ``specialization.token_major_rows``) and the gates folded into
+    [T, k] scalars (``specialization.orthogonality_loss_from_gram(..., scale=g)``), as a function
+    of the expert weights; y and g share the graph, so the gate's two paths cancel and no
+    gradient reaches the router. The same token-major rows summed over k are the layer's output
+    (what megatron's unpermute computes), unless megatron's combine has more to do (the shared
+    expert's overlap, the fused permute, a latent projection).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -197,30 +200,54 @@ class VP2OMoELayer(MoELayer):
         self.live_losses: list[torch.Tensor] | None = None  # SteinTransform fills and empties it
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: torch.Tensor | None):
-        """Attach the orthogonality loss, then megatron's unpermute + shared-expert add."""
-        if self.ortho_coeff > 0 and self.training and torch.is_grad_enabled():
-            gram, gates = self._token_grams(output)  # [T, k, k], [T, k]
-            # The loss of the raw outputs x~ = y / g, without dividing [T, k, d] (§9), over the
-            # real tokens (a mask, not a selection: no host sync).
-            loss = specialization.orthogonality_loss_from_gram(
-                gram, normalize=self.ortho_normalize, scale=gates, mask=self.router.valid_rows
-            )
-            num_layers = self.config.num_layers
-            save_to_aux_losses_tracker(
-                "expert_orthogonality_loss",
-                loss.detach(),
-                self.layer_number,
-                num_layers,
-                reduce_group=self.router.tp_cp_group,
-            )
-            if self.live_losses is not None:
-                self.live_losses.append(self.ortho_coeff * loss)
+        """Attach the orthogonality loss, then sum each token's rows (megatron's unpermute) and
+        add the shared experts' output."""
+        if not (self.ortho_coeff > 0 and self.training and torch.is_grad_enabled()):
+            return super().postprocess(output, shared_expert_output)
+        x, gates = self._token_major_rows(output)  # [T, k, d], [T, k]
+        # The loss of the raw outputs x~ = y / g, without dividing [T, k, d] (§9), over the
+        # real tokens (a mask, not a selection: no host sync).
+        loss = specialization.orthogonality_loss_from_gram(
+            specialization.per_token_gram(x),  # [T, k, k]
+            normalize=self.ortho_normalize,
+            scale=gates,
+            mask=self.router.valid_rows,
+        )
+        save_to_aux_losses_tracker(
+            "expert_orthogonality_loss",
+            loss.detach(),
+            self.layer_number,
+            self.config.num_layers,
+            reduce_group=self.router.tp_cp_group,
+        )
+        if self.live_losses is not None:
+            self.live_losses.append(self.ortho_coeff * loss)
+        if not self._sums_rows_itself():
             output = MoEAuxLossAutoScaler.apply(output, self.ortho_coeff * loss)
-        return super().postprocess(output, shared_expert_output)
+            return super().postprocess(output, shared_expert_output)
+        # megatron's unpermute scatter-adds the expert-grouped rows into token order; the loss
+        # already read them token-major, so the sum over k gives the same [T, d] without a
+        # second pass over the [T*k, d] rows each way (a scatter forward, a gather backward),
+        # memory-bound copies that cost ~10 % of a top-8 step on a CPU (docs/benchmarks.md).
+        combined = MoEAuxLossAutoScaler.apply(x.sum(1), self.ortho_coeff * loss)  # [T, d]
+        combined = combined.view(self.token_dispatcher.hidden_shape)
+        if shared_expert_output is not None:
+            combined = combined + shared_expert_output
+        return combined
 
-    def _token_grams(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T*k, d] combined rows (expert-grouped) -> (per-token Gram matrices of the rows
-        [T, k, k], gates [T, k]), experts ascending within a token."""
+    def _sums_rows_itself(self) -> bool:
+        """Whether megatron's combine is only the sum of each token's rows here: not with the
+        shared expert overlapped in the dispatcher, the fused (transformer-engine) unpermute or
+        a latent projection after the combine."""
+        return (
+            self.token_dispatcher.shared_experts is None
+            and not self.config.moe_permute_fusion
+            and not self.config.moe_latent_size
+        )
+
+    def _token_major_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T*k, d] combined rows (expert-grouped) -> (the rows token-major [T, k, d], gates
+        [T, k]), experts ascending within a token."""
         disp = self.token_dispatcher
         if not isinstance(disp, MoEAlltoAllTokenDispatcher):
             raise RuntimeError(
@@ -243,7 +270,7 @@ class VP2OMoELayer(MoELayer):
         # The gates in the same order. They stay in the graph: y = g x~ depends on g, and the
         # loss of y / g does not, so the two gate paths cancel and no gradient reaches the router.
         gates = probs.gather(1, ids).to(rows.dtype)  # [T, k]
-        return specialization.token_gram(rows, order, dest, k), gates
+        return specialization.token_major_rows(rows, order, dest, k), gates
 
 
 def token_major_layout(
