@@ -120,15 +120,24 @@ def test_save_before_the_first_step_resumes_like_a_fresh_optimizer(init_parallel
     assert [train_step(resumed, step) for step in (0, 1)] == want
 
 
-def test_weights_only_load(init_parallel, tmp_path):
-    """optimizer=None, scheduler=None loads just the model (an SFT warm start)."""
+def test_weights_only_load(init_parallel, tmp_path, monkeypatch):
+    """optimizer=None, scheduler=None loads just the model (an SFT warm start). The save starts
+    no process: megatron's writer reports its results through an in-process queue
+    (save_load._in_process_write_results), not the spawned Manager it makes by default."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as in a fresh process
     cfg = small_config()
     init_parallel(cfg)
     run = build_run(cfg)
     train_step(run, 0)
+    before = {p.pid for p in multiprocessing.active_children()}
     path = ck.save_checkpoint(
         tmp_path, 1, model=run.ddp, optimizer=run.opt, scheduler=run.sched, extra={}
     )
+    assert [p for p in multiprocessing.active_children() if p.pid not in before] == []
     fresh = build_run(cfg)
     ck.load_checkpoint(path, model=fresh.model, optimizer=None, scheduler=None)
     want = global_params(run)

@@ -207,3 +207,38 @@ def test_collectives_over_one_rank_are_skipped_with_the_collectives_result(init_
     # The real collectives still run over more than one rank (tests/mcore/test_distributed.py
     # and the other multi-process tests compare DP = 2 runs with one process).
     assert gather.__wrapped__ is dist.all_gather_into_tensor
+
+
+_DEFERRED_COMPILE_PROBE = r"""
+import sys
+import torch
+import vp2o  # installs the hook that runs before megatron's first import
+import megatron.core  # noqa: F401
+from megatron.core import jit
+from vp2o.mcore import cpu
+
+assert "torch._dynamo" not in sys.modules, "megatron's import loaded dynamo"
+calls = []
+cpu._REAL_COMPILE = lambda fn: calls.append(fn) or (lambda *a: fn(*a) + 100)
+def f(x):
+    return x * 2 + 1
+g = jit.jit_fuser(f)
+assert calls == [] and g.__name__ == "f"
+assert g(torch.ones(2)).tolist() == [103.0, 103.0] and calls == [f]
+g(torch.ones(1))
+assert calls == [f]  # compiled once
+print("deferred")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the deferral is CPU-only")
+def test_megatron_import_defers_its_compile_decorations_to_the_first_call():
+    """Importing megatron-core after vp2o loads neither dynamo nor inductor, and a function
+    megatron decorated with ``torch.compile`` (its ``jit_fuser``) goes through the real
+    ``torch.compile`` on its first call, once (a stand-in records the call)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _DEFERRED_COMPILE_PROBE], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "deferred" in proc.stdout, proc.stderr[-3000:]

@@ -4,7 +4,7 @@ megatron-core assumes a CUDA device in a handful of places on the paths vp2o use
 without CUDA, :func:`install` patches exactly those, so that tests and the laptop demo run the
 real megatron-core MoE layers, its DistributedDataParallel and its DistributedOptimizer over gloo.
 
-Three mechanisms, chosen for cost:
+Four mechanisms, chosen for cost:
 
 1. Global function patches, for things a CPU-only torch cannot do at all (each would raise):
    ``torch.cuda.current_device``, streams and events, ``synchronize``, ``Tensor.cuda``, the CUDA
@@ -23,6 +23,13 @@ Three mechanisms, chosen for cost:
    through its transport (at bench_learner's 425 M-parameter shape ~2-5 s of a ~12 s step). Not a
    CUDA hard-code, but gloo is the CPU's backend, so it lives here.
 
+4. ``torch.compile`` decorations deferred to the first call
+   (:func:`defer_compile_decorations`, run by ``vp2o/__init__.py`` just before megatron-core is
+   first imported): megatron decorates 38 fusion functions with ``torch.compile`` at import,
+   and each decoration loads dynamo and inductor (~2-3 s of every process's start-up here)
+   although the model config vp2o builds turns those fusions off. A deferred function compiles
+   on its first call, as ``torch.compile``'s own wrapper does.
+
 Every patch names the megatron-core function it covers. ``tests/mcore/test_cpu_compat.py`` pins
 them, so a megatron-core upgrade that moves one fails loudly instead of silently.
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -300,6 +308,43 @@ _MODULE_TORCH_PROXIES: tuple[str, ...] = (
     # get_default_causal_mask: torch.ones(sq, sq, device="cuda") when no attention mask is given.
     "megatron.core.transformer.utils",
 )
+
+
+_REAL_COMPILE: Callable | None = None  # torch.compile before defer_compile_decorations
+
+
+def defer_compile_decorations() -> bool:
+    """On a machine without CUDA, make ``torch.compile(fn)`` for a plain function return a
+    wrapper that calls the real ``torch.compile(fn)`` on its first call (item 4 above).
+
+    Only the bare decorator form is deferred (one function, no options: megatron's
+    ``jit_fuser``); every other use goes to torch's own at once. torch's wrapper also compiles
+    lazily: what changes is that dynamo and inductor are imported when something is compiled,
+    not when megatron-core is imported. Process-wide and idempotent; returns True when active.
+    """
+    global _REAL_COMPILE
+    if torch.cuda.is_available():
+        return False
+    if _REAL_COMPILE is None:
+        _REAL_COMPILE = torch.compile
+
+        def compile_on_first_call(model=None, **options):
+            if options or not inspect.isfunction(model):
+                return _REAL_COMPILE(model, **options) if model is not None else (
+                    _REAL_COMPILE(**options))
+            compiled = None
+
+            @functools.wraps(model)
+            def run(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = _REAL_COMPILE(model)
+                return compiled(*args, **kwargs)
+
+            return run
+
+        torch.compile = compile_on_first_call
+    return True
 
 
 def install() -> bool:

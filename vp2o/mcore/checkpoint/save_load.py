@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
 import shutil
 import warnings
@@ -164,7 +165,25 @@ def _dist_save(sharded_state_dict: dict, directory: Path) -> None:
     """megatron's ``dist_checkpointing.save`` (a module-level name: tests inject faults here)."""
     from megatron.core import dist_checkpointing
 
+    _in_process_write_results()
     dist_checkpointing.save(sharded_state_dict, str(directory))
+
+
+def _in_process_write_results() -> None:
+    """Give megatron's file writer an in-process queue for its write results.
+
+    ``FileSystemWriterAsync`` makes that queue on first use from a ``spawn`` Manager: a fresh
+    interpreter that imports torch (~3 s of CPU once per process, 2026-12-07, 2-core VM) and
+    stays alive as one more process per rank. Our saves are synchronous: the writer's function
+    runs in this process, puts its results and ``retrieve_write_results`` reads them back here,
+    so a thread-safe ``queue.Queue`` carries the same objects. Megatron keeps the queue in the
+    module-level ``_results_queue`` and fills it only while it is None; if a later megatron
+    drops that name, this does nothing and its own queue is used.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def _agree(
