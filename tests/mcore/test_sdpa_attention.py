@@ -78,7 +78,12 @@ def test_logprobs_and_gradients_equal_local(models):
     torch.testing.assert_close(logps[1], logps[0], rtol=1e-5, atol=1e-5)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name, g in grads[0].items():
-        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        # atol relative to the tensor's largest entry: summed gradients (the embedding's) have
+        # entries near 0 after cancellation, where fp32 rounding of a different kernel (or
+        # thread count: OMP_NUM_THREADS=1 gave 2.6e-6 on a 0.015 entry) is not an error.
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4,
+                                   atol=max(1e-6, 1e-4 * float(g.abs().max())),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_no_mask_is_causal_like_local(models):
