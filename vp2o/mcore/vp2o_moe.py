@@ -227,8 +227,9 @@ class VP2OMoELayer(MoELayer):
             return super().postprocess(output, shared_expert_output)
         # megatron's unpermute scatter-adds the expert-grouped rows into token order; the loss
         # already read them token-major, so the sum over k gives the same [T, d] without a
-        # second pass over the [T*k, d] rows each way (a scatter forward, a gather backward),
-        # memory-bound copies that cost ~10 % of a top-8 step on a CPU (docs/benchmarks.md).
+        # second pass over the [T*k, d] rows each way (a scatter forward, a gather backward):
+        # memory-bound copies, ~3 % of VP2O's step at bench_step's top-8 d=1024 shape on a CPU
+        # (docs/benchmarks.md).
         combined = MoEAuxLossAutoScaler.apply(x.sum(1), self.ortho_coeff * loss)  # [T, d]
         combined = combined.view(self.token_dispatcher.hidden_shape)
         if shared_expert_output is not None:
