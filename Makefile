@@ -31,13 +31,10 @@ demo: $(STAMP)
 	$(BIN)/vp2o demo
 
 # Two pytest workers, each taking whole test files (module fixtures run once): the suite's
-# subprocess start-ups leave a core idle otherwise. Files go out in collection order, which
-# tests/conftest.py starts with the slow multi-process files (xdist's default reorder would put
-# the files with the most tests first and the long ones last, one worker finishing alone).
-# `make test TEST_WORKERS=0` runs serially.
+# subprocess start-ups leave a core idle otherwise. `make test TEST_WORKERS=0` runs serially.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check vp2o tests benchmarks tools

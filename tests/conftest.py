@@ -17,14 +17,6 @@ warnings.filterwarnings("ignore", message=".*Apex.*")
 warnings.filterwarnings("ignore", message=".*apex.*")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Files with slow (multi-process, end-to-end) tests first, each file's tests in their
-    order. ``make test``'s workers take whole files in this order, so the long files start
-    first and the many short ones fill the gaps at the end, rather than one worker finishing a
-    long file alone while the other idles."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)  # stable
-
 
 @pytest.fixture
 def private_tmp(monkeypatch):
