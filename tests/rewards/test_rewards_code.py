@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -12,6 +13,9 @@ from vp2o.rewards.code_exec import CodeReward, extract_program, outputs_match
 from vp2o.rewards.sandbox import RunResult, SandboxLimits
 
 LIMITS = SandboxLimits(cpu_s=1, wall_s=2, memory_mb=512, nproc=32)
+# For the tests that expect a program to pass: the sandbox's start-up under a loaded machine
+# (the other test worker's multi-process jobs) must not turn a pass into a timeout.
+ROOMY = SandboxLimits(cpu_s=10, wall_s=30, memory_mb=512, nproc=32)
 ROW = {
     "tests": [
         {"input": "1 2\n", "output": "3\n"},
@@ -24,6 +28,13 @@ SUM = "Here is my solution:\n```python\na, b = map(int, input().split())\nprint(
 
 @pytest.fixture(scope="module")
 def code_reward():
+    """Scores of programs that finish: limits no run comes near."""
+    return CodeReward(ROOMY, total_wall_s=120)
+
+
+@pytest.fixture(scope="module")
+def tight_reward():
+    """Programs that hang or attack: the limits must stop them quickly."""
     return CodeReward(LIMITS, total_wall_s=20)
 
 
@@ -45,10 +56,10 @@ def test_runtime_error_scores_zero(code_reward):
     assert code_reward("", "```python\nprint(3)\nraise SystemExit(1)\n```", ROW) == 0.0
 
 
-def test_infinite_loop_scores_zero_within_limit(code_reward):
+def test_infinite_loop_scores_zero_within_limit(tight_reward):
     row = {"tests": ROW["tests"][:1]}
     start = time.monotonic()
-    assert code_reward("", "```python\nwhile True:\n    pass\n```", row) == 0.0
+    assert tight_reward("", "```python\nwhile True:\n    pass\n```", row) == 0.0
     assert time.monotonic() - start < LIMITS.wall_s + 3
 
 
@@ -61,11 +72,13 @@ def test_total_budget_stops_remaining_tests():
 
 
 def test_row_time_limit_is_used_and_clamped():
-    reward = CodeReward(LIMITS, max_time_limit_s=1.0)
+    # the wall bound scales with the CPU bound (x30 here: start-up on a loaded machine)
+    reward = CodeReward(dataclasses.replace(LIMITS, wall_s=30), max_time_limit_s=1.0)
     row = {"tests": ROW["tests"][:1], "time_limit": 1000}
     assert reward._sandbox(row).limits.cpu_s == 1.0
     row = {"tests": ROW["tests"][:1], "time_limit": 0.5}
     assert reward._sandbox(row).limits.cpu_s == 0.5
+    assert reward._sandbox(row).limits.wall_s == 15.0
     assert reward("", SUM, row) == 1.0
 
 
@@ -99,8 +112,8 @@ def test_outputs_match_is_whitespace_normalised():
 
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
-def test_adversarial_completions(code_reward, name):
-    assert code_reward("", ADVERSARIAL[name], ROW) == 0.0
+def test_adversarial_completions(tight_reward, name):
+    assert tight_reward("", ADVERSARIAL[name], ROW) == 0.0
 
 
 def test_registered_reward():
