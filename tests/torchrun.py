@@ -10,23 +10,23 @@ import os
 import sys
 from pathlib import Path
 
-from vp2o.mcore.parallel import free_port
-
 # Left behind by a live process group in this (pytest) process; a child torchrun sets its own.
 _RENDEZVOUS = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
 TESTS = Path(__file__).resolve().parent  # on the workers' path: they import the test helpers
 
 
 def launcher(nproc: int) -> list[str]:
-    """``python -m torch.distributed.run --nproc_per_node=N --master_port=<free>`` (N >= 1)."""
+    """``python -m torch.distributed.run --standalone --nproc_per_node=N`` (N >= 1): the
+    rendezvous binds port 0 on loopback, so the kernel picks a free port as it binds (no window
+    between finding a port and taking it, where the other test worker's job could take it)."""
     if nproc == 0:
         return [sys.executable]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
     ]
 
 
