@@ -39,13 +39,15 @@ def private_tmp(monkeypatch):
 def _one_process_group_per_worker():
     """Keep a single-process world's process groups for the whole test session.
 
-    Megatron-core's DDP, once a backward has run through it, stays alive after its model is
-    dropped (referenced from C++ only, out of reach of Python's garbage collector), and with it
-    every process group megatron made: each gloo group keeps a polling loop thread (and two work
-    threads) until the process exits. One process running hundreds of in-process tests piled up
+    A megatron model that ran a backward under megatron's DDP is not freed when dropped (its
+    token dispatcher keeps the last routing probabilities with their graph, which reaches DDP's
+    hooks: a cycle the garbage collector cannot see; ``vp2o.mcore.model.release_autograd_stash``
+    breaks it, and ``vp2o.session.session`` calls it), and it keeps every process group megatron
+    made: each gloo group holds a polling loop thread and two work threads until the process
+    exits. Tests build and drop hundreds of models without a session; one process piled up
     ~1,800 threads, whose polling took ~40 % of the CPU of ``make test`` as system time and
-    slowed the multi-process tests beside them 3-5x. In one process every layout is TP = PP =
-    EP = 1, so ``parallel.initialize`` can take the groups already there (it re-seeds megatron's
+    slowed the multi-process tests beside them 3-6x. In one process every layout is TP = PP = EP
+    = 1, so ``parallel.initialize`` can take the groups already there (it re-seeds megatron's
     generators all the same); ``parallel.destroy`` therefore keeps a one-process world here and
     tears everything down at the end of the session. Multi-process jobs (torchrun) are separate
     processes, untouched."""

@@ -168,3 +168,33 @@ def test_train_and_eval_refuse_the_transformer_engine_spec_before_starting(monke
         load_config(None, [f"model.transformer_impl={impl}"], loop="eval")
     assert started == []
     load_config(None, [], loop="train")  # the default is local
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["megatron-as-is", "released"])
+def test_a_model_after_a_backward_is_freed_only_once_released(init_parallel, release):
+    """Megatron's token dispatcher keeps the last forward's routing probabilities with their
+    graph; with megatron DDP's hooks on the gradient accumulators that is a reference cycle the
+    garbage collector cannot see, so the model, its DDP and the process groups they hold outlive
+    their last reference (the first case shows megatron's behaviour: should a megatron release
+    break the cycle itself, that case fails and the helper can go). ``release_autograd_stash``,
+    which ``vp2o.session.session`` calls on the way out, breaks it."""
+    import gc
+    import weakref
+
+    from vp2o.mcore import training
+
+    cfg = load_config(None, ["model.num_layers=1", "model.hidden_size=64",
+                             "model.moe_ffn_hidden_size=32", "optimizer.name=sgd",
+                             "parallel.use_distributed_optimizer=false"])
+    init_parallel(cfg)
+    model = mdl.build_model(cfg)
+    ddp = training.wrap_ddp(model, cfg)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12).unsqueeze(0).expand(2, -1)
+    ddp(tokens, pos, None, labels=tokens).float().mean().backward()
+    if release:
+        assert mdl.release_autograd_stash(model) == 1  # one MoE layer: its dispatcher's probs
+    ref = weakref.ref(model)
+    del model, ddp
+    gc.collect()
+    assert (ref() is None) == release

@@ -235,6 +235,31 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
     return model
 
 
+def release_autograd_stash(model: torch.nn.Module) -> int:
+    """Drop the tensors with autograd history that megatron-core's token dispatchers keep after
+    a forward (``MoEAlltoAllTokenDispatcher.probs``: the last forward's routing probabilities);
+    call when the model is done with. Returns how many were dropped.
+
+    Kept, such a tensor closes a reference cycle that Python's collector cannot see: its graph
+    reaches the router weight's gradient accumulator (C++), which holds megatron DDP's hook,
+    which holds the DDP wrapper, hence the model and the dispatcher again. A model dropped after
+    a backward then stays, with its DDP buffers and every process group megatron made (each gloo
+    group keeps a polling thread), until the process exits; a process that runs several sessions
+    (``vp2o demo``) piles them up. The next forward sets the attribute again, so dropping it is
+    safe at any point between forwards.
+    """
+    dropped = 0
+    for module in model.modules():
+        dispatcher = getattr(module, "token_dispatcher", None)
+        if dispatcher is None:
+            continue
+        for name, value in list(vars(dispatcher).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(dispatcher, name, None)
+                dropped += 1
+    return dropped
+
+
 @contextlib.contextmanager
 def _quiet_subclassed_mlp_warning(active: bool) -> Iterator[None]:
     """Drop megatron's "Unknown MLP type" warning while building hooked specs.
