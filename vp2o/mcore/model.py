@@ -203,8 +203,8 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
 
     Expert parameters are marked ``allreduce=False`` even at EP=1, so megatron keeps them in its
     expert grad buffers and expert optimizer at every EP size: the Stein transform and the
-    checkpoint layout are then identical across layouts (megatron-core-notes.md, "Expert
-    parameters").
+    checkpoint layout are then identical across layouts (docs/design.md, "Expert
+    parameters at every EP size").
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -246,7 +246,7 @@ def release_autograd_stash(model: torch.nn.Module) -> int:
     a backward then stays, with its DDP buffers and every process group megatron made (each gloo
     group keeps a polling thread), until the process exits; a process that runs several sessions
     (``vp2o demo``) piles them up. The next forward sets the attribute again, so dropping it is
-    safe at any point between forwards.
+    safe at any point between forwards (docs/design.md, "Releasing a model").
     """
     dropped = 0
     for module in model.modules():
