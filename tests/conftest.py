@@ -39,18 +39,17 @@ def private_tmp(monkeypatch):
 def _one_process_group_per_worker():
     """Keep a single-process world's process groups for the whole test session.
 
-    A megatron model that ran a backward under megatron's DDP is not freed when dropped (its
-    token dispatcher keeps the last routing probabilities with their graph, which reaches DDP's
-    hooks: a cycle the garbage collector cannot see; ``vp2o.mcore.model.release_autograd_stash``
-    breaks it, and ``vp2o.session.session`` calls it), and it keeps every process group megatron
-    made: each gloo group holds a polling loop thread and two work threads until the process
-    exits. Tests build and drop hundreds of models without a session; one process piled up
-    ~1,800 threads, whose polling took ~40 % of the CPU of ``make test`` as system time and
-    slowed the multi-process tests beside them 3-6x. In one process every layout is TP = PP = EP
-    = 1, so ``parallel.initialize`` can take the groups already there (it re-seeds megatron's
-    generators all the same); ``parallel.destroy`` therefore keeps a one-process world here and
-    tears everything down at the end of the session. Multi-process jobs (torchrun) are separate
-    processes, untouched."""
+    Each gloo group holds a polling loop thread and two work threads for as long as it lives,
+    and groups outlive ``parallel.destroy`` whenever something still references them: models
+    that ran a backward under megatron's DDP did (``vp2o.mcore.model.drop_dispatcher_probs``
+    ends that), and megatron's ``destroy_model_parallel`` leaves a few of its own (~4 threads
+    per initialisation). Hundreds of in-process tests, each initialising and destroying, once
+    piled up ~1,800 threads per worker, whose polling took ~40 % of ``make test``'s CPU as
+    system time and slowed the multi-process tests beside them 3-6x (docs/benchmarks.md). In
+    one process every layout is TP = PP = EP = 1, so ``parallel.initialize`` can take the groups
+    already there (it re-seeds megatron's generators all the same); ``parallel.destroy``
+    therefore keeps a one-process world here and tears everything down at the end of the
+    session. Multi-process jobs (torchrun) are separate processes, untouched."""
     from vp2o.mcore import parallel
 
     tear_down = parallel.destroy

@@ -94,8 +94,6 @@ def session(cfg: Config, *, with_optimizer: bool, total_steps: int = 1) -> Itera
             while s is not None and s.closers:
                 s.closers.pop()()
         finally:
-            if s is not None:  # else the model, its DDP and the process groups outlive the job
-                mdl.release_autograd_stash(s.model)
             parallel.destroy()
 
 

@@ -171,18 +171,24 @@ def test_train_and_eval_refuse_the_transformer_engine_spec_before_starting(monke
 
 
 @pytest.mark.parametrize("release", [False, True], ids=["megatron-as-is", "released"])
-def test_a_model_after_a_backward_is_freed_only_once_released(init_parallel, release):
+def test_a_model_after_a_backward_is_freed_only_once_released(init_parallel, monkeypatch,
+                                                              release):
     """Megatron's token dispatcher keeps the last forward's routing probabilities with their
     graph; with megatron DDP's hooks on the gradient accumulators that is a reference cycle the
     garbage collector cannot see, so the model, its DDP and the process groups they hold outlive
-    their last reference (the first case shows megatron's behaviour: should a megatron release
-    break the cycle itself, that case fails and the helper can go). ``release_autograd_stash``,
-    which ``vp2o.session.session`` calls on the way out, breaks it."""
+    their last reference (the first case, the hook replaced by a no-op, shows megatron's
+    behaviour: should a megatron release break the cycle itself, that case fails and the hook
+    can go). ``drop_dispatcher_probs``, the forward hook ``build_model`` puts on every MoE
+    layer, breaks it."""
     import gc
     import weakref
 
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     from vp2o.mcore import training
 
+    if not release:
+        monkeypatch.setattr(mdl, "drop_dispatcher_probs", lambda layer, args, output: None)
     cfg = load_config(None, ["model.num_layers=1", "model.hidden_size=64",
                              "model.moe_ffn_hidden_size=32", "optimizer.name=sgd",
                              "parallel.use_distributed_optimizer=false"])
@@ -192,8 +198,13 @@ def test_a_model_after_a_backward_is_freed_only_once_released(init_parallel, rel
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(12).unsqueeze(0).expand(2, -1)
     ddp(tokens, pos, None, labels=tokens).float().mean().backward()
+    stashed = [m.token_dispatcher.probs for m in model.modules() if isinstance(m, MoELayer)]
+    assert len(stashed) == 1  # one MoE layer
     if release:
-        assert mdl.release_autograd_stash(model) == 1  # one MoE layer: its dispatcher's probs
+        assert stashed == [None]  # the hook dropped its dispatcher's probs
+    else:
+        assert stashed[0].grad_fn is not None  # megatron keeps them, with their graph
+    del stashed
     ref = weakref.ref(model)
     del model, ddp
     gc.collect()

@@ -208,6 +208,7 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from vp2o.mcore import cpu
 
@@ -232,32 +233,27 @@ def build_model(cfg: Config, *, layer_spec_hook: LayerSpecHook | None = None):
     for name, param in model.named_parameters():
         if is_expert_param(name):
             param.allreduce = False
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            module.register_forward_hook(drop_dispatcher_probs)
     return model
 
 
-def release_autograd_stash(model: torch.nn.Module) -> int:
-    """Drop the tensors with autograd history that megatron-core's token dispatchers keep after
-    a forward (``MoEAlltoAllTokenDispatcher.probs``: the last forward's routing probabilities);
-    call when the model is done with. Returns how many were dropped.
+def drop_dispatcher_probs(layer: torch.nn.Module, args, output) -> None:
+    """Forward hook on every MoE layer (installed by :func:`build_model`): forget the routing
+    probabilities megatron's token dispatcher stashes for the layer's own forward.
 
-    Kept, such a tensor closes a reference cycle that Python's collector cannot see: its graph
-    reaches the router weight's gradient accumulator (C++), which holds megatron DDP's hook,
-    which holds the DDP wrapper, hence the model and the dispatcher again. A model dropped after
-    a backward then stays, with its DDP buffers and every process group megatron made (each gloo
-    group keeps a polling thread), until the process exits; a process that runs several sessions
-    (``vp2o demo``) piles them up. The next forward sets the attribute again, so dropping it is
-    safe at any point between forwards (docs/design.md, "Releasing a model").
+    Kept after the forward (``MoEAlltoAllTokenDispatcher.probs``, nothing reads it before the
+    next forward sets it again), that tensor's graph reaches the router weight's gradient
+    accumulator (C++), which holds megatron DDP's hook, which holds the DDP wrapper, hence the
+    model and the dispatcher: a reference cycle Python's collector cannot see. A model dropped
+    after a backward would then stay, with its DDP buffers and every process group megatron made
+    (each gloo group keeps a polling thread), until the process exits (docs/design.md,
+    "Releasing a model").
     """
-    dropped = 0
-    for module in model.modules():
-        dispatcher = getattr(module, "token_dispatcher", None)
-        if dispatcher is None:
-            continue
-        for name, value in list(vars(dispatcher).items()):
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                setattr(dispatcher, name, None)
-                dropped += 1
-    return dropped
+    dispatcher = getattr(layer, "token_dispatcher", None)
+    if getattr(dispatcher, "probs", None) is not None:
+        dispatcher.probs = None
 
 
 @contextlib.contextmanager
