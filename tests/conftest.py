@@ -39,17 +39,14 @@ def private_tmp(monkeypatch):
 def _one_process_group_per_worker():
     """Keep a single-process world's process groups for the whole test session.
 
-    Each gloo group holds a polling loop thread and two work threads for as long as it lives,
-    and groups outlive ``parallel.destroy`` whenever something still references them: models
-    that ran a backward under megatron's DDP did (``vp2o.mcore.model.drop_dispatcher_probs``
-    ends that), and megatron's ``destroy_model_parallel`` leaves a few of its own (~4 threads
-    per initialisation). Hundreds of in-process tests, each initialising and destroying, once
-    piled up ~1,800 threads per worker, whose polling took ~40 % of ``make test``'s CPU as
-    system time and slowed the multi-process tests beside them 3-6x (docs/benchmarks.md). In
-    one process every layout is TP = PP = EP = 1, so ``parallel.initialize`` can take the groups
-    already there (it re-seeds megatron's generators all the same); ``parallel.destroy``
-    therefore keeps a one-process world here and tears everything down at the end of the
-    session. Multi-process jobs (torchrun) are separate processes, untouched."""
+    Hundreds of in-process tests initialise and destroy a one-process world; each round makes
+    megatron's ~20 process groups (a gloo group: a polling thread and two work threads) and costs
+    ~0.3 s here. In one process every layout is TP = PP = EP = 1, so ``parallel.initialize`` can
+    take the groups already there (it re-seeds megatron's generators all the same);
+    ``parallel.destroy`` therefore keeps a one-process world here and tears everything down at
+    the end of the session. Suite times with and without it: docs/benchmarks.md. The real
+    teardown is tested in fresh processes (``tests/mcore/test_model.py``,
+    ``tests/e2e/test_train.py``); multi-process jobs (torchrun) are separate processes too."""
     from vp2o.mcore import parallel
 
     tear_down = parallel.destroy

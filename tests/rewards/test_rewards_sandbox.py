@@ -20,7 +20,10 @@ from vp2o.rewards import sandbox as sandbox_module
 from vp2o.rewards.sandbox import Sandbox, SandboxLimits
 from vp2o.rewards.sandbox_uids import DEFAULT_UIDS
 
-LIMITS = SandboxLimits(cpu_s=1, wall_s=2, memory_mb=512, nproc=32, output_bytes=1 << 16)
+# wall 10 s: a 0.08 s program took up to 3.1 s to start while the suite's multi-process tests ran
+# beside it (docs/rewards.md); the CPU limit stops the busy programs, the sleep test has its own.
+LIMITS = SandboxLimits(cpu_s=1, wall_s=10, memory_mb=512, nproc=32, output_bytes=1 << 16)
+SHORT_WALL = dataclasses.replace(LIMITS, wall_s=2)
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +56,16 @@ def test_echo(any_sandbox):
 def test_infinite_loop_is_stopped(any_sandbox):
     start = time.monotonic()
     result = run(any_sandbox, "while True:\n    pass")
-    assert not result.ok
+    assert result.status == "error"  # the CPU limit's signal, long before the wall clock's
     assert time.monotonic() - start < LIMITS.wall_s + 3
 
 
 def test_sleep_hits_wall_clock(any_sandbox):
+    short = Sandbox(SHORT_WALL, backend=any_sandbox.backend)
     start = time.monotonic()
-    result = run(any_sandbox, "import time\ntime.sleep(100)")
+    result = run(short, "import time\ntime.sleep(100)")
     assert result.status == "timeout"
-    assert time.monotonic() - start < LIMITS.wall_s + 3
+    assert time.monotonic() - start < SHORT_WALL.wall_s + 3
 
 
 def test_memory_limit(any_sandbox):

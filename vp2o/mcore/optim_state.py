@@ -80,7 +80,8 @@ class Rollback:
         params = {p: p.data.clone() for p in self.copied_params}
         self._saved = {"params": params, "optimizers": optimizers}
 
-    def restore(self) -> None:
+    @torch.no_grad()  # megatron's copy writes the parameters through the optimizer's shard
+    def restore(self) -> None:  # views, made without autograd (training.build_optimizer)
         """Undo the steps since the last :meth:`save`: main params and optimizer state as saved
         (state created since is dropped), then the parameters from them as megatron's own step
         writes them (rounded copy; the distributed optimizer's all-gather: a collective, which

@@ -11,6 +11,7 @@ first host of ``SLURM_JOB_NODELIST``), else a single process on loopback.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import random
 import socket
@@ -201,7 +202,13 @@ def groups() -> ParallelGroups:
 
 
 def destroy() -> None:
-    """Tear down megatron's groups and the default process group (safe to call twice)."""
+    """Tear down megatron's groups and the default process group (safe to call twice).
+
+    Also drops the references megatron keeps after its own teardown (:func:`_drop_stale_groups`)
+    and collects garbage: a process group lives as long as anything references it, models hold
+    theirs in reference cycles (megatron DDP's hooks), and each gloo group holds a polling thread
+    and two work threads (plus the store's thread for the default group) until it is freed.
+    """
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
@@ -209,6 +216,37 @@ def destroy() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _drop_stale_groups()
+    gc.collect()
+
+
+def _drop_stale_groups() -> None:
+    """Forget the process groups megatron-core 0.16 still references after
+    ``destroy_model_parallel``:
+
+    - ``parallel_state`` globals that teardown does not reset
+      (``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` and its gloo twin in 0.16.1): every module
+      global still holding a group, or a list/tuple of them, is set to None, whatever its name;
+    - the ``lru_cache`` on the rotary embeddings' ``forward``: a class-level cache keyed on the
+      module, so it keeps up to 32 rotary modules of released models alive, each with its
+      context-parallel group (``cp_group``). Clearing it costs a live model one recomputation.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rope
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+
+    def holds_group(value: object) -> bool:
+        if isinstance(value, list | tuple):
+            return any(isinstance(v, dist.ProcessGroup) for v in value)
+        return isinstance(value, dist.ProcessGroup)
+
+    for name, value in list(vars(ps).items()):
+        if name.startswith("_") and holds_group(value):
+            setattr(ps, name, None)
+    for cls in (rope.RotaryEmbedding, yarn.YarnRotaryEmbedding):
+        cache_clear = getattr(cls.forward, "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
 
 
 def gather_over_data_ranks(row: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:

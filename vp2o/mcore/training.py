@@ -54,7 +54,8 @@ def build_optimizer(ddp_model, cfg: Config):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(opt_config, [ddp_model])
+    with torch.no_grad():  # see docs/design.md "Releasing a model"
+        return get_megatron_optimizer(opt_config, [ddp_model])
 
 
 def build_scheduler(optimizer, cfg: Config, total_steps: int):
