@@ -212,7 +212,7 @@ def test_a_model_after_a_backward_is_freed_only_once_released(init_parallel, mon
 
 
 _ROUNDS_OF_A_PROCESS = """
-import collections, os, sys, torch
+import os, sys, torch
 from vp2o.config import load_config
 from vp2o.mcore import model as mdl, parallel, training
 if sys.argv[1] == "megatron-as-is":
