@@ -12,9 +12,13 @@ naming the setting.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import shutil
 import tempfile
 import time
 import weakref
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,8 +34,58 @@ from vp2o.session import Session
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Held
 
 
+class EngineModelDir:
+    """The vLLM engine's model folder (its ``config.json``; the weights are streamed in): a
+    temporary folder ``vp2o_vllm_*``, locked (``flock`` on the folder) while its process lives.
+    ``cleanup`` (or the interpreter's exit) removes it. A process killed first (SIGKILL, the
+    OOM killer) leaves it behind, and the next engine built on the machine removes every such
+    folder whose lock is free: the kernel drops a dead process's locks, in any PID namespace."""
+
+    PREFIX = "vp2o_vllm_"
+    MARK = ".locked"  # written once the lock is held: a folder without it is still being made
+
+    def __init__(self, root: str | None = None) -> None:
+        remove_stale_model_dirs(root)
+        self.name = tempfile.mkdtemp(prefix=self.PREFIX, dir=root)
+        fd = os.open(self.name, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        (Path(self.name) / self.MARK).touch()
+        self._finalizer = weakref.finalize(self, _remove_locked, self.name, fd)
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+
+def _remove_locked(path: str, fd: int) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    os.close(fd)  # unlocks
+
+
+def remove_stale_model_dirs(root: str | None = None) -> list[Path]:
+    """Remove the engine model folders under ``root`` (default: the temporary folder) that no
+    live process holds: this user's ``vp2o_vllm_*`` folders, marked as locked once, whose lock
+    is free now. Returns the folders removed."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{EngineModelDir.PREFIX}*"):
+        try:
+            if (path.is_symlink() or path.stat().st_uid != os.getuid()
+                    or not (path / EngineModelDir.MARK).is_file()):
+                continue
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone meanwhile, or not a folder
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its owner lives
+        except OSError:
+            os.close(fd)
+            continue
+        _remove_locked(str(path), fd)
+        removed.append(path)
+    return removed
+
+
 class _Held:
-    def __init__(self, engine: RolloutEngine, tmp: tempfile.TemporaryDirectory | None) -> None:
+    def __init__(self, engine: RolloutEngine, tmp: EngineModelDir | None) -> None:
         self.engine, self.tmp = engine, tmp
         self.version: tuple | None = None  # parameter versions at the last sync
         self.last_sync: dict = {}
@@ -76,18 +130,22 @@ def _build(s: Session) -> _Held:
     check_engine_settings(cfg, world)
     engine_weights.check_single_copy_layout(s.model)
     family = engine_weights.engine_family(cfg.model)
-    tmp = tempfile.TemporaryDirectory(prefix="vp2o_vllm_")
-    engine_weights.write_engine_model_dir(cfg.model, tmp.name, family=family,
-                                          eos_id=s.tokenizer.eos_id, pad_id=s.tokenizer.pad_id)
-    r = cfg.rollout
-    engine = VLLMEngine(
-        tmp.name, s.tokenizer, topk=cfg.model.moe_router_topk,
-        renormalize=not cfg.model.moe_router_pre_softmax, max_model_len=cfg.max_model_len,
-        max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
-        enforce_eager=r.enforce_eager, tensor_parallel=r.tensor_parallel,
-        kv_cache_gib=r.kv_cache_gib, dtype=engine_dtype(cfg), routes=True,
-        external_launcher=world > 1, seed=cfg.seed, sleep_mode=r.sleep_between_rollouts,
-    )
+    tmp = EngineModelDir()
+    try:
+        engine_weights.write_engine_model_dir(cfg.model, tmp.name, family=family,
+                                              eos_id=s.tokenizer.eos_id, pad_id=s.tokenizer.pad_id)
+        r = cfg.rollout
+        engine = VLLMEngine(
+            tmp.name, s.tokenizer, topk=cfg.model.moe_router_topk,
+            renormalize=not cfg.model.moe_router_pre_softmax, max_model_len=cfg.max_model_len,
+            max_num_seqs=r.max_num_seqs, gpu_memory_utilization=r.gpu_memory_utilization,
+            enforce_eager=r.enforce_eager, tensor_parallel=r.tensor_parallel,
+            kv_cache_gib=r.kv_cache_gib, dtype=engine_dtype(cfg), routes=True,
+            external_launcher=world > 1, seed=cfg.seed, sleep_mode=r.sleep_between_rollouts,
+        )
+    except BaseException:  # nothing of a failed build stays behind
+        tmp.cleanup()
+        raise
     return _Held(engine, tmp)
 
 
