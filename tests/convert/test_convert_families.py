@@ -85,12 +85,34 @@ def test_family_lookup():
         ("olmoe", {"clip_qkv": 8.0}, "clip_qkv = 8.0"),
         ("olmoe", {"attention_bias": True}, "attention_bias"),
         ("olmoe", {"head_dim": 16}, "head_dim = 16"),
+        # top-1 with renormalised gates: megatron-core refuses a softmax over one logit
+        ("mixtral", {"num_experts_per_tok": 1}, "num_experts_per_tok = 1 with Mixtral"),
+        ("qwen3_moe", {"num_experts_per_tok": 1, "norm_topk_prob": True},
+         "num_experts_per_tok = 1 with norm_topk_prob = true"),
+        ("olmoe", {"num_experts_per_tok": 1, "norm_topk_prob": True},
+         "num_experts_per_tok = 1 with norm_topk_prob = true"),
+        # no sparse layer left: named by the HF fields, not by model.moe_layer_freq
+        ("qwen3_moe", {"mlp_only_layers": [0, 1, 2]}, "mlp_only_layers = [0, 1, 2]"),
+        ("qwen2_moe", {"decoder_sparse_step": 3}, "decoder_sparse_step = 3"),
     ],
 )
 def test_inexpressible_hf_fields_are_named(family, overrides, field):
     raw = _hf(family, **overrides)
-    with pytest.raises(ConvertError, match=field.replace("(", r"\(")):
+    with pytest.raises(ConvertError, match=field.replace("(", r"\(").replace("[", r"\[")):
         get_family(family).model_config(load_hf_config(raw))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "olmoe"])
+def test_expressible_neighbours_of_the_refusals(family):
+    """``swish`` is transformers' other name for ``silu``; top-1 without renormalisation is
+    megatron's softmax before the top-1 selection."""
+    fam = get_family(family)
+    base = fam.model_config(load_hf_config(_hf(family)))
+    swish = fam.model_config(load_hf_config(_hf(family, hidden_act="swish")))
+    assert arch_differences(base, swish) == []
+    top1 = fam.model_config(load_hf_config(_hf(family, num_experts_per_tok=1,
+                                               norm_topk_prob=False)))
+    assert (top1.moe_router_topk, top1.moe_router_pre_softmax) == (1, True)
 
 
 @pytest.mark.parametrize(

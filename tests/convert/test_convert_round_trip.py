@@ -171,3 +171,22 @@ def test_export_with_config_stored_by_training(hf_checkpoints, converted, tmp_pa
     out = mcore_to_hf(ckpt, tmp_path / "hf", family="qwen3_moe").out
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert torch.equal(hf_logits(model), logits)
+
+
+def test_a_mixed_dtype_checkpoint_reports_what_was_rounded(tmp_path, capsys):
+    """A bf16 checkpoint with one float32 router: its values are rounded to the parameters'
+    bf16, and the conversion names it (no note for the tensors bf16 holds exactly)."""
+    from vp2o.cli import main
+
+    model = build_hf_model("mixtral", seed=3, dtype=torch.bfloat16)
+    gate = model.model.layers[0].mlp.gate
+    gate.weight.data = gate.weight.data.float() + 1e-4  # not representable in bf16
+    model.model.layers[1].mlp.gate.weight.data = model.model.layers[1].mlp.gate.weight.data.float()
+    model.save_pretrained(tmp_path / "hf")
+    result = hf_to_mcore(tmp_path / "hf", tmp_path / "mcore")
+    assert result.narrowed == (
+        "model.layers.0.block_sparse_moe.gate.weight: float32 -> bfloat16",)  # its HF file name
+    assert hf_to_mcore(tmp_path / "hf", tmp_path / "m2", dtype="bf16").narrowed == ()  # asked
+    assert main(["convert", "hf-to-mcore", "--hf", str(tmp_path / "hf"),
+                 "--out", str(tmp_path / "m3")]) == 0
+    assert "note: 1 HF tensors were stored in a wider dtype" in capsys.readouterr().out

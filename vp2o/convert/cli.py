@@ -41,6 +41,11 @@ def _report(kind: str, result, seconds: float) -> None:
         f"{result.total_bytes / 1e9:.2f} GB (largest {result.largest_tensor_bytes / 1e6:.1f} MB) "
         f"-> {result.out} in {seconds:.1f} s"
     )
+    narrowed = getattr(result, "narrowed", ())
+    if narrowed:  # a mixed-dtype checkpoint: say what lost precision
+        print(f"note: {len(narrowed)} HF tensors were stored in a wider dtype than the "
+              f"parameters they fill and were rounded (e.g. {narrowed[0]}); pass --dtype to "
+              "keep a wider parameter dtype")
 
 
 def _run(fn, args: argparse.Namespace) -> int:
@@ -93,9 +98,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     convert = subparsers.add_parser(
         "convert",
         help="convert MoE checkpoints between Hugging Face and megatron-core",
-        description="Convert Qwen3-MoE, Qwen2-MoE and Mixtral checkpoints between Hugging Face "
-        "safetensors and megatron-core dist checkpoints, one tensor at a time. The output is "
-        "written to a temporary sibling directory and renamed into place when complete.",
+        description="Convert Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE checkpoints between Hugging "
+        "Face safetensors and megatron-core dist checkpoints, one tensor at a time. The output "
+        "is written to a temporary sibling directory and renamed into place when complete.",
     )
     sub = convert.add_subparsers(dest="convert_command", required=True)
     a = sub.add_parser(
@@ -143,7 +148,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument(
         "--family",
         default=None,
-        help="HF family (qwen3_moe, qwen2_moe, mixtral) when the directory does not record it",
+        help="HF family (qwen3_moe, qwen2_moe, mixtral, olmoe) when the directory does not "
+        "record it",
     )
     b.set_defaults(func=_mcore_to_hf)
     return convert

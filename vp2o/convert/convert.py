@@ -59,6 +59,10 @@ class ConvertResult:
     """Megatron parameters (hf_to_mcore) or HF tensors (mcore_to_hf) written."""
     total_bytes: int
     largest_tensor_bytes: int
+    narrowed: tuple[str, ...] = ()
+    """hf_to_mcore at the checkpoint's own dtype: HF tensors whose values the megatron
+    parameter's dtype rounded (e.g. a float32 router in a bfloat16 checkpoint), as
+    ``name: from -> to``."""
 
 
 @contextlib.contextmanager
@@ -202,6 +206,7 @@ def hf_to_mcore(
     raw = read_json_object(config_path)
     family = fam.family_for(raw)
     with hf_io.HFReader(hf_dir) as reader:
+        asked = dtype  # a dtype the caller chose rounds on purpose: nothing to report
         params_dtype = dtype or _source_dtype(reader)
         if params_dtype not in DTYPES:
             raise ConvertError(f"dtype = {params_dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -231,10 +236,19 @@ def hf_to_mcore(
             _check_rules_against_model(rules, shapes)
             _check_hf_tensors(reader, rules, shapes, model_cfg)
             by_name = {r.mcore: r for r in rules}
+            narrowed: list[str] = []
+
+            def read(hf_name: str, dtype: torch.dtype) -> torch.Tensor:
+                t = reader.get(hf_name)
+                cast = t.to(dtype)
+                if (asked is None and t.dtype != dtype and t.is_floating_point()
+                        and not torch.equal(cast.to(t.dtype), t)):
+                    narrowed.append(f"{hf_name}: {_dtype_name(t.dtype)} -> {_dtype_name(dtype)}")
+                return cast
 
             def produce(name: str) -> torch.Tensor:
                 rule = by_name[name]
-                parts = [reader.get(n).to(dtypes[name]) for n in rule.hf]
+                parts = [read(n, dtypes[name]) for n in rule.hf]
                 t = get_layout(rule.layout).to_mcore(parts, geo, shapes[name])
                 if tuple(t.shape) != shapes[name]:  # pragma: no cover - layouts are tested
                     raise ConvertError(
@@ -246,7 +260,11 @@ def hf_to_mcore(
                 mcore_io.save_streaming(model, produce, tmp, file_bytes=file_bytes)
                 _write_mcore_side_files(tmp, cfg, raw, family, hf_dir)
     sizes = [_numel(shapes[n]) * _itemsize(dtypes[n]) for n in shapes]
-    return ConvertResult(out, family.name, len(shapes), sum(sizes), max(sizes))
+    return ConvertResult(out, family.name, len(shapes), sum(sizes), max(sizes), tuple(narrowed))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _itemsize(dtype: torch.dtype) -> int:

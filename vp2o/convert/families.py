@@ -264,7 +264,7 @@ def _rope(c: Any) -> int:
 
 def _common(c: Any) -> dict[str, Any]:
     act = _get(c, "hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' "swish" is the same function as "silu"
         raise ConvertError(f"config.json: hidden_act = {act!r}: only 'silu' (SwiGLU) is supported")
     hidden, heads = _get(c, "hidden_size"), _get(c, "num_attention_heads")
     head_dim = getattr(c, "head_dim", None) or hidden // heads
@@ -299,7 +299,26 @@ def _qwen_layer_freq(c: Any) -> int | list[int]:
     step = getattr(c, "decoder_sparse_step", 1) or 1
     dense = set(getattr(c, "mlp_only_layers", None) or [])
     pattern = [0 if i in dense or (i + 1) % step else 1 for i in range(n)]
+    if not any(pattern):
+        raise ConvertError(
+            f"config.json: decoder_sparse_step = {step}, mlp_only_layers = {sorted(dense)}: no "
+            f"layer of the {n} is sparse; expected at least one MoE layer"
+        )
     return 1 if all(pattern) else pattern
+
+
+def _pre_softmax(c: Any, renormalised: bool, why: str) -> bool:
+    """megatron's ``moe_router_pre_softmax`` for HF's top-k gates: softmax over all experts, then
+    top-k, renormalised over the k (``renormalised``: softmax over the top-k logits, the same
+    gates) or not. megatron-core refuses a softmax over a single logit, whose gate is always 1
+    and gives the router no gradient: a top-1 checkpoint that renormalises cannot be expressed."""
+    if renormalised and _get(c, "num_experts_per_tok") == 1:
+        raise ConvertError(
+            f"config.json: num_experts_per_tok = 1 with {why}: the one expert's gate is always 1.0 "
+            "(no router gradient), which megatron-core refuses (it needs the softmax before the "
+            "top-1 selection)"
+        )
+    return not renormalised
 
 
 def _no_sliding_window(c: Any) -> None:
@@ -335,7 +354,8 @@ def _read_qwen3(c: Any) -> dict[str, Any]:
         moe_router_topk=_get(c, "num_experts_per_tok"),
         moe_ffn_hidden_size=_get(c, "moe_intermediate_size"),
         moe_layer_freq=_qwen_layer_freq(c),
-        moe_router_pre_softmax=not _get(c, "norm_topk_prob", False),
+        moe_router_pre_softmax=_pre_softmax(c, bool(_get(c, "norm_topk_prob", False)),
+                                            "norm_topk_prob = true"),
         moe_shared_expert_intermediate_size=None,
         moe_shared_expert_gate=False,
     )
@@ -365,7 +385,8 @@ def _read_qwen2(c: Any) -> dict[str, Any]:
         moe_router_topk=_get(c, "num_experts_per_tok"),
         moe_ffn_hidden_size=_get(c, "moe_intermediate_size"),
         moe_layer_freq=_qwen_layer_freq(c),
-        moe_router_pre_softmax=not _get(c, "norm_topk_prob", False),
+        moe_router_pre_softmax=_pre_softmax(c, bool(_get(c, "norm_topk_prob", False)),
+                                            "norm_topk_prob = true"),
         moe_shared_expert_intermediate_size=shared,
         moe_shared_expert_gate=True,
     )
@@ -388,7 +409,8 @@ def _read_mixtral(c: Any) -> dict[str, Any]:
         moe_router_topk=_get(c, "num_experts_per_tok"),
         moe_ffn_hidden_size=_get(c, "intermediate_size"),
         moe_layer_freq=1,
-        moe_router_pre_softmax=False,  # Mixtral always renormalises the top-k gates
+        # Mixtral always renormalises the top-k gates
+        moe_router_pre_softmax=_pre_softmax(c, True, "Mixtral's renormalised gates"),
         moe_shared_expert_intermediate_size=None,
         moe_shared_expert_gate=False,
     )
@@ -433,7 +455,8 @@ def _read_olmoe(c: Any) -> dict[str, Any]:
         moe_ffn_hidden_size=_get(c, "intermediate_size"),
         moe_layer_freq=1,  # every OLMoE layer is sparse
         # softmax over all experts, top-k, renormalised only with norm_topk_prob (default off)
-        moe_router_pre_softmax=not _get(c, "norm_topk_prob", False),
+        moe_router_pre_softmax=_pre_softmax(c, bool(_get(c, "norm_topk_prob", False)),
+                                            "norm_topk_prob = true"),
         moe_shared_expert_intermediate_size=None,
         moe_shared_expert_gate=False,
     )
