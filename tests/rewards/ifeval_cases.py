@@ -54,7 +54,7 @@ CASES: dict[str, tuple[dict, list[str], list[str]]] = {
     "detectable_content:number_placeholders": (
         {"num_placeholders": 2},
         ["Dear [name], you live at [address].", "[a] [b] [c]"],
-        ["Dear [name].", "Dear [ ] and []"],
+        ["Dear [name].", "Dear [ ] and []", "[[] [[]", "[" + " " * 100_000 + "]"],
     ),
     "detectable_content:postscript": (
         {"postscript_marker": "P.S."},
@@ -89,7 +89,7 @@ CASES: dict[str, tuple[dict, list[str], list[str]]] = {
     "detectable_format:title": (
         {},
         ["<<My Title>>\nSome text.", "Text then <<poem of joy>>"],
-        ["My Title\nSome text.", "<<>> empty", "<<\n>>"],
+        ["My Title\nSome text.", "<<>> empty", "<<\n>>", "<" * 100_000 + "\n>>"],
     ),
     "combination:two_responses": (
         {},

@@ -146,3 +146,17 @@ def test_none_padded_kwargs_are_accepted():
     assert build_instruction(
         "length_constraints:number_words", {"num_words": "3", "relation": "at least"}
     )
+
+
+def test_the_title_scan_finds_what_the_lazy_regex_finds():
+    """``formats.titles`` replaces ``re.findall(r"<<([^\\n]+?)>>")`` (quadratic over a run of
+    ``<``): the same titles on random strings of the characters that matter."""
+    import random
+    import re
+
+    from vp2o.rewards.ifeval.formats import titles
+
+    rng, reference = random.Random(0), re.compile(r"<<([^\n]+?)>>")
+    for _ in range(5_000):
+        text = "".join(rng.choice("<> \nab") for _ in range(rng.randint(0, 24)))
+        assert titles(text) == reference.findall(text), text

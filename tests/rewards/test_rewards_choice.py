@@ -46,6 +46,12 @@ def test_good(completion):
         "Answer: E",  # not an option of this prompt
         "```\nAnswer: C\n```\nAnswer: A",  # answer hidden in a code block
         "",
+        # hedges choose nothing, whichever letter is gold
+        "Answer: C or D",
+        "Answer: A, B, C, D",
+        "The answer is (C) or (B)",
+        "Answer: C/D",
+        "Answer: **C** or **D**",
     ],
 )
 def test_wrong(completion):
@@ -77,3 +83,24 @@ def test_option_letters():
     assert option_letters("no labels", {}) == "ABCDEFGHIJ"
     assert extract_choice("Answer: I", "ABCDEFGHIJ") == "I"
     assert extract_choice("Answer: I", "ABCD") is None
+
+
+def test_the_pronoun_i_is_not_option_i():
+    ten = "ABCDEFGHIJ"
+    assert extract_choice("The answer is I think B", ten) is None
+    assert extract_choice("Answer: I'm not sure", ten) is None
+    assert extract_choice("The answer is (I).", ten) == "I"
+    assert extract_choice("Answer: I", ten) == "I"
+
+
+def test_long_whitespace_runs_are_linear():
+    """Adjacent \\s* in the strong patterns backtracked cubically over a whitespace run (7.6 s for
+    1,600 spaces); runs are collapsed first. Counted in regex steps would be exact; a generous
+    time bound keeps this cheap: 20,000 spaces and newlines must take well under a second."""
+    import time
+
+    for filler in (" " * 20_000, "\n" * 20_000, " \n\t" * 7_000):
+        t0 = time.perf_counter()
+        assert extract_choice("The answer is" + filler + "?", "ABCD") is None
+        assert time.perf_counter() - t0 < 2.0
+    assert extract_choice("Answer:" + " " * 50 + "C", "ABCD") == "C"

@@ -42,6 +42,8 @@ def math_reward():
         ("\\boxed{3}", 3),
         ("\\boxed{7}", ["6", "7"]),
         ("\\boxed{2}", "\\boxed{2}"),
+        ("The answer is 1,234,567.5", "1234567.5"),
+        ("so x = \u22125", "-5"),  # U+2212 MINUS SIGN, unboxed
     ],
 )
 def test_equivalent_forms_score_one(math_reward, completion, gold):
@@ -59,6 +61,11 @@ def test_equivalent_forms_score_one(math_reward, completion, gold):
         ("\\boxed{\\{1, 2, 3\\}}", "\\{1,2\\}"),
         ("\\boxed{[0, 1]}", "(0,1]"),
         ("\\boxed{31}", "30"),
+        # a comma that does not group thousands is not dropped: a pair is not a number
+        ("\\boxed{1,2}", "12"),
+        ("\\boxed{23}", "2,3"),
+        ("\\boxed{1,5}", "15"),
+        ("so x = \u22125", "5"),
     ],
 )
 def test_near_misses_score_zero(math_reward, completion, gold):

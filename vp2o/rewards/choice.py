@@ -2,10 +2,12 @@
 
 The chosen letter is taken from the completion (fenced code blocks ignored), preferring explicit
 phrasings, latest first: `\\boxed{C}`, "Answer: C", "the answer is (C)", "the correct option is C",
-"option C is correct", "**C**". Only when none of these occurs does a bare "(C)" (the last one) or a
-completion that is just "C" / "C." count. Letters beyond the options are ignored: the option count
-comes from `sample["options"]` / `sample["choices"]` when given, else from option labels found in
-the prompt ("A.", "(B)", "C)" at the start of a line), else A-J.
+"option C is correct", "**C**"; an explicit answer that names more letters ("Answer: A or B",
+"the answer is (A), (B)", "**A** or **B**") chooses nothing. Only when none of these occurs does
+a bare "(C)" (the last one) or a completion that is just "C" / "C." count. Letters beyond the
+options are ignored: the option count comes from `sample["options"]` / `sample["choices"]` when
+given, else from option labels found in the prompt ("A.", "(B)", "C)" at the start of a line),
+else A-J. "I" followed by a lower-case word ("the answer is I think ...") is the pronoun.
 
 Row fields: `answer` (a letter such as "C" or "(C)", or a 0-based option index).
 """
@@ -23,7 +25,8 @@ from vp2o.rewards.registry import register_reward
 __all__ = ["choice_reward", "extract_choice", "gold_letter", "option_letters"]
 
 _LETTERS = string.ascii_uppercase[:10]  # A-J (MMLU-Pro has 10 options)
-_L = r"[\(\[\*]*\s*([A-J])\s*[\)\]\*]*(?![A-Za-z0-9])"
+# "I" followed by a lower-case word or an apostrophe is the pronoun ("the answer is I think B")
+_L = r"[\(\[\*]*\s*([A-HJ]|I(?![ \t]+[a-z]|['\u2019]))\s*[\)\]\*]*(?![A-Za-z0-9])"
 _IS = r"(?:\s+is\b\s*[:=]?|\s*[:=])"
 _STRONG = [
     re.compile(r"(?i:\banswer)" + _IS + r"\s*(?i:option\s+|choice\s+)?" + _L),
@@ -38,6 +41,11 @@ _STRONG = [
     re.compile(r"\*\*\(?([A-J])\)?[\.:]?\*\*"),
 ]
 _WEAK = re.compile(r"\(([A-J])\)")
+_HEDGE = re.compile(r"[^\S\n]*(?:,|/|\bor\b|\band\b|&)[^\S\n]*[\(\[\*]*[A-J](?![A-Za-z0-9])")
+_HEDGED_AFTER = re.compile(
+    r"(?<![A-Za-z0-9])[A-J][\)\]\*]*[^\S\n]*(?:,|/|\bor\b|&)[^\S\n]*$")
+_NEWLINES = re.compile(r"[^\S\n]*\n\s*")
+_SPACES = re.compile(r"[^\S\n]{2,}")
 _ALONE = re.compile(r"\s*[\(\[]?([A-J])[\)\]]?[\.:]?\s*")
 _PROMPT_LABEL = re.compile(r"^\s*\(?([A-J])[\)\.:]\s+\S", re.MULTILINE)
 
@@ -66,21 +74,26 @@ def gold_letter(sample: Mapping[str, Any]) -> str | None:
 
 def extract_choice(completion: str, letters: str = _LETTERS) -> str | None:
     """The letter chosen in `completion`, restricted to `letters`; None when there is none."""
-    text = strip_code_blocks(completion)
+    # one character per whitespace run: the patterns' adjacent \s* then cannot backtrack
+    # polynomially over a long run (seconds for 2 KB of spaces)
+    text = _SPACES.sub(" ", _NEWLINES.sub("\n", strip_code_blocks(completion)))
     boxed = last_boxed(text)
     best: tuple[int, str] | None = None
     for pattern in _STRONG:
         for match in pattern.finditer(text):
             letter = match.group(1).upper()
             if letter in letters and (best is None or match.start() > best[0]):
-                best = (match.start(), letter)
+                hedged = (_HEDGE.match(text, match.end()) is not None  # "A or B", "A, B, C"
+                          or _HEDGED_AFTER.search(text[max(0, match.start() - 24):match.start()])
+                          is not None)  # "**A** or **B**"
+                best = (match.start(), "" if hedged else letter)
     if boxed is not None:
         inner = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", boxed)
         match = _ALONE.fullmatch(inner)
         if match and match.group(1) in letters:
             return match.group(1)
     if best is not None:
-        return best[1]
+        return best[1] or None  # a hedged answer chooses nothing
     alone = _ALONE.fullmatch(text.strip()[:16]) if len(text.strip()) <= 16 else None
     if alone and alone.group(1) in letters:
         return alone.group(1)

@@ -27,7 +27,7 @@ _FENCED = re.compile(r"```[^\n`]*\n.*?```|~~~[^\n~]*\n.*?~~~", re.DOTALL)
 _FENCE_LINE = re.compile(r"^[ \t]*(```|~~~)([^\n`~]*)$", re.MULTILINE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\b")
 _PHRASE = re.compile(r"\b(?i:answer)(?:\s+is\b|\s*[:=])(?:\s*[:=])?[ \t]*")
-_NUMBER = re.compile(r"(?:-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+)(?:\s*\\?%)?")
+_NUMBER = re.compile(r"(?:[-\u2212]?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|[-\u2212]?\.\d+)(?:\s*\\?%)?")
 
 
 def strip_code_blocks(text: str) -> str:
@@ -106,13 +106,14 @@ def answer_phrase(text: str) -> str | None:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in `text` (integer, decimal, 1,000 separators, a/b; a trailing % kept)."""
+    """The last number in `text` (integer, decimal, 1,000 separators, a/b; a trailing % kept; a
+    leading minus, ``-`` or U+2212, returned as ``-``)."""
     last = None
     for last in _NUMBER.finditer(text):  # noqa: B007 - we want the last match
         pass
     if last is None:
         return None
-    value = last.group(0).rstrip(",")
+    value = last.group(0).rstrip(",").replace("\u2212", "-")  # U+2212 MINUS SIGN
     return value if len(value) <= 64 else None
 
 

@@ -40,6 +40,7 @@ _TEXT_UNIT = re.compile(r"^(.*?\d)\s*\\(?:text|mathrm|mbox|textrm)\s*\{[A-Za-z .
 _WORD_UNIT = re.compile(r"^([-+]?[\d.,/ ]*\d)\s+[A-Za-z][A-Za-z .]*$")
 _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
 _PERCENT = re.compile(r"\\?%|\\text\{\s*\\?%\s*\}")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SIMPLE_NUMBER = re.compile(r"[-+]?\d{1,40}(?:\.\d{1,40})?|[-+]?\d{1,40}/\d{1,40}")
 
 
@@ -93,11 +94,17 @@ def _normal_form(text: str) -> str:
     return text.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
 
 
+def _without_thousands_commas(text: str) -> str:
+    """``1,234,567.5`` -> ``1234567.5``; any other comma stays (``1,2`` is a pair, not 12)."""
+    text = text.strip()
+    return text.replace(",", "") if _THOUSANDS.fullmatch(text) else text
+
+
 def _fast_equal(gold: str, pred: str) -> bool:
     """Cheap in-process equality (no sympy): same normal form, or equal simple numbers."""
     if _normal_form(gold) == _normal_form(pred):
         return True
-    g, p = gold.replace(",", ""), pred.replace(",", "")
+    g, p = _without_thousands_commas(gold), _without_thousands_commas(pred)
     if _SIMPLE_NUMBER.fullmatch(g) and _SIMPLE_NUMBER.fullmatch(p):
         try:
             return Fraction(g) == Fraction(p)

@@ -8,7 +8,9 @@ from vp2o.rewards.ifeval.base import Instruction, register_instruction, to_int
 
 __all__ = ["NumberPlaceholders", "Postscript"]
 
-_PLACEHOLDER = re.compile(r"\[[^\[\]\n]*\S[^\[\]\n]*\]")
+# a bracket pair with no bracket or newline inside; non-blank is checked after (an \S between two
+# [^...]* runs backtracks quadratically over a long blank run)
+_PLACEHOLDER = re.compile(r"\[([^\[\]\n]*)\]")
 
 
 @register_instruction("detectable_content:number_placeholders")
@@ -20,7 +22,8 @@ class NumberPlaceholders(Instruction):
 
     def check(self, response: str) -> bool:
         """Whether there are enough non-empty `[...]` placeholders."""
-        return len(_PLACEHOLDER.findall(response)) >= self.num_placeholders
+        found = sum(1 for inner in _PLACEHOLDER.findall(response) if inner.strip())
+        return found >= self.num_placeholders
 
 
 def _marker_pattern(marker: str) -> re.Pattern[str]:

@@ -18,7 +18,6 @@ __all__ = [
 
 _BULLET = re.compile(r"^[ \t]*[*-][ \t]+\S", re.MULTILINE)
 _HIGHLIGHT = re.compile(r"\*\*([^\n*]+)\*\*|\*([^\n*]+)\*")
-_TITLE = re.compile(r"<<([^\n]+?)>>")
 _FENCE_OPEN = re.compile(r"^```[A-Za-z]*\s*")
 _FENCE_CLOSE = re.compile(r"\s*```$")
 CONSTRAINED_OPTIONS = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
@@ -97,4 +96,24 @@ class Title(Instruction):
 
     def check(self, response: str) -> bool:
         """Whether a non-empty `<<...>>` title (on one line) occurs."""
-        return any(t.strip() for t in _TITLE.findall(response))
+        return any(t.strip() for t in titles(response))
+
+
+def titles(text: str) -> list[str]:
+    """The `<<...>>` titles of `text`, left to right: from each `<<` to the first `>>` after at
+    least one character, on one line (what ``re.findall(r"<<([^\\n]+?)>>", text)`` returns). A
+    scan, not that regex: the regex retries every `<` of a long run to the end of its line,
+    quadratic time (5 s for 32 KB of `<`)."""
+    found, i, n = [], 0, len(text)
+    while (start := text.find("<<", i)) >= 0:
+        line_end = text.find("\n", start + 2)
+        line_end = n if line_end < 0 else line_end
+        close = text.find(">>", start + 3, line_end)
+        if close < 0:  # no title starts on this line after `start`
+            if line_end == n:
+                break
+            i = line_end + 1
+            continue
+        found.append(text[start + 2:close])
+        i = close + 2
+    return found
