@@ -29,7 +29,10 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "world", "message"),
     [
-        (["model.num_expert=8"], None, "model.num_expert: unknown key; expected one of:"),
+        (["model.num_expert=8"], None,
+         "model.num_expert: unknown key; did you mean model.num_experts? expected one of:"),
+        (["model.zzz=8"], None, "model.zzz: unknown key; expected one of:"),  # nothing close
+        (["model..x=8"], None, "model.: an empty key; expected one of:"),
         (["modle.num_experts=8"], None, "modle: unknown key"),
         (["model.num_experts=eight"], None, "model.num_experts = 'eight': expected an integer"),
         (["model.num_experts=8.5"], None, "model.num_experts = 8.5: expected an integer"),
@@ -158,7 +161,32 @@ def test_yaml_and_overrides(tmp_path):
          "vp2o.behavior.eps_drift = -0.1: expected >= 0"),
         (["algorithm=vp2o", "vp2o.trust_region.delta=-0.01"], None,
          "vp2o.trust_region.delta = -0.01: expected >= 0"),
-        (["algorithm=vp2o", "vp2o.ortho_coeff=-1"], None, "vp2o.ortho_coeff = -1.0: expected >= 0"),
+        (["algorithm=vp2o", "vp2o.ortho_coeff=-1"], None,
+         "vp2o.ortho_coeff = -1.0: expected a finite number >= 0"),
+        # ranges nothing checked before (found by an audit of accepted nonsense)
+        (["seed=4294967295"], None, "seed = 4294967295: expected an integer in [0, 2**31)"),
+        (["seed=-1"], None, "seed = -1: expected an integer in [0, 2**31)"),
+        (["parallel.sequence_parallel=true"], None,
+         "parallel.sequence_parallel = True: expected false with parallel.tensor_parallel = 1"),
+        (["model.make_vocab_size_divisible_by=0"], None,
+         "model.make_vocab_size_divisible_by = 0: expected an integer >= 1"),
+        (["model.kv_channels=-4"], None, "model.kv_channels = -4: expected an integer >= 1"),
+        (["model.kv_channels=0"], None, "model.kv_channels = 0: expected an integer >= 1"),
+        (["model.moe_shared_expert_intermediate_size=-5"], None,
+         "model.moe_shared_expert_intermediate_size = -5: expected an integer >= 1, or null"),
+        (["model.attention_dropout=1.5"], None,
+         "model.attention_dropout = 1.5: expected a probability in [0, 1)"),
+        (["model.hidden_dropout=-0.1"], None, "model.hidden_dropout = -0.1: expected a"),
+        (["model.norm_epsilon=nan"], None, "model.norm_epsilon = nan: expected a finite"),
+        (["model.rotary_percent=2"], None, "model.rotary_percent = 2.0: expected a fraction"),
+        (["model.max_position_embeddings=0"], None, "model.max_position_embeddings = 0: expected"),
+        (["model.moe_aux_loss_coeff=-1"], None, "model.moe_aux_loss_coeff = -1.0: expected a"),
+        (["rollout.temperature=inf"], None, "rollout.temperature = inf: expected a finite number"),
+        (["optimizer.adam_eps=inf"], None, "optimizer.adam_eps = inf: expected a finite number"),
+        (["algorithm=vp2o", "vp2o.alpha=inf"], None, "vp2o.alpha = inf: expected a finite"),
+        (["algorithm=vp2o", "vp2o.behavior.lam=inf"], None, "vp2o.behavior.lam = inf: expected"),
+        # a list's own error names the item, not "an integer or a list"
+        (["model.moe_layer_freq=[1,0.5,1,0]"], None, "model.moe_layer_freq[1] = 0.5: expected an"),
         (["model.moe_shared_expert_gate=true"], None,
          "model.moe_shared_expert_intermediate_size = None: expected > 0 with "
          "model.moe_shared_expert_gate=true"),
@@ -178,14 +206,23 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     path.write_text("model:\n  num_experts: 8\n  hidden_size: [128\n")
     with pytest.raises(ConfigError, match=rf"{path.name}:\d+:\d+: malformed YAML"):
         load_config(path)
-    path.write_text("seed: 1\x1f\n")  # refused by the YAML reader before parsing starts
-    with pytest.raises(ConfigError, match=rf"{path.name}: malformed YAML"):
+    path.write_text("seed: 1\nmodel:\n  num_layers: 2\x1f\n")  # the YAML reader refuses it
+    with pytest.raises(ConfigError, match=rf"{path.name}:3: malformed YAML: control character "
+                                          "#x001f"):
+        load_config(path)
+    path.write_text("model:\n  num_layers: 'two\n  hidden_size: 64\n")  # context: where it began
+    with pytest.raises(ConfigError, match=r"while scanning a quoted scalar at line 2"):
+        load_config(path)
+    path.write_text("base: &b\n  num_layers: 2\nmodel:\n  <<: *b\n")
+    with pytest.raises(ConfigError, match=rf"{path.name}:4:\d+: malformed YAML: merge keys"):
         load_config(path)
 
 
 def test_missing_file_and_wrong_top_level(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        load_config(tmp_path)
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
@@ -357,7 +394,7 @@ def test_a_bad_value_is_named_with_the_file_and_line_that_set_it(tmp_path):
     path.write_text("defaults: [base.yaml]\nmodel:\n  num_layers: 2\n  num_expert: 4\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value).startswith(f"{path}:4: model.num_expert: unknown key; expected one of:")
+    assert str(err.value).startswith(f"{path}:4: model.num_expert: unknown key; did you mean")
     path.write_text("defaults: [base.yaml]\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
@@ -410,3 +447,18 @@ def test_data_parallel_size_is_computed_in_one_place():
     with pytest.raises(ConfigError, match=r"parallel = 'TP=2 x PP=1 x CP=1': expected a product "
                                           r"that divides the world size \(3\)"):
         p.data_parallel(3)
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path, monkeypatch):
+    """Permissions (as root nothing is unreadable, so the read fails on purpose here)."""
+    from pathlib import Path
+
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=rf"{path}: cannot read the config file \(Permission"):
+        load_config(path)

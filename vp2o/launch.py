@@ -92,8 +92,10 @@ def node_hosts(nodes: int, hosts: str | None) -> list[str]:
     """Host names: ``--hosts``, else the SLURM allocation (``scontrol show hostnames``), else
     placeholders ``node0 .. node{N-1}``."""
     names: list[str] = []
-    if hosts:
-        names = [h for h in hosts.split(",") if h]
+    if hosts is not None:
+        names = [h.strip() for h in hosts.split(",") if h.strip()]
+        if not names:
+            raise ConfigError(f"--hosts {hosts!r}: expected comma-separated host names")
     elif os.environ.get("SLURM_JOB_NODELIST"):
         try:
             names = subprocess.run(
@@ -175,9 +177,20 @@ def _options(p: argparse.ArgumentParser, default) -> None:
     p.add_argument("--gpus-per-node", type=int, default=d(8), help="ranks per node (default 8)")
     p.add_argument("--hosts", default=d(None),
                    help="comma-separated host names (default: the SLURM allocation, or node0..)")
-    p.add_argument("--port", type=int, default=d(29500), help="rendezvous port on the head node")
+    p.add_argument("--port", type=_port, default=d(29500),
+                   help="rendezvous port on the head node (1-65535)")
     p.add_argument("--verb", default=d("train"), choices=["train", "sft", "eval"],
                    help="vp2o verb each rank runs (default train)")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a TCP port, an integer in 1-65535")
+    return value
 
 
 def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:

@@ -141,6 +141,21 @@ def test_dry_run_two_nodes_prints_each_node_and_rank():
                         f"dp={rank // 2} pp=0 ep={rank % 2} etp=0 edp={rank // 2}")
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--port", "99999"], "expected a TCP port, an integer in 1-65535"),
+    (["--port", "-1"], "expected a TCP port"),
+    (["--hosts", ",,,", "--nodes", "2"], "--hosts ',,,': expected comma-separated host names"),
+])
+def test_dry_run_rejects_a_bad_port_or_empty_hosts(option, message, capsys):
+    parser = argparse.ArgumentParser(prog="vp2o")
+    add_parser(parser.add_subparsers(dest="command"))
+    config = str(CONFIGS / "small_1node_vp2o.yaml")
+    with pytest.raises((ConfigError, SystemExit)) as err:
+        args = parser.parse_args(["launch", "--dry-run", config, *option])
+        args.func(args)
+    assert message in (str(err.value) + capsys.readouterr().err)
+
+
 def test_dry_run_rejects_a_layout_that_does_not_divide():
     parser = argparse.ArgumentParser(prog="vp2o")
     add_parser(parser.add_subparsers(dest="command"))
@@ -201,7 +216,8 @@ def test_generating_loops_refuse_tp_and_pp_before_starting(monkeypatch, verb, ov
 
     started = []
     monkeypatch.setattr(session_module.parallel, "initialize", lambda cfg: started.append(cfg))
-    cfg = load_config(None, [override, "parallel.sequence_parallel=true"])
+    sequence_parallel = "tensor_parallel" in override  # megatron's MoE needs it with TP > 1
+    cfg = load_config(None, [override, f"parallel.sequence_parallel={sequence_parallel}"])
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=f"{key} = 2: expected 1 for vp2o train/eval"):
         if verb == "train":

@@ -56,7 +56,8 @@ def test_config_error_in_a_real_process(tmp_path):
     proc = cli("--config", str(path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip() == (
-        f"vp2o: config error: {path}:3: rollout.temprature: unknown key; expected one of: "
+        f"vp2o: config error: {path}:3: rollout.temprature: unknown key; did you mean "
+        "rollout.temperature? expected one of: "
         "enforce_eager, engine, gpu_memory_utilization, group_size, kv_cache_gib, lean_decode, "
         "max_model_len, max_new_tokens, max_num_seqs, micro_batch_size, prompts_per_step, "
         "router_replay, sleep_between_rollouts, stop_strings, temperature, tensor_parallel, "

@@ -150,6 +150,8 @@ class Config:
         Raises:
             ConfigError: naming the key, the value and what was expected.
         """
+        expect(0 <= self.seed < 2**31, "seed", self.seed,
+               "an integer in [0, 2**31) (the data order, init and sampling derive from it)")
         for section in (self.model, self.parallel, self.optimizer, self.loss, self.vp2o,
                         self.data, self.rollout, self.reward, self.train, self.sft):
             section.check()

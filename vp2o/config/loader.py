@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -50,6 +51,10 @@ class _Loader(yaml.SafeLoader):
 def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
     lines: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise yaml.constructor.ConstructorError(
+                None, None, "merge keys (<<) are not supported; share settings with defaults: "
+                "(a list of YAML files this one extends)", key_node.start_mark)
         key = loader.construct_object(key_node, deep=True)
         try:
             duplicate = key in lines
@@ -71,7 +76,10 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping
 
 def _parse(path: Path) -> tuple[dict, Origins]:
     """One YAML file's top-level mapping and the origin of each of its keys."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable (permissions), or gone since the check
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -81,10 +89,16 @@ def _parse(path: Path) -> tuple[dict, Origins]:
     try:
         loader = _Loader(text)  # its reader refuses unprintable characters already
         loaded = loader.get_single_data()
+    except yaml.reader.ReaderError as e:  # a control character: no mark, a character offset
+        line = text[: e.position].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: malformed YAML: control character #x{e.character:04x} "
+                          "is not allowed") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}") from None
+        context, at = getattr(e, "context", None), getattr(e, "context_mark", None)
+        since = f" ({context} at line {at.line + 1})" if context and at else ""
+        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', e)}{since}") from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -115,7 +129,8 @@ def read_yaml(path: str | Path, _including: tuple[Path, ...] = ()) -> tuple[dict
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
     own, own_origins = _parse(path)
     merged: dict = {}
     origins: Origins = {}
@@ -236,9 +251,15 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)
     if unknown:
+        bad = unknown[0]
+        if isinstance(bad, str) and not bad:
+            raise ConfigError(f"{prefix or 'config'}: an empty key; expected one of: "
+                              f"{', '.join(sorted(names))}", key=prefix.rstrip(".") or None)
+        close = difflib.get_close_matches(str(bad), sorted(names), n=1, cutoff=0.75)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
         raise ConfigError(
-            f"{prefix}{unknown[0]}: unknown key; expected one of: {', '.join(sorted(names))}",
-            key=f"{prefix}{unknown[0]}",
+            f"{prefix}{bad}: unknown key; {hint}expected one of: {', '.join(sorted(names))}",
+            key=f"{prefix}{bad}",
         )
     kwargs = {name: _coerce(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     return cls(**kwargs)
@@ -257,13 +278,18 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, key)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                shaped = (typing.get_origin(arg) is list) == isinstance(value, list)
+                errors.append((shaped, e))
+        shaped = [e for ok, e in errors if ok]
+        if len(shaped) == 1 and isinstance(value, list):  # the list member's own reason: which item
+            raise shaped[0]
         raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}", key=key)
     if origin is Literal:
         if value in args:

@@ -165,6 +165,26 @@ class ModelConfig:
                    "model.num_query_groups", self.num_query_groups,
                    f"a divisor of model.num_attention_heads ({self.num_attention_heads})")
         expect(self.num_experts >= 2, "model.num_experts", self.num_experts, "an integer >= 2")
+        for key in ("make_vocab_size_divisible_by", "max_position_embeddings", "rotary_base",
+                    "recompute_num_layers"):
+            expect(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        for key in ("kv_channels", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, key)
+            expect(value is None or value >= 1, f"model.{key}", value, "an integer >= 1, or null")
+        expect(0 < self.rotary_percent <= 1, "model.rotary_percent", self.rotary_percent,
+               "a fraction of the head dimension in (0, 1]")
+        for key in ("norm_epsilon", "init_method_std"):
+            value = getattr(self, key)
+            expect(math.isfinite(value) and value > 0, f"model.{key}", value,
+                   "a finite number > 0")
+        for key in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, key)
+            expect(0 <= value < 1, f"model.{key}", value, "a probability in [0, 1)")
+        expect(math.isfinite(self.moe_aux_loss_coeff) and self.moe_aux_loss_coeff >= 0,
+               "model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "a finite number >= 0")
+        factor = self.moe_router_topk_scaling_factor
+        expect(factor is None or (math.isfinite(factor) and factor > 0),
+               "model.moe_router_topk_scaling_factor", factor, "a finite number > 0, or null")
         expect(1 <= self.moe_router_topk <= self.num_experts, "model.moe_router_topk",
                self.moe_router_topk, f"1 <= top-k <= model.num_experts ({self.num_experts})")
         expect(self.hidden_size % self.num_attention_heads == 0 or self.kv_channels is not None,
@@ -303,6 +323,10 @@ class ParallelConfig:
         """The model splits over this layout: heads, widths, experts and layers divide by the
         sizes that shard them, and megatron-core's MoE gets sequence parallelism with TP > 1."""
         tp = self.tensor_parallel
+        expect(tp > 1 or not self.sequence_parallel, "parallel.sequence_parallel",
+               self.sequence_parallel, "false with parallel.tensor_parallel = 1 (sequence "
+               "parallelism splits the sequence over the tensor-parallel ranks; megatron-core "
+               "refuses it without them)")
         expect(m.num_attention_heads % tp == 0, "model.num_attention_heads",
                m.num_attention_heads, f"divisible by parallel.tensor_parallel ({tp})")
         if m.num_query_groups is not None:
@@ -366,7 +390,8 @@ class OptimizerConfig:
         for key in ("adam_beta1", "adam_beta2", "sgd_momentum"):
             value = getattr(self, key)
             expect(0 <= value < 1, f"optimizer.{key}", value, "in [0, 1)")
-        expect(self.adam_eps > 0, "optimizer.adam_eps", self.adam_eps, "> 0")
+        expect(math.isfinite(self.adam_eps) and self.adam_eps > 0, "optimizer.adam_eps",
+               self.adam_eps, "a finite number > 0")
         expect(math.isfinite(self.clip_grad) and self.clip_grad >= 0, "optimizer.clip_grad",
                self.clip_grad, "a finite number >= 0 (0 = no clipping)")
         expect(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
@@ -492,7 +517,8 @@ class RolloutConfig:
         expect(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step,
                ">= 1")
         expect(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, ">= 1")
-        expect(self.temperature >= 0, "rollout.temperature", self.temperature, ">= 0")
+        expect(math.isfinite(self.temperature) and self.temperature >= 0, "rollout.temperature",
+               self.temperature, "a finite number >= 0")
         expect(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "in (0, 1]")
         expect(self.top_k >= 0, "rollout.top_k", self.top_k, ">= 0 (0 = off)")
         expect(self.micro_batch_size >= 1, "rollout.micro_batch_size", self.micro_batch_size,
@@ -740,7 +766,8 @@ class BehaviorConfig:
 
     def check(self) -> None:
         """Ranges of the behaviour budget (section ``vp2o.behavior``)."""
-        expect(self.lam >= 0, "vp2o.behavior.lam", self.lam, ">= 0")
+        expect(math.isfinite(self.lam) and self.lam >= 0, "vp2o.behavior.lam", self.lam,
+               "a finite number >= 0")
         expect(self.eps_drift >= 0, "vp2o.behavior.eps_drift", self.eps_drift, ">= 0")
         expect(0 <= self.ess_min <= 1, "vp2o.behavior.ess_min", self.ess_min,
                "in [0, 1] (a normalised effective sample size)")
@@ -821,15 +848,19 @@ class VP2OConfig:
 
     def check(self) -> None:
         """Ranges of VP2O's settings and of its two budgets (section ``vp2o``)."""
-        expect(self.alpha >= 0, "vp2o.alpha", self.alpha, ">= 0")
-        expect(self.tau0 > 0, "vp2o.tau0", self.tau0, "> 0")
+        expect(math.isfinite(self.alpha) and self.alpha >= 0, "vp2o.alpha", self.alpha,
+               "a finite number >= 0")
+        expect(math.isfinite(self.tau0) and self.tau0 > 0, "vp2o.tau0", self.tau0,
+               "a finite number > 0")
         expect(self.power_iters >= 1, "vp2o.power_iters", self.power_iters, ">= 1")
         expect(self.coactive_top_m is None or self.coactive_top_m >= 0, "vp2o.coactive_top_m",
                self.coactive_top_m, ">= 0, or null for model.moe_router_topk")
         expect(self.coactive_min_frac >= 0, "vp2o.coactive_min_frac", self.coactive_min_frac,
                ">= 0 (> 1 keeps only the top-m neighbours)")
         for key in ("ortho_coeff", "variance_coeff"):
-            expect(getattr(self, key) >= 0, f"vp2o.{key}", getattr(self, key), ">= 0 (0 = off)")
+            value = getattr(self, key)
+            expect(math.isfinite(value) and value >= 0, f"vp2o.{key}", value,
+                   "a finite number >= 0 (0 = off)")
         expect(self.transform_chunk_elems is None or self.transform_chunk_elems >= 1,
                "vp2o.transform_chunk_elems", self.transform_chunk_elems,
                ">= 1 (or null: by device)")
