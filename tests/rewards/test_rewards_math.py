@@ -44,6 +44,7 @@ def math_reward():
         ("\\boxed{2}", "\\boxed{2}"),
         ("The answer is 1,234,567.5", "1234567.5"),
         ("so x = \u22125", "-5"),  # U+2212 MINUS SIGN, unboxed
+        ("\\boxed{y = 2x+1}", "2x+1"),
     ],
 )
 def test_equivalent_forms_score_one(math_reward, completion, gold):
@@ -66,6 +67,12 @@ def test_equivalent_forms_score_one(math_reward, completion, gold):
         ("\\boxed{23}", "2,3"),
         ("\\boxed{1,5}", "15"),
         ("so x = \u22125", "5"),
+        # an equation is one value only as `symbol = value`: math-verify alone reduced these to
+        # their last right-hand side
+        ("\\boxed{5 = 7}", "7"),
+        ("\\boxed{1=2=3}", "3"),
+        ("\\boxed{x=1 \\lor x=2}", "2"),
+        ("\\boxed{x=1 \\quad x=2}", "2"),
     ],
 )
 def test_near_misses_score_zero(math_reward, completion, gold):

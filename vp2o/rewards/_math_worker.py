@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 
@@ -18,19 +19,42 @@ def _wrap(expr: str) -> str:
     return "$" + expr.replace("$", " ") + "$"
 
 
+_EQUALS = re.compile(r"(?<![<>!\\])=")  # an equation's "=" (not <=, >=, !=)
+_JOINED = re.compile(r"\\(?:land|lor|wedge|vee|quad|qquad)\b|\\\\|\\text\{\s*(?:and|or)\s*\}")
+
+
+def _one_value(gold: str, pred: str, pred_parsed: list) -> bool:
+    """Whether `pred` states one value, as a gold answer that is not an equation needs.
+
+    math-verify reduces an answer equation to its last right-hand side when the gold is not one,
+    so `5 = 7`, `x=1 \\lor x=2` or `1=2=...=10` would score against the last value. Here an
+    answer equation counts only as a single `symbol = value` (`x = 5`): a chain, several
+    equations joined (`\\land`, `\\lor`, `\\\\`, `\\quad`, "and"/"or") or an equation between two
+    expressions is not one value."""
+    if _EQUALS.search(gold) or not _EQUALS.search(pred):  # inequalities: math-verify decides
+        return True
+    if len(_EQUALS.findall(pred)) > 1 or _JOINED.search(pred):
+        return False
+    from sympy import Eq, Symbol
+
+    head = pred_parsed[0]
+    return isinstance(head, Eq) and isinstance(head.lhs, Symbol)
+
+
 def equivalent(gold: str, pred: str, inner_timeout: int) -> bool:
     """Whether `pred` equals `gold` according to math-verify (parse both, then verify).
 
     Only the LaTeX extractor is used: math-verify's plain-expression extractor goes through
     sympy's `parse_expr`, which `eval`s generated Python code, and model output must never reach
-    an `eval`. Plain answers such as `1/2` or `0.5` parse as LaTeX just as well.
+    an `eval`. Plain answers such as `1/2` or `0.5` parse as LaTeX just as well. A gold answer
+    that is not an equation needs an answer that states one value (:func:`_one_value`).
     """
     from math_verify import LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig()]
     gold_parsed = parse(_wrap(gold), extraction_config=config, parsing_timeout=inner_timeout)
     pred_parsed = parse(_wrap(pred), extraction_config=config, parsing_timeout=inner_timeout)
-    if not gold_parsed or not pred_parsed:
+    if not gold_parsed or not pred_parsed or not _one_value(gold, pred, pred_parsed):
         return False
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=inner_timeout))
 
