@@ -29,6 +29,7 @@ ROW = {"answer": "C"}
         "C.",
         "I first thought the answer is A. On reflection, the answer is C.",
         "Final Answer: [C]",
+        "The answer is C, and I am sure of it.",  # "I" + a word is the pronoun, not a hedge
     ],
 )
 def test_good(completion):

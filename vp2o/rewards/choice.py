@@ -26,7 +26,8 @@ __all__ = ["choice_reward", "extract_choice", "gold_letter", "option_letters"]
 
 _LETTERS = string.ascii_uppercase[:10]  # A-J (MMLU-Pro has 10 options)
 # "I" followed by a lower-case word or an apostrophe is the pronoun ("the answer is I think B")
-_L = r"[\(\[\*]*\s*([A-HJ]|I(?![ \t]+[a-z]|['\u2019]))\s*[\)\]\*]*(?![A-Za-z0-9])"
+_LETTER = r"(?:[A-HJ]|I(?![ \t]+[a-z]|['\u2019]))"
+_L = r"[\(\[\*]*\s*(" + _LETTER + r")\s*[\)\]\*]*(?![A-Za-z0-9])"
 _IS = r"(?:\s+is\b\s*[:=]?|\s*[:=])"
 _STRONG = [
     re.compile(r"(?i:\banswer)" + _IS + r"\s*(?i:option\s+|choice\s+)?" + _L),
@@ -41,7 +42,8 @@ _STRONG = [
     re.compile(r"\*\*\(?([A-J])\)?[\.:]?\*\*"),
 ]
 _WEAK = re.compile(r"\(([A-J])\)")
-_HEDGE = re.compile(r"[^\S\n]*(?:,|/|\bor\b|\band\b|&)[^\S\n]*[\(\[\*]*[A-J](?![A-Za-z0-9])")
+_HEDGE = re.compile(
+    r"[^\S\n]*(?:,|/|\bor\b|\band\b|&)[^\S\n]*[\(\[\*]*" + _LETTER + r"(?![A-Za-z0-9])")
 _HEDGED_AFTER = re.compile(
     r"(?<![A-Za-z0-9])[A-J][\)\]\*]*[^\S\n]*(?:,|/|\bor\b|&)[^\S\n]*$")
 _NEWLINES = re.compile(r"[^\S\n]*\n\s*")

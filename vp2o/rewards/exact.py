@@ -50,7 +50,8 @@ def normalize(text: str, *, articles: bool = False) -> str:
 
 @register_reward("exact")
 def exact_reward(prompt: str, completion: str, sample: Mapping[str, Any]) -> float:
-    """1.0 if a candidate answer of `completion` equals a gold answer after `normalize`."""
+    """1.0 if the answer of `completion` (module docstring) equals a gold answer after
+    `normalize`."""
     raw = sample.get("answer")
     values = raw if isinstance(raw, list | tuple) else [raw]
     golds, article_golds = set(), set()  # the latter: golds that are only an article ("A")
