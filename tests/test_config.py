@@ -185,6 +185,8 @@ def test_yaml_and_overrides(tmp_path):
         (["optimizer.adam_eps=inf"], None, "optimizer.adam_eps = inf: expected a finite number"),
         (["algorithm=vp2o", "vp2o.alpha=inf"], None, "vp2o.alpha = inf: expected a finite"),
         (["algorithm=vp2o", "vp2o.behavior.lam=inf"], None, "vp2o.behavior.lam = inf: expected"),
+        (["loss.mis_high=0.9"], None, "loss.mis_high = 0.9: expected > 1"),
+        (["loss.mis_low=1"], None, "loss.mis_low = 1.0: expected in [0, 1)"),
         # a list's own error names the item, not "an integer or a list"
         (["model.moe_layer_freq=[1,0.5,1,0]"], None, "model.moe_layer_freq[1] = 0.5: expected an"),
         (["model.moe_shared_expert_gate=true"], None,

@@ -603,8 +603,10 @@ class LossConfig:
         expect(self.clip_ratio_c is None or self.clip_ratio_c > 1, "loss.clip_ratio_c",
                self.clip_ratio_c, "null or > 1 (the dual-clip bound)")
         expect(self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "> 0")
-        expect(0 <= self.mis_low < 1 < self.mis_high, "loss.mis_low / loss.mis_high",
-               (self.mis_low, self.mis_high), "0 <= mis_low < 1 < mis_high")
+        expect(0 <= self.mis_low < 1, "loss.mis_low", self.mis_low,
+               "in [0, 1) (the band of kept importance ratios contains 1)")
+        expect(self.mis_high > 1, "loss.mis_high", self.mis_high,
+               "> 1 (the band of kept importance ratios contains 1)")
         if self.estimator == "logprob":
             expect(not self.clip, "loss.clip", self.clip,
                    "false or null with loss.estimator=logprob (there is no ratio to clip)")
