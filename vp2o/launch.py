@@ -118,9 +118,14 @@ def describe(args: argparse.Namespace) -> tuple[Layout, list[str], list[list[str
             raise ConfigError(f"{flag} = {value}: expected an integer >= 1")
     world = args.nodes * args.gpus_per_node
     # Fail here, not on every node: the layout against the world, and the rules every loop shares
-    # (those of sft; a verb's own, such as train's TP = PP = 1, are checked when it starts, so
-    # that any layout megatron accepts can be planned, docs/scaling.md).
+    # (those of sft). A verb's own rules (train's TP = PP = 1, say) do not stop --dry-run, so
+    # that any layout megatron accepts can be planned (docs/scaling.md); a launch refuses them.
     cfg = load_config(args.config, args.overrides, world_size=world, loop="sft")
+    try:
+        cfg.require_loop(args.verb)
+        args.verb_refusal = None
+    except ConfigError as e:
+        args.verb_refusal = e
     layout = resolve_layout(cfg, world)
     hosts = node_hosts(args.nodes, args.hosts)
     commands = [
@@ -157,9 +162,14 @@ def format_plan(layout: Layout, hosts: list[str], commands: list[list[str]],
 
 def _launch(args: argparse.Namespace) -> int:
     layout, hosts, commands = describe(args)
+    refusal = getattr(args, "verb_refusal", None)
     if args.dry_run:
         print(format_plan(layout, hosts, commands, args.gpus_per_node))
+        if refusal is not None:
+            print(f"note: vp2o {args.verb} refuses this config when it starts: {refusal}")
         return 0
+    if refusal is not None:
+        raise refusal
     if args.nodes != 1:
         print("vp2o launch: multi-node jobs start through the scheduler (examples/vp2o/slurm/); "
               "use --dry-run to print each node's command", file=sys.stderr)

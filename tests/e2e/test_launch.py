@@ -133,8 +133,12 @@ def test_dry_run_two_nodes_prints_each_node_and_rank():
                                f"--nproc_per_node=4 --node_rank={node} --rdzv_backend=static "
                                "--rdzv_endpoint=gpu-a:23456 -m vp2o.cli train --config ")
         assert line.endswith("parallel.expert_parallel=2")
-    ranks = lines[4:]
+    ranks = lines[4:12]
     assert len(ranks) == 8
+    # the plan is printed; that vp2o train refuses TP = 2 when it starts is said after it
+    assert lines[12:] == ["note: vp2o train refuses this config when it starts: "
+                          "parallel.tensor_parallel = 2: expected 1 for vp2o train/eval (their "
+                          "rollout generation runs TP = PP = 1, docs/rollout.md)"]
     for rank, line in enumerate(ranks):
         host = "gpu-a" if rank < 4 else "gpu-b"
         assert line == (f"rank {rank}: host={host} local_rank={rank % 4} tp={rank % 2} cp=0 "
@@ -279,3 +283,19 @@ def test_rank_coordinates_follow_megatron_rank_generator(tp, pp, cp, ep, world):
         for group in gen.get_ranks(token):
             coords = [layout.coordinates(r) for r in group]
             assert [c[key] for c in coords] == list(range(len(group))), (token, group)
+
+
+def test_a_launch_refuses_what_its_verb_refuses_before_starting(monkeypatch):
+    """--dry-run plans a layout the verb refuses (with a note); a launch stops before torchrun."""
+    import vp2o.launch as launch_module
+
+    started = []
+    monkeypatch.setattr(launch_module.subprocess, "call", lambda *a, **k: started.append(a))
+    parser = argparse.ArgumentParser(prog="vp2o")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["launch", str(CONFIGS / "small_1node_vp2o.yaml"), "--nodes", "1",
+                              "--gpus-per-node", "4", "parallel.tensor_parallel=2",
+                              "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match="parallel.tensor_parallel = 2: expected 1 for vp2o"):
+        args.func(args)
+    assert started == []
