@@ -111,8 +111,10 @@ def node_hosts(nodes: int, hosts: str | None) -> list[str]:
     return names[:nodes]
 
 
-def describe(args: argparse.Namespace) -> tuple[Layout, list[str], list[list[str]]]:
-    """Layout, hosts and per-node argv for the parsed ``vp2o launch`` arguments."""
+def describe(args: argparse.Namespace
+             ) -> tuple[Layout, list[str], list[list[str]], ConfigError | None]:
+    """Layout, hosts, per-node argv for the parsed ``vp2o launch`` arguments, and the error with
+    which the verb would refuse the config when it starts (None when it accepts it)."""
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
         if value < 1:
             raise ConfigError(f"{flag} = {value}: expected an integer >= 1")
@@ -121,11 +123,11 @@ def describe(args: argparse.Namespace) -> tuple[Layout, list[str], list[list[str
     # (those of sft). A verb's own rules (train's TP = PP = 1, say) do not stop --dry-run, so
     # that any layout megatron accepts can be planned (docs/scaling.md); a launch refuses them.
     cfg = load_config(args.config, args.overrides, world_size=world, loop="sft")
+    refusal = None
     try:
         cfg.require_loop(args.verb)
-        args.verb_refusal = None
     except ConfigError as e:
-        args.verb_refusal = e
+        refusal = e
     layout = resolve_layout(cfg, world)
     hosts = node_hosts(args.nodes, args.hosts)
     commands = [
@@ -134,7 +136,7 @@ def describe(args: argparse.Namespace) -> tuple[Layout, list[str], list[list[str
                          overrides=args.overrides)
         for i in range(args.nodes)
     ]
-    return layout, hosts, commands
+    return layout, hosts, commands, refusal
 
 
 def format_plan(layout: Layout, hosts: list[str], commands: list[list[str]],
@@ -161,8 +163,7 @@ def format_plan(layout: Layout, hosts: list[str], commands: list[list[str]],
 
 
 def _launch(args: argparse.Namespace) -> int:
-    layout, hosts, commands = describe(args)
-    refusal = getattr(args, "verb_refusal", None)
+    layout, hosts, commands, refusal = describe(args)
     if args.dry_run:
         print(format_plan(layout, hosts, commands, args.gpus_per_node))
         if refusal is not None:

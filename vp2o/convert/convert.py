@@ -206,7 +206,6 @@ def hf_to_mcore(
     raw = read_json_object(config_path)
     family = fam.family_for(raw)
     with hf_io.HFReader(hf_dir) as reader:
-        asked = dtype  # a dtype the caller chose rounds on purpose: nothing to report
         params_dtype = dtype or _source_dtype(reader)
         if params_dtype not in DTYPES:
             raise ConvertError(f"dtype = {params_dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -238,12 +237,13 @@ def hf_to_mcore(
             by_name = {r.mcore: r for r in rules}
             narrowed: list[str] = []
 
-            def read(hf_name: str, dtype: torch.dtype) -> torch.Tensor:
+            def read(hf_name: str, to: torch.dtype) -> torch.Tensor:
                 t = reader.get(hf_name)
-                cast = t.to(dtype)
-                if (asked is None and t.dtype != dtype and t.is_floating_point()
+                cast = t.to(to)
+                # a --dtype the caller chose rounds on purpose: nothing to report then
+                if (dtype is None and t.dtype != to and t.is_floating_point()
                         and not torch.equal(cast.to(t.dtype), t)):
-                    narrowed.append(f"{hf_name}: {_dtype_name(t.dtype)} -> {_dtype_name(dtype)}")
+                    narrowed.append(f"{hf_name}: {_dtype_name(t.dtype)} -> {_dtype_name(to)}")
                 return cast
 
             def produce(name: str) -> torch.Tensor:
