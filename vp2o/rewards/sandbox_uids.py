@@ -37,6 +37,8 @@ DEFAULT_UIDS = tuple(range(60000, 60064))
 """The reserved uid pool; each run uses one uid as both its uid and gid."""
 
 _ACQUIRE_TIMEOUT_S = 120.0
+_REAP_WAIT_S = 2.0
+"""How long a released or reused uid waits for its killed processes to be reaped."""
 
 
 def _lock_dir() -> Path:
@@ -57,6 +59,39 @@ def _lock_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="vp2o-uids-"))  # private: no cross-process coordination
 
 
+def _processes_of(uid: int) -> list[int]:
+    """Pids whose real, effective or saved uid is `uid` (zombies included: they still count)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        uids = next(
+            (line.split()[1:4] for line in status.splitlines() if line.startswith("Uid:")), []
+        )
+        if str(uid) in uids:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _wait_until_gone(uid: int, timeout_s: float) -> bool:
+    """Whether every process of `uid` is gone (reaped) within `timeout_s` seconds.
+
+    A SIGKILLed process counts against its uid's `RLIMIT_NPROC` until its parent reaps it; the
+    next run on the same uid would find its process budget taken (a fork-bomb run leaves up to
+    the limit behind, reaped by init at init's pace).
+    """
+    deadline = time.monotonic() + timeout_s
+    while _processes_of(uid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def kill_uid(uid: int) -> None:
     """SIGKILL every process whose real or saved uid is `uid` (runs `kill -KILL -1` as `uid`)."""
     kill = shutil.which("kill") or "/bin/kill"
@@ -75,19 +110,9 @@ def kill_uid(uid: int) -> None:
         return
     except (OSError, subprocess.SubprocessError) as err:
         logger.debug("kill -1 as uid %d failed (%s); scanning /proc", uid, err)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue
-        uids = next(
-            (line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")), []
-        )
-        if str(uid) in uids:
-            with contextlib.suppress(OSError):
-                os.kill(int(entry.name), signal.SIGKILL)
+    for pid in _processes_of(uid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -104,9 +129,12 @@ def uid_slot(uids: Sequence[int]) -> Iterator[int | None]:
         return
     lock_dir = _lock_dir()
     order = list(uids)
-    random.shuffle(order)  # spread reuse, so zombies of a killed run are reaped before reuse
+    random.shuffle(order)  # spread reuse across the pool
     deadline = time.monotonic() + _ACQUIRE_TIMEOUT_S
+    patient = False
     while True:
+        # first pass: only uids whose earlier processes are all reaped; later passes take any
+        # free uid, waiting a while for its leftovers (a pool whose every uid is still draining).
         for uid in order:
             fd = os.open(lock_dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -114,13 +142,18 @@ def uid_slot(uids: Sequence[int]) -> Iterator[int | None]:
             except BlockingIOError:
                 os.close(fd)
                 continue
+            kill_uid(uid)  # a crashed earlier holder may have left processes behind
+            if not _wait_until_gone(uid, _REAP_WAIT_S if patient else 0.0) and not patient:
+                os.close(fd)
+                continue
             try:
-                kill_uid(uid)  # a crashed earlier holder may have left processes behind
                 yield uid
             finally:
                 kill_uid(uid)
+                _wait_until_gone(uid, _REAP_WAIT_S)
                 os.close(fd)
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"all {len(order)} sandbox uids stayed busy")
+        patient = True
         time.sleep(0.05)
