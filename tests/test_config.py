@@ -232,6 +232,10 @@ def test_missing_file_and_wrong_top_level(tmp_path):
     path.write_text("model: 3\n")
     with pytest.raises(ConfigError, match="model: expected a mapping, got int"):
         load_config(path)
+    for empty in ("", "\n  \n", "# only a comment\n", "---\n"):
+        path.write_text(empty)
+        with pytest.raises(ConfigError, match=f"{path}: holds no settings"):
+            load_config(path)
 
 
 @pytest.mark.parametrize("dispatcher", ["allgather", "flex"])

@@ -102,8 +102,10 @@ def _parse(path: Path) -> tuple[dict, Origins]:
     finally:
         if loader is not None:
             loader.dispose()
-    if loaded is None:
-        return {}, {}
+    if loaded is None:  # an empty file (or only comments): most likely not the file meant
+        raise ConfigError(f"{path}: holds no settings (empty, or only comments); expected a "
+                          "mapping of sections such as 'model:' (leave out --config to run on "
+                          "the defaults)")
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     origins: Origins = {}
