@@ -18,8 +18,12 @@ CASES: dict[str, tuple[dict, list[str], list[str]]] = {
     ),
     "keywords:forbidden_words": (
         {"forbidden_words": ["bad", "evil"]},
-        ["All good here.", "A badge is fine."],
-        ["That is EVIL.", "not bad"],
+        ["All good here.", "A badge is fine.", "\u0431\u0430\u0434 is Cyrillic, not a look-alike"],
+        # look-alikes a reader takes for the word: Cyrillic a, zero-width space, soft hyphen,
+        # strike-through marks, full-width and mathematical bold letters, Greek capitals
+        ["That is EVIL.", "not bad", "not b\u0430d", "ev\u200bil", "e\u00advil",
+         "e\u0336v\u0336i\u0336l\u0336", "\uff45\uff56\uff49\uff4c", "\U0001d41b\U0001d41a\U0001d41d",
+         "\u0395VIL"],
     ),
     "keywords:letter_frequency": (
         {"letter": "z", "let_frequency": 2, "let_relation": "at least"},
@@ -127,7 +131,8 @@ CASES: dict[str, tuple[dict, list[str], list[str]]] = {
     "punctuation:no_comma": (
         {},
         ["No commas here. None at all.", "Semi; colons: fine."],
-        ["One, two.", "全角，逗号"],
+        ["One, two.", "全角，逗号", "small\ufe50comma", "arabic\u060ccomma", "list\u3001of",
+         "half\uff64width"],
     ),
     "startend:quotation": (
         {},

@@ -12,6 +12,7 @@ from vp2o.rewards.ifeval.base import (
     register_instruction,
     to_int,
 )
+from vp2o.rewards.ifeval.text import skeleton
 
 __all__ = ["ForbiddenWords", "KeywordExistence", "KeywordFrequency", "LetterFrequency"]
 
@@ -59,14 +60,16 @@ class KeywordFrequency(Instruction):
 
 @register_instruction("keywords:forbidden_words")
 class ForbiddenWords(Instruction):
-    """Do not use any of `forbidden_words` (case-insensitive, as whole words)."""
+    """Do not use any of `forbidden_words` (case-insensitive, as whole words, also when written
+    with look-alike letters or invisible characters: `text.skeleton`)."""
 
     def __init__(self, forbidden_words: list[str]) -> None:
         self.forbidden_words = _word_list(forbidden_words, "forbidden_words")
 
     def check(self, response: str) -> bool:
-        """Whether no forbidden word occurs."""
-        return not any(_word_pattern(w).search(response) for w in self.forbidden_words)
+        """Whether no forbidden word occurs in the response as a reader sees it."""
+        seen = skeleton(response)
+        return not any(_word_pattern(skeleton(w)).search(seen) for w in self.forbidden_words)
 
 
 @register_instruction("keywords:letter_frequency")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from typing import Any
 
 __all__ = [
     "count_sentences",
     "count_words",
     "detect_language",
+    "skeleton",
     "split_sentences",
     "words",
 ]
@@ -29,6 +31,34 @@ _ABBREVIATIONS = {
     "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "u.s", "u.k",
     "a.m", "p.m", "ph.d", "gen", "gov", "sen", "rep", "capt", "lt", "col", "sgt",
 }  # fmt: skip
+
+
+# Cyrillic and Greek letters drawn like a Latin letter in common fonts (after NFKC, which already
+# folds full-width, mathematical and other compatibility forms into ASCII).
+_LOOKALIKES = str.maketrans({
+    # Cyrillic lower case: a e o p c y x i j s d h q w k
+    **dict(zip("\u0430\u0435\u043e\u0440\u0441\u0443\u0445\u0456\u0458\u0455\u0501\u04bb\u051b"
+               "\u051d\u043a", "aeopcyxijsdhqwk", strict=True)),
+    # Cyrillic upper case: A B E K M H O P C T X I J S Y
+    **dict(zip("\u0410\u0412\u0415\u041a\u041c\u041d\u041e\u0420\u0421\u0422\u0425\u0406\u0408"
+               "\u0405\u0423", "ABEKMHOPCTXIJSY", strict=True)),
+    # Greek lower case: alpha omicron nu iota kappa rho upsilon chi
+    **dict(zip("\u03b1\u03bf\u03bd\u03b9\u03ba\u03c1\u03c5\u03c7", "aovikpux", strict=True)),
+    # Greek upper case: A B E Z H I K M N O P T Y X
+    **dict(zip("\u0391\u0392\u0395\u0396\u0397\u0399\u039a\u039c\u039d\u039f\u03a1\u03a4\u03a5"
+               "\u03a7", "ABEZHIKMNOPTYX", strict=True)),
+    "\u0131": "i",  # Latin dotless i
+})
+
+
+def skeleton(text: str) -> str:
+    """`text` as a reader sees it: NFKC forms, no invisible format characters (zero-width space,
+    soft hyphen, ...) or combining marks (strike-through, accents), and Latin letters for the
+    Cyrillic and Greek letters drawn alike. For checks a look-alike must not pass: a forbidden
+    word written with a Cyrillic "a" (U+0430), a zero-width space inside it, or a full-width comma."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    kept = "".join(c for c in decomposed if unicodedata.category(c) not in ("Mn", "Me", "Cf"))
+    return unicodedata.normalize("NFKC", kept).translate(_LOOKALIKES)
 
 
 @functools.cache
