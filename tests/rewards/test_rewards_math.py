@@ -45,6 +45,13 @@ def math_reward():
         ("The answer is 1,234,567.5", "1234567.5"),
         ("so x = \u22125", "-5"),  # U+2212 MINUS SIGN, unboxed
         ("\\boxed{y = 2x+1}", "2x+1"),
+        # joined equations are compared as lists of equations, in any order
+        ("\\boxed{x=2 \\lor x=1}", "x=1 \\lor x=2"),
+        ("\\boxed{x = 2 \\text{ or } x = 1}", "x=1 \\lor x=2"),
+        ("\\boxed{x=1, x=2}", "x=1 \\lor x=2"),
+        ("\\boxed{\\{1, 2\\}}", "x=1 \\lor x=2"),
+        ("\\boxed{y=2 \\text{ and } x=1}", "x=1 \\land y=2"),
+        ("\\boxed{x=3 \\quad x=-3}", "x=-3, x=3"),
     ],
 )
 def test_equivalent_forms_score_one(math_reward, completion, gold):
@@ -73,6 +80,14 @@ def test_equivalent_forms_score_one(math_reward, completion, gold):
         ("\\boxed{1=2=3}", "3"),
         ("\\boxed{x=1 \\lor x=2}", "2"),
         ("\\boxed{x=1 \\quad x=2}", "2"),
+        # a hedge over equations does not pass an equation gold, nor one root a gold of two
+        ("\\boxed{x=1 \\lor x=2}", "x=2"),
+        ("\\boxed{x=1 \\text{ or } x=2}", "x=2"),
+        ("\\boxed{x=2}", "x=1 \\lor x=2"),
+        ("\\boxed{2}", "x=1 \\lor x=2"),
+        ("\\boxed{x=1 \\lor x=3}", "x=1 \\lor x=2"),
+        ("\\boxed{y=2}", "x=1 \\land y=2"),
+        ("\\boxed{x=2 \\land y=1}", "x=1 \\land y=2"),
     ],
 )
 def test_near_misses_score_zero(math_reward, completion, gold):

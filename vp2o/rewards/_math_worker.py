@@ -20,7 +20,22 @@ def _wrap(expr: str) -> str:
 
 
 _EQUALS = re.compile(r"(?<![<>!\\])=")  # an equation's "=" (not <=, >=, !=)
-_JOINED = re.compile(r"\\(?:land|lor|wedge|vee|quad|qquad)\b|\\\\|\\text\{\s*(?:and|or)\s*\}")
+_JOINED = re.compile(
+    r"\\(?:land|lor|wedge|vee|quad|qquad)\b|\\\\"
+    r"|\\(?:text|textrm|mathrm|textbf)\{\s*(?:and|or)\s*\}|(?<![\\\w])(?:and|or)\b"
+)
+
+
+def _equations_as_list(expr: str) -> str:
+    """Equations joined by a word or a spacer as one comma-separated list: `x=1 \\lor x=2` is
+    `x=1 , x=2`, which math-verify compares as the set of its equations.
+
+    math-verify reads `x=1 \\lor x=2` as its last equation, so a gold `x=2` would accept that
+    hedge and a gold `x=1 \\lor x=2` would accept `x=2` alone; as lists, each side must state the
+    other's equations, no more and no fewer, in any order."""
+    if len(_EQUALS.findall(expr)) < 2:
+        return expr
+    return _JOINED.sub(" , ", expr)
 
 
 def _one_value(gold: str, pred: str, pred_parsed: list) -> bool:
@@ -47,10 +62,11 @@ def equivalent(gold: str, pred: str, inner_timeout: int) -> bool:
     Only the LaTeX extractor is used: math-verify's plain-expression extractor goes through
     sympy's `parse_expr`, which `eval`s generated Python code, and model output must never reach
     an `eval`. Plain answers such as `1/2` or `0.5` parse as LaTeX just as well. A gold answer
-    that is not an equation needs an answer that states one value (:func:`_one_value`).
-    """
+    that is not an equation needs an answer that states one value (:func:`_one_value`); joined
+    equations are compared as lists (:func:`_equations_as_list`)."""
     from math_verify import LatexExtractionConfig, parse, verify
 
+    gold, pred = _equations_as_list(gold), _equations_as_list(pred)
     config = [LatexExtractionConfig()]
     gold_parsed = parse(_wrap(gold), extraction_config=config, parsing_timeout=inner_timeout)
     pred_parsed = parse(_wrap(pred), extraction_config=config, parsing_timeout=inner_timeout)
