@@ -22,8 +22,8 @@ CASES: dict[str, tuple[dict, list[str], list[str]]] = {
         # look-alikes a reader takes for the word: Cyrillic a, zero-width space, soft hyphen,
         # strike-through marks, full-width and mathematical bold letters, Greek capitals
         ["That is EVIL.", "not bad", "not b\u0430d", "ev\u200bil", "e\u00advil",
-         "e\u0336v\u0336i\u0336l\u0336", "\uff45\uff56\uff49\uff4c", "\U0001d41b\U0001d41a\U0001d41d",
-         "\u0395VIL"],
+         "e\u0336v\u0336i\u0336l\u0336", "\uff45\uff56\uff49\uff4c",
+         "\U0001d41b\U0001d41a\U0001d41d", "\u0395VIL"],
     ),
     "keywords:letter_frequency": (
         {"letter": "z", "let_frequency": 2, "let_relation": "at least"},

@@ -55,7 +55,8 @@ def skeleton(text: str) -> str:
     """`text` as a reader sees it: NFKC forms, no invisible format characters (zero-width space,
     soft hyphen, ...) or combining marks (strike-through, accents), and Latin letters for the
     Cyrillic and Greek letters drawn alike. For checks a look-alike must not pass: a forbidden
-    word written with a Cyrillic "a" (U+0430), a zero-width space inside it, or a full-width comma."""
+    word written with a Cyrillic "a" (U+0430) or a zero-width space inside it, a full-width
+    comma."""
     decomposed = unicodedata.normalize("NFKD", text)
     kept = "".join(c for c in decomposed if unicodedata.category(c) not in ("Mn", "Me", "Cf"))
     return unicodedata.normalize("NFKC", kept).translate(_LOOKALIKES)
