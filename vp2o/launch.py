@@ -126,6 +126,8 @@ def describe(args: argparse.Namespace
     refusal = None
     try:
         cfg.require_loop(args.verb)
+        if args.verb == "sft":  # the one rule of a verb that needs the world
+            cfg.sft.check_data_parallel(cfg.parallel.data_parallel(world))
     except ConfigError as e:
         refusal = e
     layout = resolve_layout(cfg, world)

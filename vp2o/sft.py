@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from vp2o.config import Config, ConfigError, to_dict
+from vp2o.config import Config, to_dict
 from vp2o.data.tasks import encode_rows
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.mcore import parallel, training
@@ -58,10 +58,7 @@ def sft(cfg: Config) -> dict:
     claim_run_dir(cfg, "sft")
     # The data-parallel size the session will have (parallel.initialize discovers the same
     # world), checked before the model is built.
-    dp = cfg.parallel.data_parallel(parallel.discover_env().world_size)
-    if cfg.sft.batch_size % dp:
-        raise ConfigError(f"sft.batch_size = {cfg.sft.batch_size}: expected a multiple of the "
-                          f"data-parallel size ({dp})")
+    cfg.sft.check_data_parallel(cfg.parallel.data_parallel(parallel.discover_env().world_size))
     with session(cfg, with_optimizer=True, total_steps=cfg.sft.steps) as s:
         return _sft(s)
 

@@ -299,3 +299,36 @@ def test_a_launch_refuses_what_its_verb_refuses_before_starting(monkeypatch):
     with pytest.raises(ConfigError, match="parallel.tensor_parallel = 2: expected 1 for vp2o"):
         args.func(args)
     assert started == []
+
+
+def test_sft_batch_that_does_not_split_over_data_parallel_ranks_is_named_before_starting(
+        monkeypatch, tmp_path):
+    """sft's one rule that needs the world (the batch over DP ranks): a note in --dry-run, a
+    refusal before torchrun in a launch, and the same refusal from `vp2o sft` itself."""
+    import vp2o.launch as launch_module
+    from vp2o.sft import sft
+
+    config = str(CONFIGS / "small_1node_vp2o.yaml")
+    out = _dry_run("--dry-run", config, "--verb", "sft", "--nodes", "1", "--gpus-per-node", "4",
+                   "sft.batch_size=6")
+    message = "sft.batch_size = 6: expected a multiple of the data-parallel size (4)"
+    assert out.splitlines()[-1] == f"note: vp2o sft refuses this config when it starts: {message}"
+    assert "refuses" not in _dry_run("--dry-run", config, "--verb", "sft", "--nodes", "1",
+                                     "--gpus-per-node", "4", "sft.batch_size=8")
+
+    started = []
+    monkeypatch.setattr(launch_module.subprocess, "call", lambda *a, **k: started.append(a))
+    parser = argparse.ArgumentParser(prog="vp2o")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["launch", config, "--verb", "sft", "--nodes", "1",
+                              "--gpus-per-node", "4", "sft.batch_size=6"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        args.func(args)
+    assert started == []
+
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun gives each of the 4 ranks
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = load_config(config, ["sft.batch_size=6", f"train.run_dir={tmp_path / 'run'}"], loop="sft")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sft(cfg)

@@ -731,6 +731,12 @@ class SFTConfig:
         expect(self.batch_size >= 1, "sft.batch_size", self.batch_size, ">= 1")
         expect(math.isfinite(self.lr) and self.lr > 0, "sft.lr", self.lr, "a finite number > 0")
 
+    def check_data_parallel(self, dp: int) -> None:
+        """The batch splits evenly over ``dp`` data-parallel ranks (``vp2o sft`` gives each rank
+        ``sft.batch_size / dp`` sequences)."""
+        expect(self.batch_size % dp == 0, "sft.batch_size", self.batch_size,
+               f"a multiple of the data-parallel size ({dp})")
+
 
 @dataclass
 class TrustRegionConfig:
