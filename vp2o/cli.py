@@ -70,7 +70,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from vp2o.evaluate import run_eval
 
-    run_eval(_config(args, "eval"), benchmark=args.benchmark, fmt=args.format)
+    run_eval(_config(args, "eval"), benchmark=args.benchmark, fmt=args.format,
+             log_samples=args.log_samples)
     return 0
 
 
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto",
                    choices=["auto", "math", "choice", "ifeval", "code"],
                    help="benchmark format (auto: from the first row); see docs/results.md")
+    p.add_argument("--log-samples", action="store_true",
+                   help="also write every response with its prompt, reference answer and reward "
+                   "to eval[_<benchmark>]_samples.jsonl in train.run_dir")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("report", help="report.md + PNG plots from run directories")
@@ -148,7 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vp2o`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # argparse ends a positional list at the first option: `--config C a=1 --benchmark F b=2`
+    # would leave b=2 over. Overrides may come anywhere on the line; anything else is an error.
+    stray = [r for r in rest if r.startswith("-") or "=" not in r]
+    if stray or (rest and not isinstance(getattr(args, "overrides", None), list)):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     quiet_third_party_warnings()
     try:
         return args.func(args)

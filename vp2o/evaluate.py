@@ -35,7 +35,8 @@ from vp2o.rollout import SamplingParams
 from vp2o.session import Session
 
 __all__ = ["EVAL_TEMPERATURE", "EvalHistory", "evaluate", "evaluate_rows",
-           "median_solution_tokens", "pass_at_k", "run_eval", "write_eval"]
+           "median_solution_tokens", "pass_at_k", "run_eval", "sample_records", "write_eval",
+           "write_samples"]
 
 EVAL_TEMPERATURE = 1.0
 """Temperature of the sampled held-out responses (``pass@k``, ``response_len``): the policy's own
@@ -85,7 +86,8 @@ def _gather_in_order(results: list[tuple]) -> list[tuple]:
     return sorted((r for g in gathered for r in g), key=lambda r: r[0])
 
 
-def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
+def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128,
+             samples: list[dict] | None = None) -> dict:
     """Score the held-out prompts. The ranks share out chunks of ``chunk`` prompts (see
     :func:`_my_chunks`: the result does not depend on the number of ranks); results are gathered
     on all ranks.
@@ -99,12 +101,15 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
     prompt sampled at ``EVAL_TEMPERATURE`` give ``pass@<k>`` for k in 1, 4, 8 (k <= n; unbiased
     estimator), ``pass_at_k`` ({k: value} for k in 1, 2, 4, 8, 16 <= n; with n = 1 it holds
     ``{"1": held_out_accuracy}``) and ``response_len`` (their mean tokens).
+
+    With ``samples`` (a list), every response is appended to it in row order, greedy ones
+    first per row (:func:`sample_records`), on every rank.
     """
     rows = s.task.eval
     k_max = max(1, s.cfg.train.eval_samples)
     skills = _skill_names(rows)
     results = []  # (first row, correct, lengths, correct samples per prompt, sampled lengths,
-    #               routing counts) per chunk
+    #               routing counts, sample records) per chunk
     for span in _my_chunks(len(rows), chunk):
         part = rows[:1] if span is None else [rows[i] for i in span]
         greedy = _sample(s, part, temperature=0.0, group=1, seed=s.cfg.seed, record_routing=True)
@@ -115,16 +120,21 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
         if span is None:
             continue
         scores = pool.score([r["prompt"] for r in part], greedy.completions, part)
-        per_prompt, sampled_lengths = [], []
+        per_prompt, sampled_lengths, records = [], [], []
+        if samples is not None:
+            records = sample_records(span, part, greedy, scores.rewards, "greedy", 1)
         if sampled is not None:
             expanded = [r for r in part for _ in range(k_max)]
             sc = pool.score([r["prompt"] for r in expanded], sampled.completions, expanded)
             per_prompt = [sum(x >= 1.0 for x in sc.rewards[i * k_max : (i + 1) * k_max])
                           for i in range(len(part))]
             sampled_lengths = sampled.response_lengths.tolist()
+            if samples is not None:
+                records += sample_records(span, part, sampled, sc.rewards, "sampled", k_max)
+                records.sort(key=lambda r: r["row"])  # stable: per row, greedy first
         results.append((span.start, [r >= 1.0 for r in scores.rewards],
                         greedy.response_lengths.tolist(), per_prompt, sampled_lengths,
-                        _routing_counts(s, greedy, part, skills)))
+                        _routing_counts(s, greedy, part, skills), records))
     ordered = _gather_in_order(results)
     correct = [c for r in ordered for c in r[1]]
     lengths = [n for r in ordered for n in r[2]]
@@ -147,7 +157,41 @@ def evaluate(s: Session, pool: RewardPool, *, chunk: int = 128) -> dict:
     counts = [r[5] for r in ordered if r[5] is not None]
     if counts:
         out.update({k: v for k, v in routing_metrics(sum(counts)).items() if v is not None})
+    if samples is not None:
+        samples.extend(x for r in ordered for x in r[6])
     return out
+
+
+def sample_records(span: range, part: list[dict], batch, rewards: list[float], kind: str,
+                   n: int) -> list[dict]:
+    """One record per response of ``batch`` (``n`` per row of ``part``, rows ``span``): the row
+    index, ``kind`` (greedy or sampled) and the sample's number, the prompt, the reference
+    answer and skill where the row has them, the completion, its reward and its tokens."""
+    lengths = batch.response_lengths.tolist()
+    out = []
+    for j, completion in enumerate(batch.completions):
+        row = part[j // n]
+        record = {"row": span.start + j // n, "kind": kind, "sample": j % n,
+                  "prompt": row["prompt"]}
+        for key in ("answer", "skill"):
+            if row.get(key) is not None:
+                record[key] = row[key]
+        record.update(completion=completion, reward=float(rewards[j]),
+                      response_tokens=int(lengths[j]))
+        out.append(record)
+    return out
+
+
+def write_samples(path: Path, records: list[dict]) -> Path:
+    """``records`` as JSON lines (written to a temporary file, then renamed: a reader never
+    sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _skill_of(row: dict) -> str | None:
@@ -181,16 +225,19 @@ def _sampled_metrics(per_prompt: list[int], lengths: list[int], n: int) -> dict[
 
 
 def evaluate_rows(s: Session, pool: RewardPool, rows: list[dict], *, samples: int,
-                  temperature: float, chunk: int = 128) -> dict:
+                  temperature: float, chunk: int = 128,
+                  records: list[dict] | None = None) -> dict:
     """Score ``samples`` responses per row (greedy when ``temperature`` is 0, then one each).
 
     Every rank takes a slice of the rows; results are gathered on all ranks. Returns
     ``pass_at_k`` ({k: unbiased pass@k} for k = 1, 2, 4, ... <= n), ``mean_reward`` (partial
     credit included), ``mean_response_length`` (tokens, all samples), ``median_solution_tokens``
     (tokens of the correct samples; None when none is), ``num_prompts``, ``samples_per_prompt``.
+    With ``records`` (a list), every response is appended to it in row order
+    (:func:`sample_records`).
     """
     n = 1 if temperature == 0 else max(1, samples)
-    results = []  # (first row, correct per prompt, rewards, lengths, correct) per chunk
+    results = []  # (first row, correct per prompt, rewards, lengths, correct, records) per chunk
     for span in _my_chunks(len(rows), max(1, chunk // n)):
         part = rows[:1] if span is None else [rows[i] for i in span]
         batch = _sample(s, part, temperature=temperature, group=n, seed=s.cfg.seed + 1)
@@ -199,11 +246,16 @@ def evaluate_rows(s: Session, pool: RewardPool, rows: list[dict], *, samples: in
         expanded = [r for r in part for _ in range(n)]
         sc = pool.score([r["prompt"] for r in expanded], batch.completions, expanded)
         ok = [x >= 1.0 for x in sc.rewards]
+        kind = "greedy" if temperature == 0 else "sampled"
+        mine = [] if records is None else sample_records(span, part, batch, sc.rewards, kind, n)
         results.append((span.start, [sum(ok[i * n : (i + 1) * n]) for i in range(len(part))],
-                        list(sc.rewards), batch.response_lengths.tolist(), ok))
+                        list(sc.rewards), batch.response_lengths.tolist(), ok, mine))
+    ordered = _gather_in_order(results)
     per_prompt, rewards, lengths, correct = (
-        [x for r in _gather_in_order(results) for x in r[i]] for i in range(1, 5)
+        [x for r in ordered for x in r[i]] for i in range(1, 5)
     )
+    if records is not None:
+        records.extend(x for r in ordered for x in r[5])
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n]
     return {
         "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in per_prompt) / len(per_prompt)
@@ -218,13 +270,14 @@ def evaluate_rows(s: Session, pool: RewardPool, rows: list[dict], *, samples: in
 
 
 def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
-             log: Callable[[str], None] = print) -> dict:
+             log_samples: bool = False, log: Callable[[str], None] = print) -> dict:
     """What ``vp2o eval`` does: load ``train.init_checkpoint`` (its newest checkpoint when it is
     a checkpoints folder; none = the initial weights), score the held-out prompts of the task
     (:func:`evaluate`) or, with ``benchmark``, that file (``train.eval_samples`` samples per
     prompt at ``rollout.temperature``; greedy when it is 1), and write ``run_dir/eval.json``
     (held-out) or ``run_dir/eval_<file stem>.json`` (benchmark) on rank 0, which also logs the
-    JSON.
+    JSON. With ``log_samples``, every response with its prompt, reference answer and reward also
+    goes to ``eval_samples.jsonl`` / ``eval_<file stem>_samples.jsonl`` beside it.
     """
     from vp2o.eval_formats import load_benchmark
     from vp2o.session import load_initial_weights, session
@@ -242,19 +295,24 @@ def run_eval(cfg: Config, *, benchmark: str | None = None, fmt: str = "auto",
                                  cfg.data.max_prompt_tokens)
         pool = RewardPool(reward or cfg.reward.name, workers=cfg.reward.workers,
                           timeout_s=cfg.reward.timeout_s)
+        records = [] if log_samples else None
         try:
             if rows is None:
-                result = evaluate(s, pool)
+                result = evaluate(s, pool, samples=records)
             else:
                 n = max(1, cfg.train.eval_samples)
                 result = evaluate_rows(s, pool, rows, samples=n,
-                                       temperature=cfg.rollout.temperature if n > 1 else 0.0)
+                                       temperature=cfg.rollout.temperature if n > 1 else 0.0,
+                                       records=records)
                 result = {"benchmark": str(benchmark), "reward": reward, **result}
         finally:
             pool.close()
         if s.is_main:
-            name = "eval.json" if rows is None else f"eval_{Path(benchmark).stem}.json"
-            write_eval(s.run_dir, result, name=name)
+            stem = "eval" if rows is None else f"eval_{Path(benchmark).stem}"
+            if records is not None:
+                path = write_samples(s.run_dir / f"{stem}_samples.jsonl", records)
+                result = {**result, "samples_file": str(path)}
+            write_eval(s.run_dir, result, name=f"{stem}.json")
             log(json.dumps(result, indent=2))
     return result
 

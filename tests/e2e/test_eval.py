@@ -201,7 +201,8 @@ def test_two_process_eval_with_uneven_chunks_matches_one_process(tmp_path, monke
 
     def run(nproc: int, run_dir: Path, *extra: str) -> None:
         args = [*TINY, "data.num_eval_prompts=5", "train.eval_samples=2",
-                "reward.name=eval_worker:parity_reward", f"train.run_dir={run_dir}", *extra]
+                "reward.name=eval_worker:parity_reward", f"train.run_dir={run_dir}",
+                "--log-samples", *extra]
         if nproc == 0:  # the reference: this process, with the worker's chunking
             from vp2o import evaluate
             from vp2o.cli import main as vp2o_main
@@ -236,7 +237,24 @@ def test_two_process_eval_with_uneven_chunks_matches_one_process(tmp_path, monke
         run(nproc, run_dir, *tokenizer, "--benchmark", str(bench), "--format", "math")
         results[name] = {file: json.loads((run_dir / file).read_text())
                          for file in ("eval.json", "eval_bench.json")}
+        for file in ("eval", "eval_bench"):  # every response, in row order, on rank 0
+            samples = run_dir / f"{file}_samples.jsonl"
+            assert results[name][f"{file}.json"].pop("samples_file") == str(samples)
+            results[name][file] = [json.loads(line) for line in samples.read_text().splitlines()]
     one, two = results["one"], results["two"]
+    # held-out: per row one greedy response, then 2 sampled; the benchmark: 2 sampled per row
+    assert [(r["row"], r["kind"], r["sample"]) for r in one["eval"]] == [
+        (row, kind, j) for row in range(5) for kind, j in
+        (("greedy", 0), ("sampled", 0), ("sampled", 1))]
+    assert [(r["row"], r["sample"]) for r in one["eval_bench"]] == [
+        (row, j) for row in range(5) for j in range(2)]
+    # each held-out reward is the reward of its text (the benchmark's is the math reward)
+    assert all(r["reward"] == float(sum(map(ord, r["completion"])) % 2 == 0) for r in one["eval"])
+    greedy = [r for r in one["eval"] if r["kind"] == "greedy"]
+    assert one["eval.json"]["held_out_accuracy"] == sum(r["reward"] for r in greedy) / 5
+    assert one["eval_bench.json"]["mean_reward"] == (
+        sum(r["reward"] for r in one["eval_bench"]) / 10)
+    assert [r["answer"] for r in one["eval_bench"]] == ["7"] * 10
     assert one["eval.json"]["num_prompts"] == one["eval_bench.json"]["num_prompts"] == 5
     held_out = one["eval.json"]
     assert 0.0 < held_out["held_out_accuracy"] < 1.0  # the reward varies: a real comparison

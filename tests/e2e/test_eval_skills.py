@@ -20,8 +20,9 @@ def test_eval_on_the_skills_task_reports_every_metric(tmp_path):
     cfg = load_config(None, [*TINY, "data.task=skills", "data.num_eval_prompts=6",
                              "rollout.max_new_tokens=8", "train.eval_samples=8",
                              "reward.name=exact", f"train.run_dir={tmp_path}"], loop="eval")
-    result = run_eval(cfg, log=lambda _: None)
+    result = run_eval(cfg, log_samples=True, log=lambda _: None)
     assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(result))
+    _check_samples(result, tmp_path / "eval_samples.jsonl")
     assert result["num_prompts"] == 6  # one per skill
     probabilities = [result["held_out_accuracy"], result["pass@1"], result["pass@4"],
                      result["pass@8"], *(result[f"skill/{n}/accuracy"] for n in SKILLS)]
@@ -34,3 +35,27 @@ def test_eval_on_the_skills_task_reports_every_metric(tmp_path):
             value = result[f"routing/{key}/layer{layer}"]
             assert isinstance(value, float) and 0.0 <= value <= 1.0 and math.isfinite(value)
     assert not any(k.startswith("routing/") and k.endswith("layer2") for k in result)
+
+
+def _check_samples(result: dict, path) -> None:
+    """The samples log against the metrics: every response (one greedy, 8 sampled per prompt),
+    its reward recomputed from its text, and the accuracy, pass@k and lengths rebuilt from it."""
+    from vp2o.eval_stats import pass_at_k
+    from vp2o.rewards.exact import exact_reward
+
+    assert result["samples_file"] == str(path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["row"], r["kind"], r["sample"]) for r in records] == [
+        (row, kind, j) for row in range(6)
+        for kind, j in [("greedy", 0)] + [("sampled", j) for j in range(8)]]
+    for r in records:
+        assert r["reward"] == exact_reward(r["prompt"], r["completion"], {"answer": r["answer"]})
+        assert 1 <= r["response_tokens"] <= 8
+    greedy = [r for r in records if r["kind"] == "greedy"]
+    assert result["held_out_accuracy"] == sum(r["reward"] for r in greedy) / 6
+    assert result["mean_response_length"] == sum(r["response_tokens"] for r in greedy) / 6
+    for r in greedy:
+        assert result[f"skill/{r['skill']}/accuracy"] == r["reward"]  # one prompt per skill
+    correct = [sum(r["reward"] >= 1 for r in records if r["row"] == row and r["kind"] == "sampled")
+               for row in range(6)]
+    assert math.isclose(result["pass@4"], sum(pass_at_k(8, c, 4) for c in correct) / 6)
