@@ -160,3 +160,24 @@ def test_the_title_scan_finds_what_the_lazy_regex_finds():
     for _ in range(5_000):
         text = "".join(rng.choice("<> \nab") for _ in range(rng.randint(0, 24)))
         assert titles(text) == reference.findall(text), text
+
+
+LONG_RUNS = {name: run * (100_000 // len(run)) for name, run in (
+    ("spaces", " "), ("newlines", "\n"), ("mixed", " \n\t"), ("angles", "<"), ("brackets", "["),
+    ("stars", "*"), ("fences", "```\n"), ("dots", ". "))}
+
+
+@pytest.mark.parametrize("instruction_id", sorted(CASES))
+def test_long_runs_take_linear_time(instruction_id):
+    """100,000 characters of one repeated run inside a response: a check that is worse than
+    linear on such a run takes minutes (a regex like r"\\s*```$" rescans a whitespace run from
+    each of its positions: 16 s for 60,000 spaces); a linear one takes well under a second, so a
+    5 s bound holds on a loaded machine."""
+    import time
+
+    kwargs, _, _ = CASES[instruction_id]
+    instruction = build_instruction(instruction_id, kwargs)
+    for name, run in LONG_RUNS.items():
+        t0 = time.perf_counter()
+        instruction.check("{" + run + "x")
+        assert time.perf_counter() - t0 < 5.0, name

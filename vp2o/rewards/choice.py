@@ -77,8 +77,9 @@ def gold_letter(sample: Mapping[str, Any]) -> str | None:
 def extract_choice(completion: str, letters: str = _LETTERS) -> str | None:
     """The letter chosen in `completion`, restricted to `letters`; None when there is none."""
     # one character per whitespace run: the patterns' adjacent \s* then cannot backtrack
-    # polynomially over a long run (seconds for 2 KB of spaces)
-    text = _SPACES.sub(" ", _NEWLINES.sub("\n", strip_code_blocks(completion)))
+    # polynomially over a long run (seconds for 2 KB of spaces). Spaces first: _NEWLINES'
+    # leading [^\S\n]* would rescan a long space run from each of its positions (quadratic).
+    text = _NEWLINES.sub("\n", _SPACES.sub(" ", strip_code_blocks(completion)))
     boxed = last_boxed(text)
     best: tuple[int, str] | None = None
     for pattern in _STRONG:
