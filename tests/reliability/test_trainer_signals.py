@@ -27,10 +27,10 @@ STEPS = 8
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Until ``path`` holds text: ``write_text`` creates the file before it writes, so a file
-    that merely exists may still be empty (a pid read as '' once, under load)."""
+    """Until ``path`` exists and is not empty: a writer creates the file before it writes, so
+    a file that merely exists may still be empty (a pid read as '' once, under load)."""
     deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().strip()):
+    while not (path.exists() and path.stat().st_size > 0):
         if proc.poll() is not None:
             out, err = proc.communicate()
             pytest.fail(f"trainer exited ({proc.returncode}) early:\n{out[-2000:]}\n{err[-4000:]}")
