@@ -1,4 +1,4 @@
-"""The sandbox uid pool: a uid is handed out again only once its killed processes are reaped."""
+"""The sandbox uid pool: a new run takes a uid whose killed processes are all reaped, if one is free."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_a_draining_pool_still_hands_out_a_uid(monkeypatch):
         zombie.wait()
 
 
-def test_the_runs_processes_are_killed_on_release_and_its_uid_skipped_until_reaped():
+def test_the_runs_processes_are_killed_on_release():
     with uid_slot([UID_B]) as uid:
         # an orphan of the run (its parent gone: init reaps it after the kill, at init's pace)
         subprocess.run(["sh", "-c", "sleep 30 &"], user=uid, group=uid, extra_groups=[],
