@@ -1,4 +1,4 @@
-"""The sandbox uid pool: a new run takes a uid whose killed processes are all reaped, if one is free."""
+"""The sandbox uid pool: a new run takes a uid with no unreaped processes, if one is free."""
 
 from __future__ import annotations
 
