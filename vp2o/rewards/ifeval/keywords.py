@@ -65,11 +65,12 @@ class ForbiddenWords(Instruction):
 
     def __init__(self, forbidden_words: list[str]) -> None:
         self.forbidden_words = _word_list(forbidden_words, "forbidden_words")
+        self._patterns = [_word_pattern(skeleton(w)) for w in self.forbidden_words]
 
     def check(self, response: str) -> bool:
         """Whether no forbidden word occurs in the response as a reader sees it."""
         seen = skeleton(response)
-        return not any(_word_pattern(skeleton(w)).search(seen) for w in self.forbidden_words)
+        return not any(p.search(seen) for p in self._patterns)
 
 
 @register_instruction("keywords:letter_frequency")
