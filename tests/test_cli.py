@@ -28,6 +28,14 @@ def test_overrides_may_follow_options(parsed):
     assert parsed("eval", "a.b=1").overrides == ["a.b=1"]
 
 
+def test_launch_takes_options_between_overrides():
+    args = cli.parse_args(["launch", "c.yaml", "a.b=1", "--nodes", "2", "c.d=2", "--dry-run"])
+    assert (args.config, args.nodes, args.dry_run) == ("c.yaml", 2, True)
+    assert args.overrides == ["a.b=1", "c.d=2"]
+    args = cli.parse_args(["launch", "--verb", "sft", "c.yaml"])
+    assert (args.config, args.verb, args.overrides) == ("c.yaml", "sft", [])
+
+
 @pytest.mark.parametrize("argv", [
     ("eval", "a.b=1", "--no-such-flag"),
     ("eval", "a.b=1", "--benchmark", "f.jsonl", "stray"),

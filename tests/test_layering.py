@@ -2,7 +2,8 @@
 
 Layers, lowest first; a module may import from its own package and from lower layers only:
 
-1. leaves: ``vp2o.registry``, ``vp2o.dtypes``, ``vp2o.console`` (import nothing from vp2o);
+1. leaves: ``vp2o.registry``, ``vp2o.dtypes``, ``vp2o.console``, ``vp2o.files`` (import nothing
+   from vp2o);
 2. the core: ``vp2o.algo``, ``vp2o.rewards``, ``vp2o.rollout``, ``vp2o.data``: pure algorithm,
    rewards, generation and data code, each importing nothing from vp2o but itself and the
    leaves (so none of them imports another: ``rollout`` does not read a config or ``algo``);
@@ -35,7 +36,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "vp2o"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("vp2o.registry", "vp2o.dtypes", "vp2o.console"),
+    ("vp2o.registry", "vp2o.dtypes", "vp2o.console", "vp2o.files"),
     ("vp2o.algo", "vp2o.rewards", "vp2o.rollout", "vp2o.data"),
     ("vp2o.config",),
     ("vp2o.mcore",),

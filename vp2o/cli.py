@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``vp2o`` console script."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """``vp2o ARGV`` parsed; exits with argparse's usage message on bad arguments."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # argparse ends a positional list at the first option: `--config C a=1 --benchmark F b=2`
@@ -161,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vp2o`` console script."""
+    args = parse_args(argv)
     quiet_third_party_warnings()
     try:
         return args.func(args)

@@ -30,6 +30,7 @@ from vp2o.eval_stats import (
     routing_metrics,
     skill_accuracy,
 )
+from vp2o.files import write_text_atomic
 from vp2o.rewards.pool import RewardPool
 from vp2o.rollout import SamplingParams
 from vp2o.session import Session
@@ -183,15 +184,9 @@ def sample_records(span: range, part: list[dict], batch, rewards: list[float], k
 
 
 def write_samples(path: Path, records: list[dict]) -> Path:
-    """``records`` as JSON lines (written to a temporary file, then renamed: a reader never
-    sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    tmp.replace(path)
-    return path
+    """``records`` as JSON lines, the whole file or none of it (``vp2o.files``)."""
+    return write_text_atomic(path, "".join(
+        json.dumps(record, ensure_ascii=False, default=str) + "\n" for record in records))
 
 
 def _skill_of(row: dict) -> str | None:
@@ -324,7 +319,5 @@ def write_eval(run_dir: Path, result: dict, *, name: str = "eval.json",
     (``final``, ``average`` over every evaluation, ``steps``)."""
     if history is not None and len(history):
         result = {**result, "history": history.summary()}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / name
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    # whole or absent: study.py --resume takes an existing eval.json for a finished run
+    return write_text_atomic(run_dir / name, json.dumps(result, indent=2) + "\n")

@@ -180,19 +180,16 @@ def _launch(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, *commands[0][1:]])
 
 
-def _options(p: argparse.ArgumentParser, default) -> None:
-    def d(value):
-        return argparse.SUPPRESS if default is argparse.SUPPRESS else value
-
-    p.add_argument("--dry-run", action="store_true", default=d(False),
+def _options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", default=False,
                    help="print the plan, start nothing")
-    p.add_argument("--nodes", type=int, default=d(1), help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=d(8), help="ranks per node (default 8)")
-    p.add_argument("--hosts", default=d(None),
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node (default 8)")
+    p.add_argument("--hosts", default=None,
                    help="comma-separated host names (default: the SLURM allocation, or node0..)")
-    p.add_argument("--port", type=_port, default=d(29500),
+    p.add_argument("--port", type=_port, default=29500,
                    help="rendezvous port on the head node (1-65535)")
-    p.add_argument("--verb", default=d("train"), choices=["train", "sft", "eval"],
+    p.add_argument("--verb", default="train", choices=["train", "sft", "eval"],
                    help="vp2o verb each rank runs (default train)")
 
 
@@ -206,18 +203,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _parse_rest(args: argparse.Namespace) -> argparse.Namespace:
-    """Options may follow CONFIG and the overrides (argparse alone stops at the first override)."""
-    inner = argparse.ArgumentParser(prog="vp2o launch", add_help=False)
-    _options(inner, argparse.SUPPRESS)
-    inner.add_argument("config")
-    inner.add_argument("overrides", nargs="*")
-    parsed = inner.parse_intermixed_args(args.rest)
-    merged = {k: v for k, v in vars(args).items() if k != "rest"}
-    merged.update(vars(parsed))
-    return argparse.Namespace(**merged)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``vp2o launch`` on the CLI's sub-command parsers."""
     p = subparsers.add_parser(
@@ -228,10 +213,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "if it does not divide, and print each node's torchrun command and every rank's "
         "coordinates (--dry-run); without --dry-run a single-node job is started here.",
     )
-    _options(p, None)
-    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="CONFIG [key=value ...]",
-                   help="YAML config, then dotted overrides (e.g. rollout.micro_batch_size=4)")
-    p.set_defaults(func=lambda args: _launch(_parse_rest(args)))
+    _options(p)
+    p.add_argument("config", help="YAML config")
+    # vp2o.cli.main takes overrides that follow an option too (`CONFIG a=1 --nodes 2 b=2`)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides (e.g. rollout.micro_batch_size=4)")
+    p.set_defaults(func=_launch)
     return p
 
 

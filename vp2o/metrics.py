@@ -43,6 +43,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from vp2o.files import write_text_atomic
+
 __all__ = ["CONSOLE_KEYS", "METRICS_FILE", "MetricsLogger", "format_console", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -284,7 +286,7 @@ class MetricsLogger:
             run_id = id_file.read_text().strip() if resumed and id_file.is_file() else ""
             if not run_id:
                 run_id = _new_run_id()
-                id_file.write_text(run_id + "\n")
+                write_text_atomic(id_file, run_id + "\n")
             self._wandb_run = wandb.init(
                 mode=self.wandb_mode,
                 dir=str(self.run_dir),
@@ -350,13 +352,7 @@ class MetricsLogger:
         if not self.path.exists():
             return 0
         kept = [r for r in read_metrics(self.path) if r.get("step", -1) < step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(_dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(_dumps(record) + "\n" for record in kept))
         return len(kept)
 
     # ---------------------------------------------------------------------------- public

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from vp2o.files import write_text_atomic
 from vp2o.metrics import METRICS_FILE, read_metrics
 
 __all__ = ["EVAL_FILE", "LAST_N", "REPORT_FILE", "build_parser", "main", "write_report"]
@@ -532,11 +533,7 @@ def write_report(out_dir: Path, runs: dict[str, Path]) -> Path:
     lines += _results_section(loaded)
     lines += _diagnostics_section(rl)
     lines += _plots_section(out_dir, rl)
-    path = out_dir / REPORT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out_dir / REPORT_FILE, "\n".join(lines).rstrip() + "\n")
 
 
 def _rel(path: Path, start: Path) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import re
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from vp2o.cli import parse_args
 from vp2o.config import ConfigError, load_config, to_dict
-from vp2o.launch import Layout, add_parser
+from vp2o.launch import Layout
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "examples" / "vp2o" / "slurm"
@@ -109,9 +109,7 @@ def test_the_demo_runs_its_config_files(phase, tmp_path):
 
 
 def _dry_run(*argv: str) -> str:
-    parser = argparse.ArgumentParser(prog="vp2o")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["launch", *argv])
+    args = parse_args(["launch", *argv])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert args.func(args) == 0
@@ -151,19 +149,15 @@ def test_dry_run_two_nodes_prints_each_node_and_rank():
     (["--hosts", ",,,", "--nodes", "2"], "--hosts ',,,': expected comma-separated host names"),
 ])
 def test_dry_run_rejects_a_bad_port_or_empty_hosts(option, message, capsys):
-    parser = argparse.ArgumentParser(prog="vp2o")
-    add_parser(parser.add_subparsers(dest="command"))
     config = str(CONFIGS / "small_1node_vp2o.yaml")
     with pytest.raises((ConfigError, SystemExit)) as err:
-        args = parser.parse_args(["launch", "--dry-run", config, *option])
+        args = parse_args(["launch", "--dry-run", config, *option])
         args.func(args)
     assert message in (str(err.value) + capsys.readouterr().err)
 
 
 def test_dry_run_rejects_a_layout_that_does_not_divide():
-    parser = argparse.ArgumentParser(prog="vp2o")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["launch", "--dry-run", str(CONFIGS / "qwen3_30b_a3b_vp2o_8k.yaml"),
+    args = parse_args(["launch", "--dry-run", str(CONFIGS / "qwen3_30b_a3b_vp2o_8k.yaml"),
                               "--nodes", "1", "--gpus-per-node", "6"])
     with pytest.raises(ConfigError, match="parallel.expert_parallel = 8"):
         args.func(args)
@@ -291,9 +285,7 @@ def test_a_launch_refuses_what_its_verb_refuses_before_starting(monkeypatch):
 
     started = []
     monkeypatch.setattr(launch_module.subprocess, "call", lambda *a, **k: started.append(a))
-    parser = argparse.ArgumentParser(prog="vp2o")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["launch", str(CONFIGS / "small_1node_vp2o.yaml"), "--nodes", "1",
+    args = parse_args(["launch", str(CONFIGS / "small_1node_vp2o.yaml"), "--nodes", "1",
                               "--gpus-per-node", "4", "parallel.tensor_parallel=2",
                               "parallel.sequence_parallel=true"])
     with pytest.raises(ConfigError, match="parallel.tensor_parallel = 2: expected 1 for vp2o"):
@@ -318,9 +310,7 @@ def test_sft_batch_that_does_not_split_over_data_parallel_ranks_is_named_before_
 
     started = []
     monkeypatch.setattr(launch_module.subprocess, "call", lambda *a, **k: started.append(a))
-    parser = argparse.ArgumentParser(prog="vp2o")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["launch", config, "--verb", "sft", "--nodes", "1",
+    args = parse_args(["launch", config, "--verb", "sft", "--nodes", "1",
                               "--gpus-per-node", "4", "sft.batch_size=6"])
     with pytest.raises(ConfigError, match=re.escape(message)):
         args.func(args)

@@ -20,12 +20,9 @@ renamed into place only when complete, so a failure leaves nothing at the destin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from vp2o.convert import families as fam
 from vp2o.convert import hf_io, mcore_io
 from vp2o.convert.tensors import ConvertError, TensorRule, get_layout, read_json_object
 from vp2o.dtypes import DTYPE_NAMES, DTYPES
+from vp2o.files import atomic_directory
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -65,26 +63,13 @@ class ConvertResult:
     ``name: from -> to``."""
 
 
-@contextlib.contextmanager
-def atomic_output(out: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling directory that is renamed to ``out`` on success, removed on failure.
-
-    ``out`` must not exist (an existing empty directory is accepted and replaced).
-    """
+def _check_output_free(out: str | os.PathLike) -> Path:
+    """``out`` as a path, refused when it exists and is not an empty folder (the conversion
+    writes into a sibling and renames it there: ``vp2o.files.atomic_directory``)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out}: already exists; remove it or choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return out
 
 
 def _copy_extra_files(src: Path, dst: Path) -> list[str]:
@@ -256,7 +241,7 @@ def hf_to_mcore(
                     )
                 return t
 
-            with atomic_output(out) as tmp:
+            with atomic_directory(_check_output_free(out)) as tmp:
                 mcore_io.save_streaming(model, produce, tmp, file_bytes=file_bytes)
                 _write_mcore_side_files(tmp, cfg, raw, family, hf_dir)
     sizes = [_numel(shapes[n]) * _itemsize(dtypes[n]) for n in shapes]
@@ -439,7 +424,7 @@ def mcore_to_hf(
                 used = 0
             batches[-1].append(r)
             used += sizes[r.mcore]
-        with atomic_output(out) as tmp:
+        with atomic_directory(_check_output_free(out)) as tmp:
             writer = hf_io.SafetensorsShardWriter(tmp, plan, max_shard_bytes)
             try:
                 for batch in batches:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import sentencepiece as spm
 
 from vp2o.data.tasks import DatasetError
+from vp2o.files import write_text_atomic
 from vp2o.registry import Registry
 
 __all__ = [
@@ -425,7 +426,7 @@ class CharTokenizer:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         data = {"format": _CHAR_FORMAT, "version": 1, "alphabet": "".join(self._chars)}
-        p.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(p, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
     @property
     def alphabet(self) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vp2o.files import fsync_dir, write_text_atomic
 from vp2o.mcore.checkpoint.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,7 @@ def write_marker(
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "unix_time": time.time(),
     }
-    _write_text(json.dumps(marker, indent=1) + "\n", directory / MARKER)
-    _fsync_dir(directory)
+    write_text_atomic(directory / MARKER, json.dumps(marker, indent=1) + "\n")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -183,7 +183,7 @@ def move_into_place(tmp: Path, final: Path) -> None:
         if old is not None:
             os.rename(old, final)  # put the replaced checkpoint back
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -211,25 +211,3 @@ def remove_leftovers(root: Path) -> None:
                 os.rename(entry, original)
                 continue
         shutil.rmtree(entry, ignore_errors=True)
-
-
-def _write_text(text: str, path: Path) -> None:
-    part = path.with_name(path.name + ".part")
-    with open(part, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / file system
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
