@@ -109,6 +109,7 @@ def test_yaml_and_overrides(tmp_path):
         (["data.eval_path=e.jsonl"], None,
          "data.eval_path = 'e.jsonl': expected null with the built-in task"),
         (["data.num_eval_prompts=0"], None, "data.num_eval_prompts = 0: expected >= 1"),
+        (["data.tokenizer_vocab_size=4"], None, "data.tokenizer_vocab_size = 4: expected >= 5"),
         (["optimizer.lr=.nan"], None, "optimizer.lr = nan: expected a finite number > 0"),
         (["optimizer.lr=-0.1"], None, "optimizer.lr = -0.1: expected a finite number > 0"),
         (["optimizer.min_lr=0.1"], None, "optimizer.min_lr = 0.1: expected in [0, optimizer.lr"),
@@ -209,8 +210,11 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path.name}:\d+:\d+: malformed YAML"):
         load_config(path)
     path.write_text("seed: 1\nmodel:\n  num_layers: 2\x1f\n")  # the YAML reader refuses it
-    with pytest.raises(ConfigError, match=rf"{path.name}:3: malformed YAML: control character "
-                                          "#x001f"):
+    with pytest.raises(ConfigError, match=rf"{path.name}:3:16: malformed YAML: control "
+                                          "character #x001f"):
+        load_config(path)
+    path.write_bytes(b"seed: 1\nmodel:\n  name: caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=rf"{path.name}:3:12: not valid UTF-8 text"):
         load_config(path)
     path.write_text("model:\n  num_layers: 'two\n  hidden_size: 64\n")  # context: where it began
     with pytest.raises(ConfigError, match=r"while scanning a quoted scalar at line 2"):

@@ -84,15 +84,17 @@ def _parse(path: Path) -> tuple[dict, Origins]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not valid UTF-8 text ({e.reason})") from None
+        column = e.start - data.rfind(b"\n", 0, e.start)  # of the byte, from 1
+        raise ConfigError(f"{path}:{line}:{column}: not valid UTF-8 text ({e.reason})") from None
     loader = None
     try:
         loader = _Loader(text)  # its reader refuses unprintable characters already
         loaded = loader.get_single_data()
     except yaml.reader.ReaderError as e:  # a control character: no mark, a character offset
         line = text[: e.position].count("\n") + 1
-        raise ConfigError(f"{path}:{line}: malformed YAML: control character #x{e.character:04x} "
-                          "is not allowed") from None
+        column = e.position - text.rfind("\n", 0, e.position)
+        raise ConfigError(f"{path}:{line}:{column}: malformed YAML: control character "
+                          f"#x{e.character:04x} is not allowed") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -447,6 +447,8 @@ class DataConfig:
                ">= 1")
         expect(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", self.max_prompt_tokens,
                ">= 1")
+        expect(self.tokenizer_vocab_size >= 5, "data.tokenizer_vocab_size",
+               self.tokenizer_vocab_size, ">= 5 (a trained tokenizer's 4 special ids and a piece)")
         if self.task in BUILTIN_TASKS:
             most = BUILTIN_TASKS[self.task].num_prompts
             expect(self.num_train_prompts + self.num_eval_prompts <= most,
