@@ -238,18 +238,26 @@ def test_moe_repack_workaround_still_needed(env):
     assert not raw.behavior_logprobs.allclose(fixed.behavior_logprobs, atol=TOL)
 
 
-def test_environment_workaround_still_needed():
-    """When vLLM defaults to an in-process engine core and a bounded CPU KV cache, remove
+def test_environment_workaround_still_needed(env):
+    """When vLLM's CPU build bounds its KV cache without being told, remove
     vllm_cpu.environment."""
     from vllm import envs
 
-    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    saved = os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+    saved = os.environ.pop("VLLM_CPU_KVCACHE_SPACE")  # set by the engine the fixture built
     try:
-        # the default is still a second process (the lambda reads the environment afresh)
-        assert envs.environment_variables["VLLM_ENABLE_V1_MULTIPROCESSING"]()
+        # unset, the CPU platform reserves by memory fraction (most of the RAM)
+        assert envs.environment_variables["VLLM_CPU_KVCACHE_SPACE"]() is None
     finally:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+
+
+def test_engine_core_runs_in_this_process(env):
+    """Colocation (every platform): the sync and the route capture reach the model runner."""
+    from vp2o.rollout import vllm_cpu
+
+    _, engine = env
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert vllm_cpu.model_runner(engine.llm).get_model() is not None
 
 
 def test_prompt_longer_than_max_model_len_is_refused(env):
@@ -284,6 +292,9 @@ def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="parallel.pipeline_parallel = 2: expected 1 with "
                                           "rollout.engine=vllm"):
         load_config(None, SHAPE + ["parallel.pipeline_parallel=2"], world_size=2)
+    with pytest.raises(ConfigError, match="parallel.expert_tensor_parallel = 2: expected 1 "
+                                          "with rollout.engine=vllm"):
+        load_config(None, SHAPE + ["parallel.expert_tensor_parallel=2", "algorithm=grpo"])
     load_config(None, SHAPE + ["parallel.expert_parallel=2", "model.num_experts=4"],
                 world_size=2)
     # pre-softmax routing with a shared expert but no gate: no registered family expresses it

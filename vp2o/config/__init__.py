@@ -214,10 +214,11 @@ def cross_section_rules(cfg: Config) -> None:
         expect(cfg.max_model_len >= longest, "rollout.max_model_len", cfg.max_model_len,
                f">= data.max_prompt_tokens + rollout.max_new_tokens ({longest}) with "
                "rollout.engine=vllm")
-        for key in ("tensor_parallel", "pipeline_parallel"):
-            expect(getattr(cfg.parallel, key) == 1, f"parallel.{key}",
-                   getattr(cfg.parallel, key), "1 with rollout.engine=vllm (the weight sync "
-                   "streams whole parameters to each rank's engine: data and expert "
+        sizes = {"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                 "expert_tensor_parallel": p.etp}  # etp: null follows tensor_parallel
+        for key, size in sizes.items():
+            expect(size == 1, f"parallel.{key}", size, "1 with rollout.engine=vllm (the weight "
+                   "sync streams whole parameters to each rank's engine: data and expert "
                    "parallelism only; rollout.engine=megatron runs the other layouts, "
                    "docs/rollout.md)")
         expect(cfg.max_model_len <= m.max_position_embeddings, "rollout.max_model_len",

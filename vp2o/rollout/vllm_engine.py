@@ -30,6 +30,7 @@ Glossary: N rows, Lm MoE layers, E experts, k top-k.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -109,6 +110,9 @@ class VLLMEngine:
                  tensor_parallel: int = 1, kv_cache_gib: int = 1, dtype: str = "float32",
                  routes: bool = False, external_launcher: bool = False, seed: int = 0,
                  sleep_mode: bool = False) -> None:
+        # colocation: the engine core runs in this process (the weight sync and the route
+        # capture reach its model runner; no second process holds a copy), on every platform
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         vllm_cpu.environment(kv_cache_gib)
         require_vllm()
         import vllm
