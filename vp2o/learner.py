@@ -39,7 +39,7 @@ from vp2o.session import Session, load_initial_weights
 
 SPECULATE_ABOVE = 2 / 3
 """``vp2o.check_in_next_forward`` runs the next update's forward/backward before the check of
-update k when at least this share of the batches that reached update k went on past it: reading
+update k when more than this share of the batches that reached update k went on past it: reading
 the check there saves a forward F when the batch continues and wastes a backward B ~ 2F when it
 ends, so it pays when p F > (1 - p) B, i.e. p > B / (F + B) ~ 2/3."""
 

@@ -813,7 +813,8 @@ class VP2OConfig:
     tau0: float = 1.0
     """Kernel temperature numerator: tau = tau0 / log E (§5)."""
     tau_mode: Literal["log_e", "median"] = "log_e"
-    """log_e: tau = tau0 / log E; median: median of 1 - (u_i.u_j)^2 over i != j, / log E (§5)."""
+    """log_e: tau = tau0 / log E; median: tau0 * the median over i != j of the kernel's distance
+    (axial 1 - (u_i.u_j)^2, signed 1 - u_i.u_j) / log E (§5)."""
     coactive_top_m: int | None = None
     """Co-active neighbours per expert: the m largest off-diagonal C entries (§3); None = top-k."""
     coactive_min_frac: float = 0.1
@@ -826,7 +827,7 @@ class VP2OConfig:
     """Scale-free orthogonality loss (squared cosine of each selected pair, in [0, k-1]) instead
     of the method's squared projection norm, which grows with the square of the expert outputs'
     norm: on the demo model after SFT it is ~1.7e3, so at ortho_coeff=1e-3 it outweighs the RL
-    policy loss (~1e-3) by ~400x and its gradient swamps the policy gradient under clipping.
+    policy loss (~4e-3) by ~400x and its gradient swamps the policy gradient under clipping.
     false = the method's form (§9; docs/algorithm.md, "Departures")."""
     variance_coeff: float = 1e-3
     """Routing-variance loss weight gamma_v (§9, Guo et al.)."""

@@ -110,7 +110,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "under any parallel layout) with config.yaml beside it.",
     )
     a.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
-    a.add_argument("--out", required=True, help="output directory (must not exist)")
+    a.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     a.add_argument("--tp", type=_positive, default=1, help="tensor parallel size to record (1)")
     a.add_argument("--ep", type=_positive, default=1, help="expert parallel size to record (1)")
     a.add_argument("--pp", type=_positive, default=1, help="pipeline parallel size to record (1)")
@@ -132,7 +132,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         required=True,
         help="dist checkpoint: a directory hf-to-mcore wrote, or a training checkpoint step_N",
     )
-    b.add_argument("--out", required=True, help="output directory (must not exist)")
+    b.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     b.add_argument(
         "--max-shard-size",
         type=parse_size,

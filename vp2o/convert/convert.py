@@ -8,7 +8,8 @@ model.sharded_state_dict()}`` (loadable under any TP/EP/PP layout) and, beside i
 
 - ``config.yaml``: the vp2o config (``model`` section, plus the ``parallel`` layout asked for),
   loadable with ``vp2o.config.load_config``;
-- ``hf_config.json``: the source ``config.json``, written back verbatim on export;
+- ``hf_config.json``: the source ``config.json``, written back on export (its dtype set to the
+  exported one);
 - ``hf_extra/``: the source directory's other small files (tokenizer, generation config), copied
   back on export so the result can be served as is;
 - ``convert.json``: provenance (family, source, dtype, vp2o format version).
@@ -171,7 +172,7 @@ def hf_to_mcore(
 
     Args:
         hf_dir: HF directory (``config.json`` + safetensors, sharded or not).
-        out_dir: destination; must not exist.
+        out_dir: destination; must not exist, or be an empty folder.
         tensor_parallel, expert_parallel, pipeline_parallel: the layout recorded in
             ``config.yaml`` (checked to divide the model). The checkpoint itself loads under any
             layout.
@@ -374,7 +375,7 @@ def mcore_to_hf(
     Args:
         mcore_dir: a dist checkpoint saved under any layout: a directory written by
             :func:`hf_to_mcore`, or a training checkpoint (``runs/x/checkpoints/step_N``).
-        out_dir: destination; must not exist.
+        out_dir: destination; must not exist, or be an empty folder.
         config: the model config when ``mcore_dir`` has no ``config.yaml``: a vp2o YAML, or the
             directory :func:`hf_to_mcore` wrote (then its ``hf_config.json`` and tokenizer files
             are used too). Default: ``mcore_dir/config.yaml``, else the config a training

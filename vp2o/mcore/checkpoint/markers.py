@@ -7,7 +7,8 @@ killed at any point leaves no directory that would be taken for a checkpoint. Th
 records which loop wrote the checkpoint (``kind``: ``"sft"``, ``"train"``), so that pruning
 (``keep_last``) deletes only that loop's checkpoints; a directory is renamed to ``.del_step_...``
 before it is deleted. Leftover ``.tmp_*``/``.del_*``/``.old_*`` directories of saves and prunes
-that did not finish are removed (or, for a replaced checkpoint, put back) by the next save.
+that did not finish are removed (or, for a replaced checkpoint, put back) by the next save; a
+replaced checkpoint is also put back when the latest one is looked up (a resume).
 """
 
 from __future__ import annotations
@@ -115,7 +116,13 @@ def _complete_with_markers(root: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (marker present and parseable), or None."""
+    """The newest complete checkpoint under ``root`` (marker present and parseable), or None.
+
+    A checkpoint moved aside to be replaced by a save of the same step that was killed before
+    its replacement arrived (``.old_step_*`` with no ``step_*``) is put back first: it is the
+    newest complete one, and a resume must not fall back to an older step."""
+    if Path(root).is_dir():
+        _put_back_replaced(Path(root))
     found = complete_checkpoints(root)
     return found[-1] if found else None
 
@@ -202,12 +209,23 @@ def remove_leftovers(root: Path) -> None:
     A ``.old_step_*`` whose ``step_*`` is missing (killed while replacing a checkpoint of the
     same step) is a complete checkpoint: it is renamed back instead.
     """
+    _put_back_replaced(root)
     for entry in root.iterdir():
-        if not (_LEFTOVER.match(entry.name) and entry.is_dir()):
+        if _LEFTOVER.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _put_back_replaced(root: Path) -> None:
+    """Rename each ``.old_step_*`` whose ``step_*`` is missing back to its name (a complete
+    checkpoint that a killed save had moved aside). Ranks may race here: a rename that finds its
+    source gone or its target taken lost to another rank's, which did the same."""
+    for entry in root.iterdir():
+        if not (entry.name.startswith(".old_") and _LEFTOVER.match(entry.name)
+                and entry.is_dir()):
             continue
-        if entry.name.startswith(".old_"):
-            original = entry.with_name(entry.name[len(".old_") :])
-            if not original.exists():
+        original = entry.with_name(entry.name[len(".old_") :])
+        if not original.exists():
+            try:
                 os.rename(entry, original)
-                continue
-        shutil.rmtree(entry, ignore_errors=True)
+            except (FileNotFoundError, FileExistsError, OSError) as e:
+                logger.debug("did not put back %s: %s", entry, e)
