@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from contextlib import closing
 
 import torch
 import torch.distributed as dist
@@ -106,8 +107,10 @@ def _sft(s: Session) -> dict:
                         optimizer=s.optimizer, scheduler=s.scheduler,
                         extra={"step": cfg.sft.steps, "kind": "sft", "config": to_dict(cfg)},
                         keep_last=1)
-        pool = RewardPool(cfg.reward.name, workers=0)
-        result = evaluate(s, pool)
+        # the same pool as train and eval: a reward that hangs or crashes costs its sample
+        with closing(RewardPool(cfg.reward.name, workers=cfg.reward.workers,
+                                timeout_s=cfg.reward.timeout_s)) as pool:
+            result = evaluate(s, pool)
         if s.is_main:
             write_eval(s.run_dir, result)
         return result

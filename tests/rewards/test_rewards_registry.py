@@ -42,6 +42,14 @@ def test_bad_dotted_path(path):
         get_reward(path)
 
 
+def test_a_module_that_fails_while_importing_is_named(tmp_path, monkeypatch):
+    (tmp_path / "broken_reward_mod.py").write_text("x = 1\nraise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot import module 'broken_reward_mod' for reward "
+                                         r"'broken_reward_mod:fn': RuntimeError: no GPU here"):
+        get_reward("broken_reward_mod:fn")
+
+
 def test_register_and_duplicate():
     name = "test_registry_dummy"
     try:

@@ -112,9 +112,10 @@ def _import_dotted(path: str) -> Any:
         raise ValueError(f"reward path {path!r} must look like 'pkg.module:fn' or 'pkg.module.fn'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except Exception as err:  # missing, or user code that fails while it is imported
         raise ValueError(
-            f"cannot import module {module_name!r} for reward {path!r}: {err}"
+            f"cannot import module {module_name!r} for reward {path!r}: "
+            f"{type(err).__name__}: {err}"
         ) from err
     obj: Any = module
     for part in attr.split("."):

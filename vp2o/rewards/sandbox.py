@@ -5,7 +5,7 @@ Two backends, picked once per configuration (`backend="auto"`):
 - `bwrap` (bubblewrap): a fresh mount namespace whose root holds only read-only binds of `/usr`
   (with the `/bin`, `/lib*` links), the interpreter's prefix and `/etc/ld.so.cache`; a new `/proc`
   and minimal `/dev`; a size-capped tmpfs `/tmp` (the working directory); the program itself
-  read-only at `/sandbox/main.py`. New network (loopback down), PID, IPC and UTS namespaces,
+  read-only at `/sandbox/main.py`. New network (its own loopback only), PID, IPC and UTS namespaces,
   `--new-session`, `--die-with-parent`. The caller's files, home and run directory are simply not
   there.
 - `rlimit`: the same process limits without namespaces, in a fresh temporary working directory.
