@@ -4,11 +4,12 @@ megatron-core assumes a CUDA device in a handful of places on the paths vp2o use
 without CUDA, :func:`install` patches exactly those, so that tests and the laptop demo run the
 real megatron-core MoE layers, its DistributedDataParallel and its DistributedOptimizer over gloo.
 
-Four mechanisms, chosen for cost:
+Five mechanisms, chosen for cost:
 
 1. Global function patches, for things a CPU-only torch cannot do at all (each would raise):
    ``torch.cuda.current_device``, streams and events, ``synchronize``, ``Tensor.cuda``, the CUDA
-   RNG tracker, ``maybe_move_tensor_to_cpu`` and the missing ``te_general_gemm`` name. They cost
+   RNG tracker and state getters/setters, ``maybe_move_tensor_to_cpu`` and the missing
+   ``te_general_gemm`` name. They cost
    nothing on the hot path.
 2. A :class:`CudaAsCpu` ``TorchFunctionMode`` that rewrites ``device='cuda'`` to the CPU and
    answers ``Tensor.type()`` with the CUDA type name (megatron's optimizers check
@@ -16,14 +17,17 @@ Four mechanisms, chosen for cost:
    op, so it is *not* active globally: it wraps only the megatron-core entry points listed in
    ``_SCOPED`` (construction, optimizer step, checkpointing, the aux-loss tracker), none of which
    is a per-token hot path. Forward and backward run without it at full speed.
-3. Collectives over one rank skipped (:func:`_skip_single_rank_collectives`): megatron's DDP
+3. Module-local torch proxies for the two modules whose literal ``device="cuda"`` factories sit
+   on the forward path (``pipeline_parallel.schedules``, ``get_default_causal_mask``'s module):
+   only that module's global ``torch`` is replaced, by a delegate that maps the device.
+4. Collectives over one rank skipped (:func:`_skip_single_rank_collectives`): megatron's DDP
    buffers reduce-scatter their gradients and all-gather their parameters over the data-parallel
    group even when it has one rank (DP = 1, the expert-data-parallel group at EP = world), where
    both are identities. NCCL does that at memory speed on the device; gloo copies every buffer
    through its transport (at bench_learner's 425 M-parameter shape ~2-5 s of a ~12 s step). Not a
    CUDA hard-code, but gloo is the CPU's backend, so it lives here.
 
-4. ``torch.compile`` decorations deferred to the first call
+5. ``torch.compile`` decorations deferred to the first call
    (:func:`defer_compile_decorations`, run by ``vp2o/__init__.py`` just before megatron-core is
    first imported): megatron decorates 38 fusion functions with ``torch.compile`` at import,
    and each decoration loads dynamo and inductor (``import vp2o.train`` 4.4 s -> 2.6 s without)
