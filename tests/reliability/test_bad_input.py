@@ -45,6 +45,7 @@ def test_config_errors_through_the_cli(tmp_path, capsys, yaml_text, overrides, w
     path.write_text(yaml_text)
     assert cli_main(["train", "--config", str(path), *overrides]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     assert err.startswith("vp2o: config error: "), err
     assert all(w.replace("{path}", str(path)) in err for w in words), err
 
@@ -114,6 +115,7 @@ def test_dataset_errors(tmp_path, data, capsys, destroy_parallel, text, extra, w
     path = data.write("train.jsonl", text)
     assert cli_main(["train", *_jsonl_args(tmp_path, path, data.tokenizer, *extra)]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     assert err.startswith(f"vp2o: data error: {path}"), err
     assert all(w in err for w in words), err
 
@@ -122,6 +124,7 @@ def test_dataset_errors(tmp_path, data, capsys, destroy_parallel, text, extra, w
 def test_missing_dataset_file(tmp_path, data, capsys, destroy_parallel):
     assert cli_main(["train", *_jsonl_args(tmp_path, tmp_path / "nope.jsonl", data.tokenizer)]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     assert err == f"vp2o: data error: {tmp_path / 'nope.jsonl'}: dataset file does not exist\n"
 
 
@@ -133,6 +136,7 @@ def test_missing_tokenizer_file(tmp_path, data, capsys, destroy_parallel, kind):
     args = _jsonl_args(tmp_path, path, missing, f"data.tokenizer={kind}")
     assert cli_main(["train", *args]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     assert err.startswith("vp2o: data error: "), err
     assert str(missing) in err and "file not found" in err and "data.tokenizer_path" in err, err
 
@@ -144,6 +148,7 @@ def test_corrupt_tokenizer_file(tmp_path, data, capsys, destroy_parallel):
     args = _jsonl_args(tmp_path, path, bogus, "data.tokenizer=sentencepiece")
     assert cli_main(["train", *args]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     assert f"not a sentencepiece model: {str(bogus)!r}" in err, err
 
 
@@ -182,4 +187,5 @@ def test_checkpoint_of_another_model_shape_through_the_cli(tmp_path, four_expert
             f"train.init_checkpoint={four_expert_checkpoint}", "train.steps=1"]
     assert cli_main(["train", *args]) == 2
     err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
     assert err.startswith("vp2o: checkpoint error: ") and "does not fit this model" in err
