@@ -64,9 +64,9 @@ def test_encoding_names_the_row_that_cannot_be_encoded(tmp_path):
         encode_rows(rows, CharTokenizer("12+=").encode, text=lambda r: r["answer"], what="answer")
 
 
-def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path):
+def test_a_config_file_that_is_not_utf8_names_its_line_and_column(tmp_path):
     path = tmp_path / "cfg.yaml"
     path.write_bytes(b"model:\n  num_layers: 2\n  # caf\xe9\n")
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert str(err.value) == f"{path}:3: not valid UTF-8 text (invalid continuation byte)"
+    assert str(err.value) == f"{path}:3:8: not valid UTF-8 text (invalid continuation byte)"
