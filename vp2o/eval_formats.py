@@ -79,9 +79,21 @@ def _field(row: dict, *names: str) -> object:
     raise ValueError(f"missing field {' / '.join(repr(n) for n in names)}")
 
 
+def _scalar_text(value: object) -> bool:
+    """A string with some text, or a number (JSON gives int/float; a bool is not one)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or (isinstance(value, str) and bool(value.strip()))
+
+
 @register_format("math", "math")
 def _math(row: dict) -> dict:
     answer = _field(row, "answer")
+    golds = answer if isinstance(answer, list) else [answer]
+    if not golds or not all(_scalar_text(g) for g in golds):
+        # anything else would score 0 on every response, or compare against its repr
+        raise ValueError(f"'answer' must be a non-empty string or a number, or a non-empty list of "
+                         f"them (accepted answers); got {json.dumps(answer)[:80]}")
     prompt = row.get("prompt") or MATH_TEMPLATE.format(problem=_field(row, "problem", "question"))
     return {**row, "prompt": str(prompt), "answer": answer}
 
@@ -103,6 +115,9 @@ def _choice(row: dict) -> dict:
     options = _field(row, "options", "choices")
     if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
         raise ValueError(f"'options' must be a list of 2..{len(LETTERS)} strings")
+    if not all(_scalar_text(o) for o in options):
+        raise ValueError(f"'options' must be a list of 2..{len(LETTERS)} strings; got "
+                         f"{json.dumps(options)[:80]}")
     row["options"] = [str(o) for o in options]
     answer = _field(row, "answer", "answer_index")
     if isinstance(answer, int) and not isinstance(answer, bool):
@@ -158,9 +173,19 @@ def _code(row: dict) -> dict:
         tests = [{"input": i, "output": o} for i, o in zip(inputs, outputs, strict=True)]
     if not isinstance(tests, list) or not tests:
         raise ValueError("'tests' must be a non-empty list of {input, output}")
-    for t in tests:
+    for i, t in enumerate(tests):
         if not isinstance(t, dict) or "input" not in t or "output" not in t:
             raise ValueError("every test needs 'input' and 'output'")
+        if not (t["input"] is None or isinstance(t["input"], str | int | float)) \
+                or not isinstance(t["output"], str | int | float) \
+                or isinstance(t["input"], bool) or isinstance(t["output"], bool):
+            raise ValueError(f"test {i}: 'input' and 'output' must be text (or numbers; input may "
+                             f"be null); got {json.dumps(t)[:80]}")
+    limit = row.get("time_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)
+                              or not limit > 0):
+        raise ValueError(f"'time_limit' must be a number of CPU seconds > 0 (or absent); got "
+                         f"{json.dumps(limit)}")
     prompt = row.get("prompt") or CODE_TEMPLATE.format(question=_field(row, "question", "problem"))
     return {**row, "prompt": str(prompt), "answer": None, "tests": tests}
 

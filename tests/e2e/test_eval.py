@@ -92,6 +92,19 @@ def test_ifeval_and_code_rows_score():
      r"instruction 0 \('no:such'\): unknown instruction"),
     ("ifeval", {"prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
                 "kwargs": [3]}, r"kwargs\[0\] must be an object, got int"),
+    # Rows that loaded and then scored 0 on every response, or against a repr:
+    ("math", {"problem": "q", "answer": {"x": 2}}, "'answer' must be a non-empty string"),
+    ("math", {"problem": "q", "answer": []}, "non-empty list"),
+    ("math", {"problem": "q", "answer": ["2", True]}, "non-empty list"),
+    ("math", {"problem": "q", "answer": "  "}, "non-empty string"),
+    ("choice", {"question": "q", "options": [{"t": 1}, "b"], "answer": "A"},
+     "'options' must be a list of 2..26 strings; got"),
+    ("code", {"question": "q", "tests": [{"input": "1", "output": None}]},
+     r"test 0: 'input' and 'output' must be text"),
+    ("code", {"question": "q", "tests": [{"input": "1", "output": "2"}], "time_limit": "fast"},
+     "'time_limit' must be a number of CPU seconds > 0"),
+    ("code", {"question": "q", "tests": [{"input": "1", "output": "2"}], "time_limit": 0},
+     "'time_limit' must be a number"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, fmt, line, needle):
     path = tmp_path / "b.jsonl"
