@@ -27,12 +27,27 @@ from vp2o.rewards.pool import RewardPool
 from vp2o.session import Session, claim_run_dir, session
 
 
+def answer_text(row: dict) -> str:
+    """The text SFT trains on: the row's answer, a string or a number. A list (the accepted
+    answers a reward reads) or an object has no one text to train on (``ValueError``, which
+    ``encode_rows`` turns into a ``DatasetError`` naming the row)."""
+    answer = row["answer"]
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+        raise ValueError(  # encode_rows names the row
+            f"vp2o sft trains on the answer's text: expected a string or a number, got "
+            f"{type(answer).__name__} (give SFT rows one answer; a list of accepted answers is for "
+            "the reward)"
+        )
+    return str(answer)
+
+
 def encode_example(s: Session, row: dict) -> tuple[list[int], int]:
     """(prompt + answer + EOS token ids, number of prompt tokens)."""
     prompt = s.tokenizer.encode(row["prompt"])
-    full = s.tokenizer.encode(row["prompt"] + str(row["answer"])) + [s.tokenizer.eos_id]
+    answer = answer_text(row)
+    full = s.tokenizer.encode(row["prompt"] + answer) + [s.tokenizer.eos_id]
     if full[: len(prompt)] != prompt:  # tokenizers that merge across the boundary
-        full = prompt + s.tokenizer.encode(str(row["answer"])) + [s.tokenizer.eos_id]
+        full = prompt + s.tokenizer.encode(answer) + [s.tokenizer.eos_id]
     return full, len(prompt)
 
 
@@ -73,7 +88,7 @@ def _sft(s: Session) -> dict:
     dp = dist.get_world_size(s.groups.dp_cp)  # divides sft.batch_size (checked in sft)
     # Every answer encodes (the prompts were checked when the session opened): a bad row fails
     # here naming its file and line, not in whichever step first draws it.
-    encode_rows(s.task.train, s.tokenizer.encode, text=lambda r: str(r["answer"]), what="answer")
+    encode_rows(s.task.train, s.tokenizer.encode, text=answer_text, what="answer")
     per_rank = cfg.sft.batch_size // dp
     mine = slice(s.groups.dp_rank * per_rank, (s.groups.dp_rank + 1) * per_rank)
     rng = random.Random(cfg.seed)

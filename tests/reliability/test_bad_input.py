@@ -121,6 +121,18 @@ def test_dataset_errors(tmp_path, data, capsys, destroy_parallel, text, extra, w
 
 
 @pytest.mark.slow
+def test_sft_refuses_an_answer_with_no_one_text(tmp_path, data, capsys, destroy_parallel):
+    """A list of accepted answers is for the reward; SFT has no one text to train on."""
+    path = data.write("train.jsonl", GOOD + '{"prompt": "2+2=", "answer": ["4", "04"]}\n')
+    args = _jsonl_args(tmp_path, path, data.tokenizer, "sft.steps=1", "sft.batch_size=2")
+    assert cli_main(["sft", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    assert err.startswith(f"vp2o: data error: {path}:2: answer: vp2o sft trains on the answer's "
+                          "text: expected a string or a number, got list"), err
+
+
+@pytest.mark.slow
 def test_missing_dataset_file(tmp_path, data, capsys, destroy_parallel):
     assert cli_main(["train", *_jsonl_args(tmp_path, tmp_path / "nope.jsonl", data.tokenizer)]) == 2
     err = capsys.readouterr().err
