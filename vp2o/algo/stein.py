@@ -43,8 +43,7 @@ Clarifications of, and choices beyond, the method doc (said plainly):
   the experts are processed in blocks of at most 16 MiB of `W2`, so a block stays in the
   last-level cache across the `2n` products of the refresh or the `4n − 1` of the repulsion, and
   `transport` writes the W2 output in row tiles of about 1 MiB so the rank-2n update reads a tile
-  still in cache. On
-  accelerators both default to one batch.
+  still in cache. On accelerators both default to one batch.
 - Tensor parallelism of experts (`W2_j` split along f): pass `allreduce`, a function that sums a
   `[..., d]` tensor over the expert-tensor-parallel group; it is applied to `W2(W2ᵀx)` and, in the
   repulsion backward, to `W2 gz`. The power iteration then runs batched (no chunking).

@@ -9,8 +9,7 @@ Five mechanisms, chosen for cost:
 1. Global function patches, for things a CPU-only torch cannot do at all (each would raise):
    ``torch.cuda.current_device``, streams and events, ``synchronize``, ``Tensor.cuda``, the CUDA
    RNG tracker and state getters/setters, ``maybe_move_tensor_to_cpu`` and the missing
-   ``te_general_gemm`` name. They cost
-   nothing on the hot path.
+   ``te_general_gemm`` name. They cost nothing on the hot path.
 2. A :class:`CudaAsCpu` ``TorchFunctionMode`` that rewrites ``device='cuda'`` to the CPU and
    answers ``Tensor.type()`` with the CUDA type name (megatron's optimizers check
    ``param.type() == 'torch.cuda.FloatTensor'``). A torch-function mode adds about 1 us to every
