@@ -45,6 +45,7 @@ from vp2o.mcore.checkpoint import (
     checkpoint_kind,
     latest_checkpoint,
     load_checkpoint,
+    recover_replaced,
     save_checkpoint,
 )
 from vp2o.metrics import MetricsLogger, to_python
@@ -322,7 +323,19 @@ def save_progress(s: Session, root: Path, progress: Progress, stream: PromptStre
 def _resume_path(cfg: Config, root: Path) -> Path | None:
     if cfg.train.resume == "never":
         return None
-    path = latest_checkpoint(root) if cfg.train.resume == "auto" else Path(cfg.train.resume)
+    if cfg.train.resume == "auto":
+        # rank 0 repairs a same-step replacement a kill interrupted and picks the checkpoint;
+        # every rank resumes from the one it picked (the ranks' own listings could differ on a
+        # shared file system that caches directory entries)
+        choice = [None]
+        if dist.get_rank() == 0:
+            recover_replaced(root)
+            latest = latest_checkpoint(root)
+            choice = [None if latest is None else str(latest)]
+        dist.broadcast_object_list(choice, src=0)
+        path = None if choice[0] is None else Path(choice[0])
+    else:
+        path = Path(cfg.train.resume)
     if path is not None and not path.is_dir():
         raise CheckpointError(
             f"train.resume = {cfg.train.resume!r}: expected auto, never, or a checkpoint "

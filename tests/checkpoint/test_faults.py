@@ -255,15 +255,18 @@ def test_unstorable_extra_fails_before_writing(fresh, tmp_path):
 
 def test_killed_while_replacing_the_same_step_recovers(fresh, tmp_path):
     """Killed between moving the old ``step_N`` aside and renaming the new one into place: a
-    resume's lookup puts the old one back (a resume from step 1 would redo two steps), and the
-    next save removes the unfinished new one; without a lookup the next save puts it back."""
+    resume puts the old one back before it looks (a resume from step 1 would redo two steps),
+    and the next save removes the unfinished new one; without a resume the next save puts it
+    back. ``latest_checkpoint`` itself only reads."""
     cfg, run = fresh
     save(run, tmp_path, 1)
     three = save(run, tmp_path, 3)
     for lookup in (True, False):
         three.rename(tmp_path / ".old_step_00000003")
         shutil.copytree(tmp_path / ".old_step_00000003", tmp_path / ".tmp_step_00000003")
+        assert ck.latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
         if lookup:
+            ck.recover_replaced(tmp_path)
             assert ck.latest_checkpoint(tmp_path) == three
             assert entries(tmp_path) == [".tmp_step_00000003", "step_00000001", "step_00000003"]
         save(run, tmp_path, 4)

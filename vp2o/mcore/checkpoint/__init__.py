@@ -65,6 +65,7 @@ from vp2o.mcore.checkpoint.markers import (
     complete_checkpoints,
     latest_checkpoint,
     read_marker,
+    recover_replaced,
     step_dir,
 )
 from vp2o.mcore.checkpoint.save_load import (
@@ -92,6 +93,7 @@ __all__ = [
     "load_checkpoint",
     "read_marker",
     "reading_tensors",
+    "recover_replaced",
     "save_checkpoint",
     "step_dir",
 ]

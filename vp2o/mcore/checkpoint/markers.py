@@ -8,7 +8,8 @@ records which loop wrote the checkpoint (``kind``: ``"sft"``, ``"train"``), so t
 (``keep_last``) deletes only that loop's checkpoints; a directory is renamed to ``.del_step_...``
 before it is deleted. Leftover ``.tmp_*``/``.del_*``/``.old_*`` directories of saves and prunes
 that did not finish are removed (or, for a replaced checkpoint, put back) by the next save; a
-replaced checkpoint is also put back when the latest one is looked up (a resume).
+replaced checkpoint is also put back before a resume looks for the latest one
+(:func:`recover_replaced`).
 """
 
 from __future__ import annotations
@@ -117,12 +118,8 @@ def _complete_with_markers(root: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root`` (marker present and parseable), or None.
-
-    A checkpoint moved aside to be replaced by a save of the same step that was killed before
-    its replacement arrived (``.old_step_*`` with no ``step_*``) is put back first: it is the
-    newest complete one, and a resume must not fall back to an older step."""
-    if Path(root).is_dir():
-        _put_back_replaced(Path(root))
+    It only reads; a resume calls :func:`recover_replaced` first (one rank, before the others
+    look)."""
     found = complete_checkpoints(root)
     return found[-1] if found else None
 
@@ -209,16 +206,20 @@ def remove_leftovers(root: Path) -> None:
     A ``.old_step_*`` whose ``step_*`` is missing (killed while replacing a checkpoint of the
     same step) is a complete checkpoint: it is renamed back instead.
     """
-    _put_back_replaced(root)
+    recover_replaced(root)
     for entry in root.iterdir():
         if _LEFTOVER.match(entry.name) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _put_back_replaced(root: Path) -> None:
-    """Rename each ``.old_step_*`` whose ``step_*`` is missing back to its name (a complete
-    checkpoint that a killed save had moved aside). Ranks may race here: a rename that finds its
-    source gone or its target taken lost to another rank's, which did the same."""
+def recover_replaced(root: Path) -> None:
+    """Rename each ``.old_step_*`` whose ``step_*`` is missing back to its name: a complete
+    checkpoint that a save of the same step moved aside and was killed before its replacement
+    arrived. It is the newest complete one, so a resume must see it. One rank calls this (rank 0
+    at save, and before a resume looks for the latest checkpoint), then the others look."""
+    root = Path(root)
+    if not root.is_dir():
+        return
     for entry in root.iterdir():
         if not (entry.name.startswith(".old_") and _LEFTOVER.match(entry.name)
                 and entry.is_dir()):
