@@ -41,7 +41,6 @@ from rollout_dumps import (
 )
 from torchrun import launcher
 
-from vp2o.mcore.parallel import free_port
 from vp2o.metrics import read_metrics
 
 HERE = Path(__file__).resolve().parent
@@ -150,10 +149,13 @@ def test_usr1_checkpoints_exits_zero_and_resume_continues_on_more_ranks(tmp_path
     on it and rank 0 waited in the next collective until the process-group timeout.)"""
     run_dir = tmp_path / "run"
     common = [*TINY, "algorithm=vp2o", "rollout.prompts_per_step=2", f"train.run_dir={run_dir}"]
-    launcher = [sys.executable, "-m", "vp2o.launch", "--nnodes=1", "--nproc_per_node=1",
-                "--node_rank=0", "--rdzv_backend=static",
-                f"--rdzv_endpoint=127.0.0.1:{free_port()}", "-m", "vp2o.cli", "train"]
-    proc = subprocess.Popen([*launcher, *common, "train.steps=500"], env=_env(),
+    # --standalone: the rendezvous binds port 0 as it starts (no port picked in advance that
+    # another test worker's job could take first)
+    def launcher(nproc: int) -> list[str]:
+        return [sys.executable, "-m", "vp2o.launch", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "vp2o.cli", "train"]
+
+    proc = subprocess.Popen([*launcher(1), *common, "train.steps=500"], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -172,9 +174,7 @@ def test_usr1_checkpoints_exits_zero_and_resume_continues_on_more_ranks(tmp_path
     stopped = int(out.split("stopped at step")[1].split()[0])
     assert 1 <= stopped < 500
     assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / "complete.json").is_file()
-    resumed = _run([*launcher[:4], "--nproc_per_node=2", *launcher[5:7],
-                    f"--rdzv_endpoint=127.0.0.1:{free_port()}", *launcher[8:], *common,
-                    f"train.steps={stopped + 2}", "train.resume=auto"])
+    resumed = _run([*launcher(2), *common, f"train.steps={stopped + 2}", "train.resume=auto"])
     assert "resumed on 2 ranks from a checkpoint of 1: its unfinished rollout batches are " \
            "dropped" in resumed.stdout + resumed.stderr
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
