@@ -3,7 +3,6 @@
 Imported by the tests of tests/algo (`from oracles import ...`; pytest puts this folder on the
 path). Not shipped in vp2o: production and benchmarks must not depend on them.
 
-- `attraction_partial`: the expert-parallel decomposition of `stein.attraction` (§6).
 - `rbf_kernel`, `median_bandwidth`, `kernel_gradient`, `svgd_rbf_direction`: plain SVGD built
   from `stein.attraction` and the repulsion's kernel-gradient form (§7), the evidence that the
   transport is a Stein variational flow.
@@ -20,34 +19,11 @@ from torch import Tensor
 from vp2o.algo.stein import attraction
 
 __all__ = [
-    "attraction_partial",
     "kernel_gradient",
     "median_bandwidth",
     "rbf_kernel",
     "svgd_rbf_direction",
 ]
-
-
-def attraction_partial(grads_local: Tensor, A: Tensor, *, local: slice | Tensor) -> Tensor:
-    """This rank's share of `A·G` under expert parallelism (§6): `A[:, L_r] · G_{L_r}`.
-
-    Summing the result over the expert-parallel group (a reduce-scatter by rows) gives each rank
-    its own experts' rows of `Φ_att`.
-
-    Args:
-        grads_local: Gradients of this rank's experts, [E_loc, ...].
-        A: Attraction weights of all experts, [E, E] (`attraction_weights`).
-        local: This rank's expert indices (a slice or an index tensor of length E_loc).
-
-    Returns:
-        [E, ...]: all E rows, this rank's columns' contribution.
-    """
-    e_loc = grads_local.shape[0]
-    a = A[:, local].to(grads_local.dtype)  # [E, E_loc]
-    if a.shape[1] != e_loc:
-        raise ValueError(f"local selects {a.shape[1]} experts but grads_local has {e_loc}")
-    out = a @ grads_local.reshape(e_loc, -1)  # [E, P]
-    return out.view((A.shape[0], *grads_local.shape[1:]))
 
 
 def rbf_kernel(y: Tensor, x: Tensor, *, h: float | Tensor) -> Tensor:

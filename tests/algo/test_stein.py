@@ -309,19 +309,6 @@ def test_attraction_identity_mask_is_identity_and_out_views() -> None:
     assert torch.isnan(buf[:, :3]).all()
 
 
-def test_attraction_partial_sums_to_full() -> None:
-    g = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(18), dtype=F64)
-    a = torch.softmax(torch.randn(6, 6, generator=torch.Generator().manual_seed(19)), -1).double()
-    ranks = [slice(0, 2), slice(2, 6)]
-    total = sum(oracles.attraction_partial(g[r], a, local=r) for r in ranks)
-    torch.testing.assert_close(total, (a @ g.reshape(6, -1)).view(6, 4, 3))
-    idx = torch.tensor([4, 1])
-    torch.testing.assert_close(
-        oracles.attraction_partial(g[idx], a, local=idx),
-        (a[:, idx] @ g[idx].reshape(2, -1)).view(6, 4, 3),
-    )
-
-
 # ------------------------------------------------------------------ §7 repulsion
 
 

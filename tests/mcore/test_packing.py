@@ -7,6 +7,7 @@ against when a batch is reused."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -169,8 +170,6 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
     one-update loss (its own forward's log-probs); once the weights move, the ratio is taken
     against them (not against the new forward: the loss differs from the one-update form) and
     the loss equals policy_loss called with them directly."""
-    from vp2o.algo import grpo, mismatch
-    from vp2o.policy_loss import clip_options
     from vp2o.rollout import sequence_logprobs
 
     _, groups, model, pending = tiny
@@ -215,14 +214,20 @@ def test_a_reused_batch_s_correction_uses_the_rollout_weights_logprobs(tiny):
         b = mb["batch"]
         with router_replay.replaying(model, replay_indices(b.routing_ids)):
             logp = sequence_logprobs(model, b, temperature=b.logprob_temperature)
-        weights, _ = mismatch.correction_weights(
-            mb["logp_rollout"], b.behavior_logprobs, b.response_mask, method="tis",
-            tis_cap=cfg.loss.tis_cap, mis_low=cfg.loss.mis_low, mis_high=cfg.loss.mis_high,
-            mis_level=cfg.loss.mis_level)
-        ref, _ = grpo.policy_loss(
-            logp, mb["logp_rollout"], mb["adv"], b.response_mask, **clip_options(cfg),
-            aggregation=cfg.loss.aggregation, pg_estimator=cfg.loss.estimator,
-            denominator=mb["denominator"], token_weights=weights)
+        # the reference, token by token: PPO's clipped ratio against the rollout weights'
+        # log-probs, weighted by TIS of those against the engine's (behaviour) log-probs
+        loss_cfg = cfg.loss
+        assert (loss_cfg.estimator, loss_cfg.aggregation, loss_cfg.kl_coeff) == (
+            "ratio", "token_mean", 0.0) and cfg.loss_clips and loss_cfg.clip_ratio_c is None
+        lo, beh, adv = mb["logp_rollout"].double(), b.behavior_logprobs.double(), mb["adv"]
+        total = 0.0
+        for i, j in b.response_mask.nonzero().tolist():
+            rho = math.exp(float(logp[i, j]) - float(lo[i, j]))
+            w = min(math.exp(float(lo[i, j]) - float(beh[i, j])), loss_cfg.tis_cap)
+            a = float(adv[i] if adv.dim() == 1 else adv[i, j])
+            clipped = min(max(rho, 1 - loss_cfg.clip_low), 1 + loss_cfg.clip_high)
+            total += -min(rho * a, clipped * a) * w
+        ref = total / float(mb["denominator"])
         loss, _ = policy_loss(model, mb)
         router_replay.stop(model)
         assert float(loss.detach()) == pytest.approx(float(ref), rel=1e-6, abs=1e-8)

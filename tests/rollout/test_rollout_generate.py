@@ -168,7 +168,6 @@ def test_sampling_reproducible_from_generator(tiny, capsys):
 def test_stop_tokens_and_strings_truncate(tiny):
     base = _gen(tiny, SamplingParams(temperature=0.0, max_new_tokens=10))
     width = base.prompt_width
-    assert base.truncated.all() or (base.response_lengths < 10).any()
     responses = [
         base.tokens[n, width : width + int(base.response_lengths[n])].tolist()
         for n in range(len(PROMPTS))
