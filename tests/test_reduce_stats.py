@@ -43,8 +43,10 @@ def test_a_statistic_without_a_declared_reduction_is_refused(init_parallel):
     {"kl_coeff": 0.1, "kl_estimator": "k2", "pg_estimator": "gspo"},
 ])
 def test_every_policy_loss_statistic_declares_its_reduction(init_parallel, options):
-    """What policy_loss returns is exactly what grpo.POLICY_LOSS_STATS can reduce; and the
-    token means, reduced over micro-batches, are the whole batch's (an explicit masked mean)."""
+    """What policy_loss returns is exactly what grpo.POLICY_LOSS_STATS can reduce; and every
+    statistic reduced over micro-batches as declared equals the same statistic of the whole batch
+    in one call (with the whole batch's normaliser, as the trainer passes it), the ratio's mean
+    and maximum also an explicit masked mean and max."""
     gen = torch.Generator().manual_seed(0)
     B, L = 6, 5
     logp = -torch.rand(B, L, generator=gen)
@@ -54,17 +56,20 @@ def test_every_policy_loss_statistic_declares_its_reduction(init_parallel, optio
     kwargs = dict(clip_low=0.2, clip_high=0.2, **{k: v for k, v in options.items()})
     if "kl_coeff" in options:
         kwargs["logp_ref"] = logp - 0.1
-    _, stats = grpo.policy_loss(logp, old, adv, mask, **kwargs)
-    assert set(stats) <= set(grpo.POLICY_LOSS_STATS), set(stats) - set(grpo.POLICY_LOSS_STATS)
-    # Micro-batches [0:2], [2:6]: the reduced ratio/mean and ratio/max are the whole batch's.
+    kwargs["denominator"] = mask.sum().float()  # the global batch's, on every micro-batch
+    _, whole = grpo.policy_loss(logp, old, adv, mask, **kwargs)
+    assert set(whole) <= set(grpo.POLICY_LOSS_STATS), set(whole) - set(grpo.POLICY_LOSS_STATS)
+    # Micro-batches [0:2], [2:6]
     parts = []
     for rows in (slice(0, 2), slice(2, 6)):
-        kw = {k: (v[rows] if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+        kw = {k: (v[rows] if torch.is_tensor(v) and v.dim() else v) for k, v in kwargs.items()}
         _, st = grpo.policy_loss(logp[rows], old[rows], adv[rows], mask[rows], **kw)
         parts.append({**st, "_tokens": mask[rows].sum()})
-    ratio = torch.exp(logp - old)
-    if options.get("pg_estimator") == "gspo":
-        return  # sequence ratios: the means are per token of a per-sequence value
     out = reduce_stats(parts, grpo.POLICY_LOSS_STATS, init_parallel())
-    assert float(out["ratio/mean"]) == pytest.approx(float(ratio[mask].mean()), rel=1e-5)
-    assert float(out["ratio/max"]) == pytest.approx(float(ratio[mask].max()), rel=1e-5)
+    assert set(out) == set(whole)
+    for key, value in whole.items():
+        assert float(out[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-7), key
+    if options.get("pg_estimator") != "gspo":  # gspo's ratio is per sequence
+        ratio = torch.exp(logp - old)
+        assert float(out["ratio/mean"]) == pytest.approx(float(ratio[mask].mean()), rel=1e-5)
+        assert float(out["ratio/max"]) == pytest.approx(float(ratio[mask].max()), rel=1e-5)
