@@ -92,20 +92,30 @@ def test_identity_configuration_equals_plain_megatron_step(tmp_path):
             assert torch.equal(value, b["params"][name]), name
 
 
-def test_prototype_state_loads_under_another_ep_size(ep2_sgd):
+def test_prototype_state_loads_under_another_ep_size(ep2_sgd, single, init_parallel):
+    """The state an EP=2 run saved (full [L, E, d] on every rank) loads into a transform built
+    at EP=1 on the worker's model, whose own initial prototypes differ from it, and equals the
+    EP=1 run's prototypes after the same steps."""
+    from vp2o.config import load_config
+    from vp2o.mcore import model as mdl
+    from vp2o.mcore import vp2o_moe
     from vp2o.mcore.stein_step import SteinTransform
 
-    ep2 = ep2_sgd
-    state = ep2[0]["state"]
-    assert torch.equal(state["prototypes"], ep2[1]["state"]["prototypes"])
-    # A transform built at EP=1 takes the full [L, E, d] state as is.
-    holder = SteinTransform.__new__(SteinTransform)
-    holder.prototypes = torch.zeros_like(state["prototypes"])
-    holder.anchor = torch.zeros_like(state["anchor"])
-    holder.load_state_dict(state)
-    assert torch.equal(holder.prototypes, state["prototypes"])
+    state = ep2_sgd[0]["state"]
+    assert torch.equal(state["prototypes"], ep2_sgd[1]["state"]["prototypes"])
+    cfg = load_config(None, ["algorithm=vp2o", "parallel.expert_parallel=1"])
+    groups = init_parallel(cfg)
+    model = mdl.build_model(cfg, layer_spec_hook=vp2o_moe.vp2o_layer_spec_hook(cfg))
+    transform = SteinTransform(model, cfg.vp2o, groups, num_experts=cfg.model.num_experts,
+                               seed=cfg.seed)
+    assert transform.prototypes.shape == state["prototypes"].shape
+    assert not torch.allclose(transform.prototypes, state["prototypes"])  # a real load follows
+    transform.load_state_dict(state)
+    torch.testing.assert_close(transform.prototypes, single["sgd"][0]["prototypes"][-1],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(transform.anchor, state["anchor"].float(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="layers, experts, hidden"):
-        holder.load_state_dict({k: v[:, :4] for k, v in state.items()})
+        transform.load_state_dict({k: v[:, :4] for k, v in state.items()})
 
 
 def test_rollback_restores_every_rank_exactly_from_the_optimizer_shards(tmp_path):
