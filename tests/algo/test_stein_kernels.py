@@ -99,13 +99,39 @@ def test_median_temperature_signed_against_numpy() -> None:
     assert float(got) == pytest.approx(want, rel=1e-9)
 
 
+def _weights_loop(k, mask, active, *, inactive_row):
+    """§6 / §7 weights written per entry: row j is M[j, i] k_ji / Σ_l M[j, l] k_jl for an active
+    expert j; an inactive one gets ``inactive_row(j)`` (attraction: the unit row; repulsion:
+    zeros, §8)."""
+    e = k.shape[0]
+    out = torch.zeros(e, e, dtype=k.dtype)
+    for j in range(e):
+        if not bool(active[j]):
+            out[j] = inactive_row(j)
+            continue
+        total = sum(float(k[j, m]) for m in range(e) if bool(mask[j, m]))
+        for i in range(e):
+            if bool(mask[j, i]):
+                out[j, i] = float(k[j, i]) / max(total, 1e-12)
+    return out
+
+
+def _unit_row(e):
+    return lambda j: torch.eye(e, dtype=F64)[j]
+
+
+def _zero_row(e):
+    return lambda j: torch.zeros(e, dtype=F64)
+
+
 @pytest.mark.parametrize("iters", [1, 2])
 def test_signed_repulsion_against_loop_autograd_and_finite_differences(iters: int) -> None:
     w2, u, c = _layer()
     tau = 0.5
     k = stein.signed_kernel(u, tau=tau)
     _, m_in = stein.neighbour_masks(c, top_m=1, min_frac=0.3)
-    v = stein.repulsion_weights(k, m_in, active=c.diagonal() > 0)
+    v = _weights_loop(k, m_in, c.diagonal() > 0, inactive_row=_zero_row(6))
+    torch.testing.assert_close(stein.repulsion_weights(k, m_in, active=c.diagonal() > 0), v)
     ref = _repulsion_loop(w2, u, v, tau, iters, _signed)
     assert ref[:5].abs().max() > 1e-3 and torch.equal(ref[5], torch.zeros_like(ref[5]))
     left, right = stein.repulsion_factors(w2, u, v, tau=tau, iters=iters, kernel="signed")
@@ -161,8 +187,9 @@ def test_transport_signed_kernel_and_without_attraction() -> None:
     active = c.diagonal() > 0
     k = stein.signed_kernel(u, tau=0.5)
     m_co, m_in = stein.neighbour_masks(c, top_m=2, min_frac=0.1)
-    a = stein.attraction_weights(k, m_co, active=active)
-    rep = _repulsion_loop(w2, u, stein.repulsion_weights(k, m_in, active=active), 0.5, 2, _signed)
+    a = _weights_loop(k, m_co, active, inactive_row=_unit_row(6))
+    rep = _repulsion_loop(w2, u, _weights_loop(k, m_in, active, inactive_row=_zero_row(6)), 0.5,
+                          2, _signed)
     outs, metrics = _transport([g1, g2], w2, u, c, kernel="signed", attraction_norm=True)
     torch.testing.assert_close(outs[0], (a @ g1.reshape(6, -1)).view_as(g1))
     torch.testing.assert_close(outs[1], (a @ g2.reshape(6, -1)).view_as(g2) + 0.3 * rep)
