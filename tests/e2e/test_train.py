@@ -60,8 +60,11 @@ def test_train_logs_every_step_and_writes_eval(tmp_path, algorithm):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm):
     # two learner updates per rollout batch: the resumed run must also restore the optimizer,
     # the prototypes, the prompt position and the budget counters
+    # a reward with signal on the untrained model (exact scores 0 everywhere: zero advantages,
+    # zero gradients, nothing for a resume to get wrong)
     common = [f"algorithm={algorithm}", "train.wandb_mode=disabled",
-              "train.updates_per_rollout=2", "train.save_every=2"]
+              "train.updates_per_rollout=2", "train.save_every=2",
+              "reward.name=eval_worker:parity_reward"]
     _train(tmp_path / "full", *common, "train.steps=4")
     _train(tmp_path / "split", *common, "train.steps=2")
     _train(tmp_path / "split", *common, "train.steps=4", "train.resume=auto")
@@ -75,6 +78,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, algorithm):
         for key in keys:
             assert key in a and key in b, (a["step"], key)  # a missing key fails, not skips
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert any(r["loss/policy"] != 0.0 for r in full[2:])  # the resumed half learns something
     if algorithm == "grpo":  # the fixed schedule: every update of every batch
         assert [r["train/updates"] for r in full] == [2.0] * 4
 

@@ -24,3 +24,11 @@ ADVERSARIAL = {
     "power_tower": "\\boxed{10^{10^{10^{10}}}}",
 }
 """Name -> completion; every reward must score these without raising (and, here, fast)."""
+
+
+def raw_reward(name: str):
+    """The registered reward ``name`` without ``safe_reward``'s wrapper, which turns any
+    exception into 0.0: "scores without raising" must be checked on the reward itself."""
+    from vp2o.rewards import get_reward
+
+    return get_reward(name).__wrapped__

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from reward_cases import ADVERSARIAL
+from reward_cases import ADVERSARIAL, raw_reward
 
 from vp2o.rewards import get_reward
 from vp2o.rewards.ifeval import evaluate, loose_variants
@@ -100,7 +100,7 @@ def test_unknown_or_malformed_instruction_counts_as_not_followed(caplog):
 )
 def test_malformed_rows_never_raise(row):
     for name in ("ifeval", "ifeval_loose"):
-        assert 0.0 <= get_reward(name)("", "text", row) <= 1.0
+        assert 0.0 <= float(raw_reward(name)("", "text", row)) <= 1.0
 
 
 def test_missing_kwargs_treated_as_empty():
@@ -124,4 +124,4 @@ def test_adversarial(name):
             {"num_highlights": 1},
         ],
     }
-    assert 0.0 <= get_reward("ifeval_loose")("", ADVERSARIAL[name], row) <= 1.0
+    assert 0.0 <= float(raw_reward("ifeval_loose")("", ADVERSARIAL[name], row)) <= 1.0

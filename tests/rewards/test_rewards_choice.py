@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from reward_cases import ADVERSARIAL
+from reward_cases import ADVERSARIAL, raw_reward
 
 from vp2o.rewards import get_reward
 from vp2o.rewards.choice import extract_choice, gold_letter, option_letters
@@ -66,7 +66,7 @@ def test_prompt_containing_the_answer_does_not_help():
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_adversarial(name):
-    assert get_reward("choice")(PROMPT, ADVERSARIAL[name], ROW) in (0.0, 1.0)
+    assert float(raw_reward("choice")(PROMPT, ADVERSARIAL[name], ROW)) in (0.0, 1.0)
 
 
 def test_gold_forms():

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ifeval_cases import CASES
+from reward_cases import raw_reward
 
-from vp2o.rewards import get_reward
 from vp2o.rewards.extract import answer_phrase, last_boxed, last_code_block, last_number
 from vp2o.rewards.ifeval import build_instruction
 
@@ -55,13 +55,13 @@ def test_text_rewards_in_range(prompt, completion):
         },
     }
     for name, row in rows.items():
-        assert 0.0 <= get_reward(name)(prompt, completion, row) <= 1.0
+        assert 0.0 <= float(raw_reward(name)(prompt, completion, row)) <= 1.0
 
 
 @settings(max_examples=25, deadline=None)
 @given(ANY_TEXT)
 def test_math_in_range(completion):
-    assert get_reward("math")("", completion, {"answer": "1/2"}) in (0.0, 1.0)
+    assert float(raw_reward("math")("", completion, {"answer": "1/2"})) in (0.0, 1.0)
 
 
 @pytest.mark.parametrize("instruction_id", sorted(CASES))
@@ -71,6 +71,6 @@ def test_checker_returns_bool(instruction_id):
     @settings(max_examples=40, deadline=None)
     @given(ANY_TEXT)
     def check(text):
-        assert checker.check(text) in (True, False)
+        assert isinstance(checker.check(text), bool)
 
     check()
