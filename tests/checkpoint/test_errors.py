@@ -11,11 +11,14 @@ from vp2o.mcore import checkpoint as ck
 
 @pytest.fixture
 def saved(init_parallel, tmp_path):
-    """A checkpoint of the small model (4 experts, Adam) after one step."""
+    """A checkpoint of the small model (4 experts, Adam) after two steps: its weights differ from
+    the name-seeded initialisation (the first step runs at the warmup's lr 0), so a load that
+    wrote some tensors before failing would show."""
     cfg = small_config()
     init_parallel(cfg)
     run = build_run(cfg)
     train_step(run, 0)
+    train_step(run, 1)
     return ck.save_checkpoint(
         tmp_path, 1, model=run.ddp, optimizer=run.opt, scheduler=run.sched, extra={}
     )
@@ -84,4 +87,7 @@ def test_weights_of_another_model_shape_through_the_conversion_loader(saved):
     assert msg.startswith(f"checkpoint {saved} does not fit this model: tensor "), msg
     assert "has shape (2, 4, 64) in the checkpoint, this model needs (2, 8, 64)" in msg, msg
     same = build_run(small_config())
-    load_model_weights(same.model, saved)  # the fitting model loads
+    initial = global_params(same)
+    load_model_weights(same.model, saved)  # the fitting model loads: its weights change
+    loaded = global_params(same)
+    assert any(not torch.equal(loaded[n], initial[n]) for n in initial)

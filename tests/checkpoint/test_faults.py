@@ -33,7 +33,11 @@ def entries(root) -> list[str]:
 
 
 def assert_loads(path, cfg, want_params) -> None:
+    """``path`` loads into a fresh run and gives ``want_params``, which a fresh run does not
+    have (else a load that read nothing would pass)."""
     fresh = build_run(cfg)
+    assert any(not torch.equal(value, want_params[name])
+               for name, value in global_params(fresh).items()), "want_params are the initial ones"
     extra = ck.load_checkpoint(path, model=fresh.ddp, optimizer=fresh.opt, scheduler=fresh.sched)
     assert extra["step"] == int(path.name.split("_")[1])
     for name, value in global_params(fresh).items():
@@ -50,8 +54,10 @@ def fresh(init_parallel):
 
 @pytest.fixture
 def trained(fresh):
-    """(cfg, run) after one training step (the optimizer has state to save)."""
+    """(cfg, run) after two training steps (the optimizer has state to save; the first step runs
+    at the warmup's learning rate 0, so only the second moves the weights)."""
     train_step(fresh[1], 0)
+    train_step(fresh[1], 1)
     return fresh
 
 
@@ -215,6 +221,7 @@ def test_unwritable_root(fresh, tmp_path, tmpfs):
     assert str(tmp_path / "file" / "ckpt") in str(e.value) and "Not a directory" in str(e.value)
     # A read-only file system holding a checkpoint: the error names it, the checkpoint loads.
     train_step(run, 0)
+    train_step(run, 1)  # step 0 runs at the warmup's lr 0
     root = tmpfs.mount(8192)
     first = save(run, root, 1)
     want = global_params(run)
@@ -229,8 +236,8 @@ def test_unwritable_root(fresh, tmp_path, tmpfs):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-def test_read_only_directory(fresh, tmp_path):
-    cfg, run = fresh
+def test_read_only_directory(trained, tmp_path):
+    cfg, run = trained
     first = save(run, tmp_path, 1)
     want = global_params(run)
     tmp_path.chmod(0o555)

@@ -116,6 +116,9 @@ def test_save_before_the_first_step_resumes_like_a_fresh_optimizer(init_parallel
     )
     want = [train_step(run, step) for step in (0, 1)]
     resumed = build_run(cfg)
+    with torch.no_grad():  # not the saved weights: the load must put them back
+        for p in resumed.model.parameters():
+            p.add_(1.0)
     ck.load_checkpoint(path, model=resumed.ddp, optimizer=resumed.opt, scheduler=resumed.sched)
     assert [train_step(resumed, step) for step in (0, 1)] == want
 
@@ -133,13 +136,15 @@ def test_weights_only_load(init_parallel, tmp_path, monkeypatch):
     init_parallel(cfg)
     run = build_run(cfg)
     train_step(run, 0)
+    train_step(run, 1)  # step 0 runs at the warmup's lr 0: only step 1 moves the weights
     before = {p.pid for p in multiprocessing.active_children()}
     path = ck.save_checkpoint(
         tmp_path, 1, model=run.ddp, optimizer=run.opt, scheduler=run.sched, extra={}
     )
     assert [p for p in multiprocessing.active_children() if p.pid not in before] == []
     fresh = build_run(cfg)
-    ck.load_checkpoint(path, model=fresh.model, optimizer=None, scheduler=None)
     want = global_params(run)
+    assert any(not torch.equal(v, want[n]) for n, v in global_params(fresh).items())
+    ck.load_checkpoint(path, model=fresh.model, optimizer=None, scheduler=None)
     for name, value in global_params(fresh).items():
         assert torch.equal(value, want[name]), name

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
 
+from vp2o.config import load_config
 from vp2o.convert.cli import add_parser, parse_size
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
@@ -44,6 +47,16 @@ def test_hf_to_mcore_and_back(hf_checkpoints, tmp_path, capsys):
     assert args.func(args) == 0
     assert "mcore-to-hf: mixtral" in capsys.readouterr().out
     assert len(list((tmp_path / "h").glob("model-*-of-*.safetensors"))) > 1
+    # what the flags asked for, and the source's tensors back bit for bit
+    assert load_config(tmp_path / "m" / "config.yaml").parallel.expert_parallel == 2
+    with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+        source = {name: f.get_tensor(name) for name in f.keys()}
+    back = {}
+    for file in (tmp_path / "h").glob("model-*-of-*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            back.update({name: f.get_tensor(name) for name in f.keys()})
+    assert back.keys() == source.keys()
+    assert all(torch.equal(back[n], t) for n, t in source.items())
 
 
 def test_errors_exit_2_with_the_message(tmp_path, capsys):

@@ -108,8 +108,21 @@ def test_bf16_checkpoint_stays_bf16_and_round_trips(tmp_path):
 
 
 def test_dtype_override_casts(hf_checkpoints, tmp_path):
-    out = hf_to_mcore(hf_checkpoints["mixtral"][0], tmp_path / "mcore", dtype="bf16").out
+    """dtype=bf16 stores bf16 tensors (megatron's norm weights stay fp32), not fp32 ones with a
+    bf16 label, and they export as the fp32 source rounded to bf16."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hf_dir = hf_checkpoints["mixtral"][0]
+    out = hf_to_mcore(hf_dir, tmp_path / "mcore", dtype="bf16").out
     assert load_config(out / "config.yaml").model.params_dtype == "bf16"
+    stored = {name: meta.properties.dtype for name, meta in
+              FileSystemReader(str(out)).read_metadata().state_dict_metadata.items()
+              if getattr(meta, "properties", None) is not None}
+    assert stored and all(dtype == (torch.float32 if "norm" in name else torch.bfloat16)
+                          for name, dtype in stored.items()), stored
+    src, back = _source_tensors(hf_dir), _tensors(mcore_to_hf(out, tmp_path / "back").out)
+    assert all(src[n].dtype == torch.float32 for n in src)
+    assert all(torch.equal(back[n], t.to(torch.bfloat16)) for n, t in src.items())
     with pytest.raises(ConvertError, match="dtype = 'fp8'"):
         hf_to_mcore(hf_checkpoints["mixtral"][0], tmp_path / "x", dtype="fp8")
 
