@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vp2o.data.tasks import DatasetError, iter_jsonl_objects
+from vp2o.data.tasks import DatasetError, is_number, is_text_or_number, iter_jsonl_objects
 from vp2o.registry import Registry
 
 __all__ = ["FORMATS", "BenchmarkFormat", "detect_format", "load_benchmark", "register_format"]
@@ -79,18 +79,11 @@ def _field(row: dict, *names: str) -> object:
     raise ValueError(f"missing field {' / '.join(repr(n) for n in names)}")
 
 
-def _scalar_text(value: object) -> bool:
-    """A string with some text, or a number (JSON gives int/float; a bool is not one)."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int | float) or (isinstance(value, str) and bool(value.strip()))
-
-
 @register_format("math", "math")
 def _math(row: dict) -> dict:
     answer = _field(row, "answer")
     golds = answer if isinstance(answer, list) else [answer]
-    if not golds or not all(_scalar_text(g) for g in golds):
+    if not golds or not all(is_text_or_number(g, empty=False) for g in golds):
         # anything else would score 0 on every response, or compare against its repr
         raise ValueError(f"'answer' must be a non-empty string or a number, or a non-empty list of "
                          f"them (accepted answers); got {json.dumps(answer)[:80]}")
@@ -115,12 +108,12 @@ def _choice(row: dict) -> dict:
     options = _field(row, "options", "choices")
     if not isinstance(options, list) or not 2 <= len(options) <= len(LETTERS):
         raise ValueError(f"'options' must be a list of 2..{len(LETTERS)} strings")
-    if not all(_scalar_text(o) for o in options):
+    if not all(is_text_or_number(o, empty=False) for o in options):
         raise ValueError(f"'options' must be a list of 2..{len(LETTERS)} strings; got "
                          f"{json.dumps(options)[:80]}")
     row["options"] = [str(o) for o in options]
     answer = _field(row, "answer", "answer_index")
-    if isinstance(answer, int) and not isinstance(answer, bool):
+    if is_number(answer) and isinstance(answer, int):
         if not 0 <= answer < len(options):
             raise ValueError(f"answer index {answer} is out of range for {len(options)} options")
         answer = LETTERS[answer]
@@ -176,14 +169,12 @@ def _code(row: dict) -> dict:
     for i, t in enumerate(tests):
         if not isinstance(t, dict) or "input" not in t or "output" not in t:
             raise ValueError("every test needs 'input' and 'output'")
-        if not (t["input"] is None or isinstance(t["input"], str | int | float)) \
-                or not isinstance(t["output"], str | int | float) \
-                or isinstance(t["input"], bool) or isinstance(t["output"], bool):
+        if not ((t["input"] is None or is_text_or_number(t["input"]))
+                and is_text_or_number(t["output"])):
             raise ValueError(f"test {i}: 'input' and 'output' must be text (or numbers; input may "
                              f"be null); got {json.dumps(t)[:80]}")
     limit = row.get("time_limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float)
-                              or not limit > 0):
+    if limit is not None and not (is_number(limit) and limit > 0):
         raise ValueError(f"'time_limit' must be a number of CPU seconds > 0 (or absent); got "
                          f"{json.dumps(limit)}")
     prompt = row.get("prompt") or CODE_TEMPLATE.format(question=_field(row, "question", "problem"))

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vp2o.config import Config, to_dict
-from vp2o.data.tasks import encode_rows
+from vp2o.data.tasks import encode_rows, is_text_or_number
 from vp2o.evaluate import evaluate, write_eval
 from vp2o.mcore import parallel, training
 from vp2o.mcore.checkpoint import save_checkpoint
@@ -32,7 +32,7 @@ def answer_text(row: dict) -> str:
     answers a reward reads) or an object has no one text to train on (``ValueError``, which
     ``encode_rows`` turns into a ``DatasetError`` naming the row)."""
     answer = row["answer"]
-    if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+    if not is_text_or_number(answer):
         raise ValueError(  # encode_rows names the row
             f"vp2o sft trains on the answer's text: expected a string or a number, got "
             f"{type(answer).__name__} (give SFT rows one answer; a list of accepted answers is for "

@@ -183,6 +183,19 @@ def load_task(cfg: TaskSpec, *, seed: int) -> TaskSplit:
     raise DatasetError(f"data.task = {cfg.task!r}: expected one of {expected}")
 
 
+def is_number(value: object) -> bool:
+    """An int or float that JSON gave (a bool is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_text_or_number(value: object, *, empty: bool = True) -> bool:
+    """A string (with some text unless ``empty``) or a number: what a row's answer, option or
+    test text may be (a list, an object or a bool has no one text)."""
+    if isinstance(value, str):
+        return empty or bool(value.strip())
+    return is_number(value)
+
+
 def row_source(row: dict) -> str:
     """Where a row came from, for messages: ``file:line`` (JSONL rows), else its prompt."""
     return row.get("_source", repr(str(row.get("prompt", ""))[:40]))
