@@ -60,6 +60,12 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "ut
     return path
 
 
+def can_take_folder(out: str | os.PathLike) -> bool:
+    """Whether ``out`` may receive a folder: it does not exist, or is an empty folder."""
+    out = Path(out)
+    return not out.exists() or (out.is_dir() and not any(out.iterdir()))
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     """A temporary sibling folder to fill, renamed to ``out`` when the block ends without an
@@ -68,7 +74,7 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     ``out`` must not exist, or be an empty folder (which is replaced); anything else raises
     ``FileExistsError`` before the block runs."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not can_take_folder(out):
         raise FileExistsError(f"{out}: already exists and is not an empty folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(out, "partial")

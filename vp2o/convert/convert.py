@@ -35,7 +35,7 @@ from vp2o.convert import families as fam
 from vp2o.convert import hf_io, mcore_io
 from vp2o.convert.tensors import ConvertError, TensorRule, get_layout, read_json_object
 from vp2o.dtypes import DTYPE_NAMES, DTYPES
-from vp2o.files import atomic_directory
+from vp2o.files import atomic_directory, can_take_folder
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.yaml"
@@ -65,12 +65,11 @@ class ConvertResult:
 
 
 def _check_output_free(out: str | os.PathLike) -> Path:
-    """``out`` as a path, refused when it exists and is not an empty folder (the conversion
-    writes into a sibling and renames it there: ``vp2o.files.atomic_directory``)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    """``out`` as a path, refused (naming it) when it exists and is not an empty folder: the
+    conversion writes into a sibling and renames it there (``vp2o.files.atomic_directory``)."""
+    if not can_take_folder(out):
         raise ConvertError(f"{out}: already exists; remove it or choose another output directory")
-    return out
+    return Path(out)
 
 
 def _copy_extra_files(src: Path, dst: Path) -> list[str]:
@@ -183,9 +182,7 @@ def hf_to_mcore(
         ConvertError / vp2o.config.ConfigError: naming the tensor or field; nothing is written.
     """
     hf_dir = Path(hf_dir)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"{out}: already exists; remove it or choose another output directory")
+    out = _check_output_free(out_dir)  # before any work; atomic_directory checks again
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ConvertError(f"{hf_dir}: no config.json")
@@ -242,7 +239,7 @@ def hf_to_mcore(
                     )
                 return t
 
-            with atomic_directory(_check_output_free(out)) as tmp:
+            with atomic_directory(out) as tmp:
                 mcore_io.save_streaming(model, produce, tmp, file_bytes=file_bytes)
                 _write_mcore_side_files(tmp, cfg, raw, family, hf_dir)
     sizes = [_numel(shapes[n]) * _itemsize(dtypes[n]) for n in shapes]
@@ -389,9 +386,7 @@ def mcore_to_hf(
         ConvertError / vp2o.config.ConfigError: naming the tensor or field; nothing is written.
     """
     mcore_dir = Path(mcore_dir)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConvertError(f"{out}: already exists; remove it or choose another output directory")
+    out = _check_output_free(out_dir)  # before any work; atomic_directory checks again
     if not mcore_dir.is_dir():
         raise ConvertError(f"{mcore_dir}: not a directory")
     model_cfg, side = _export_sources(mcore_dir, config)
@@ -425,7 +420,7 @@ def mcore_to_hf(
                 used = 0
             batches[-1].append(r)
             used += sizes[r.mcore]
-        with atomic_directory(_check_output_free(out)) as tmp:
+        with atomic_directory(out) as tmp:
             writer = hf_io.SafetensorsShardWriter(tmp, plan, max_shard_bytes)
             try:
                 for batch in batches:
