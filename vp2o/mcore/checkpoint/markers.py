@@ -228,5 +228,5 @@ def recover_replaced(root: Path) -> None:
         if not original.exists():
             try:
                 os.rename(entry, original)
-            except (FileNotFoundError, FileExistsError, OSError) as e:
+            except OSError as e:  # gone or taken meanwhile: the listing decides
                 logger.debug("did not put back %s: %s", entry, e)
