@@ -20,6 +20,13 @@ from vp2o.data.tokenizer import CharTokenizer
 from vp2o.mcore.checkpoint import CheckpointError
 
 
+def _one_line(capsys) -> str:
+    """What the CLI wrote to stderr, checked to be one line and no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vp2o.cli", "train", *args],
                           capture_output=True, text=True, timeout=300, env=env(), cwd=REPO)
@@ -44,8 +51,7 @@ def test_config_errors_through_the_cli(tmp_path, capsys, yaml_text, overrides, w
     path = tmp_path / "bad.yaml"
     path.write_text(yaml_text)
     assert cli_main(["train", "--config", str(path), *overrides]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert err.startswith("vp2o: config error: "), err
     assert all(w.replace("{path}", str(path)) in err for w in words), err
 
@@ -114,8 +120,7 @@ GOOD = '{"prompt": "1+2=", "answer": "3"}\n'
 def test_dataset_errors(tmp_path, data, capsys, destroy_parallel, text, extra, words):
     path = data.write("train.jsonl", text)
     assert cli_main(["train", *_jsonl_args(tmp_path, path, data.tokenizer, *extra)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert err.startswith(f"vp2o: data error: {path}"), err
     assert all(w in err for w in words), err
 
@@ -126,8 +131,7 @@ def test_sft_refuses_an_answer_with_no_one_text(tmp_path, data, capsys, destroy_
     path = data.write("train.jsonl", GOOD + '{"prompt": "2+2=", "answer": ["4", "04"]}\n')
     args = _jsonl_args(tmp_path, path, data.tokenizer, "sft.steps=1", "sft.batch_size=2")
     assert cli_main(["sft", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert err.startswith(f"vp2o: data error: {path}:2: answer: vp2o sft trains on the answer's "
                           "text: expected a string or a number, got list"), err
 
@@ -135,8 +139,7 @@ def test_sft_refuses_an_answer_with_no_one_text(tmp_path, data, capsys, destroy_
 @pytest.mark.slow
 def test_missing_dataset_file(tmp_path, data, capsys, destroy_parallel):
     assert cli_main(["train", *_jsonl_args(tmp_path, tmp_path / "nope.jsonl", data.tokenizer)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert err == f"vp2o: data error: {tmp_path / 'nope.jsonl'}: dataset file does not exist\n"
 
 
@@ -147,8 +150,7 @@ def test_missing_tokenizer_file(tmp_path, data, capsys, destroy_parallel, kind):
     missing = tmp_path / f"missing.{kind}"
     args = _jsonl_args(tmp_path, path, missing, f"data.tokenizer={kind}")
     assert cli_main(["train", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert err.startswith("vp2o: data error: "), err
     assert str(missing) in err and "file not found" in err and "data.tokenizer_path" in err, err
 
@@ -159,8 +161,7 @@ def test_corrupt_tokenizer_file(tmp_path, data, capsys, destroy_parallel):
     bogus = data.write("bogus.model", "not a model")
     args = _jsonl_args(tmp_path, path, bogus, "data.tokenizer=sentencepiece")
     assert cli_main(["train", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert f"not a sentencepiece model: {str(bogus)!r}" in err, err
 
 
@@ -198,6 +199,5 @@ def test_checkpoint_of_another_model_shape_through_the_cli(tmp_path, four_expert
     args = [*TINY, "model.num_experts=8", f"train.run_dir={tmp_path / 'run'}",
             f"train.init_checkpoint={four_expert_checkpoint}", "train.steps=1"]
     assert cli_main(["train", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line
+    err = _one_line(capsys)
     assert err.startswith("vp2o: checkpoint error: ") and "does not fit this model" in err
